@@ -1,0 +1,937 @@
+"""The scheduling state machine: queues, leases, connected workers, matching.
+
+The dispatcher is pure logic. It knows connections only through the small
+:class:`IConnection` interface, durable state only through the store
+interface (``gridd.store.base.IStore``), and time only through the injected
+clock. The server's session layer calls it; nothing in it touches a socket.
+
+Its inputs, grouped by who calls them:
+
+- from the wire (via ``gridd.server.session``): ``worker_hello``,
+  ``client_hello``, ``seen``, ``connection_lost``, the worker requests
+  (``result``, ``progress``, ``done``, ``fail``, ``give_back``,
+  ``set_slots``) and the client requests (``submit``, ``show``,
+  ``list_jobs``, ``results``, ``workers_view``, ``stats``, ``watch``,
+  ``cancel``, ``pause``, ``resume``, ``requeue``, ``worker_action``,
+  ``set_dispatching``);
+- from the clock: a worker's heartbeat deadline, a lease's run-time limit, a
+  job's retry backoff, and the reattach grace after a restart.
+
+The states and transitions are those drawn in protocols/PROTOCOL.md,
+section 8. The rule that keeps memory and store in agreement: a transition
+is written to the store first and applied in memory when the write has
+committed, in the store's commit order. Only the end of a lease takes effect
+at once (a revoked lease is stale the moment it is revoked); its job's next
+state still waits for the commit.
+"""
+
+from __future__ import annotations
+
+import heapq
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from gridd import errors
+from gridd.store.base import ActiveJob, JobSpec, RecordResult
+
+__all__ = ["Dispatcher", "IConnection", "parse_version"]
+
+log = Logger()
+
+MAX_JOBS_PER_SUBMIT = 10_000
+
+
+class IConnection(Protocol):
+    """What the dispatcher needs of a connection (the wire, in-process, or a test fake)."""
+
+    #: A printable peer address, for operators.
+    address: str
+
+    def send(self, verb: str, body: dict | None = None) -> None:
+        """Send one notification to the peer."""
+
+    def drop(self, reason: str) -> None:
+        """Close the connection now; ``connection_lost`` follows (perhaps later)."""
+
+    def ping(self, timeout: float) -> defer.Deferred:
+        """Fire with True if the peer answers a PING within ``timeout`` seconds, else False."""
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """Turn ``"1.10.2"`` into ``(1, 10, 2)`` for comparison; non-numbers count as 0."""
+    parts = []
+    for piece in (text or "0").split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """Jobs that any one worker either can or cannot all run, at one priority."""
+
+    priority: int
+    type: str
+    version: tuple[int, ...]
+    memory: int
+    tags: frozenset
+
+
+@dataclass(eq=False)
+class Job:
+    """A queued, running or paused job as the dispatcher holds it."""
+
+    id: int
+    type: str
+    priority: int
+    requires: dict
+    params: dict
+    total: int
+    retries: int
+    timeout: float
+    state: str
+    attempts: int
+    #: Records without an accepted result: index -> data.
+    pending: dict[int, Any]
+    name: str | None = None
+    lease: str | None = None
+    worker: Worker | None = None
+    not_before: float | None = None
+    note: str | None = None
+    #: Record indices whose results are being committed.
+    in_flight: set[int] = field(default_factory=set)
+    #: A DONE, FAIL or RETURN for the current lease is being committed.
+    closing: bool = False
+    #: The one timer a job has at a time: run-time limit, backoff, or reattach grace.
+    timer: Any = None
+
+    @property
+    def accepted(self) -> int:
+        return self.total - len(self.pending)
+
+    @property
+    def bucket(self) -> _Bucket:
+        return _Bucket(
+            self.priority,
+            self.type,
+            parse_version(self.requires.get("version", "")),
+            int(self.requires.get("memory", 0)),
+            frozenset(self.requires.get("tags", ())),
+        )
+
+    def event_body(self) -> dict:
+        return {"job": self.id, "state": self.state, "accepted": self.accepted, "total": self.total}
+
+
+@dataclass(eq=False)
+class Worker:
+    """A connected worker and the leases it holds."""
+
+    name: str
+    conn: IConnection
+    slots: int
+    types: dict[str, tuple[int, ...]]
+    type_versions: dict[str, str]
+    memory: int
+    tags: frozenset
+    agent: str
+    connected_at: float
+    last_seen: float
+    drained: bool = False
+    leases: dict[str, Job] = field(default_factory=dict)
+    deadline_call: Any = None
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.leases)
+
+    def can_run(self, bucket: _Bucket) -> bool:
+        version = self.types.get(bucket.type)
+        return (
+            version is not None
+            and version >= bucket.version
+            and self.memory >= bucket.memory
+            and bucket.tags <= self.tags
+        )
+
+
+class _RunQueue:
+    """Runnable jobs: per bucket a heap of job ids, so the lowest id comes first.
+
+    Removal is lazy: a job leaves the member set and its heap entry is skipped
+    when it reaches the top.
+    """
+
+    def __init__(self):
+        self._heaps: dict[_Bucket, list[int]] = {}
+        self._members: set[int] = set()
+
+    def __len__(self):
+        return len(self._members)
+
+    def __contains__(self, job: Job):
+        return job.id in self._members
+
+    def push(self, job: Job):
+        heapq.heappush(self._heaps.setdefault(job.bucket, []), job.id)
+        self._members.add(job.id)
+
+    def discard(self, job: Job):
+        self._members.discard(job.id)
+
+    def pop_for(self, worker: Worker) -> int | None:
+        """Remove and return the best job id ``worker`` can run, or None."""
+        best = None
+        for bucket in list(self._heaps):
+            heap = self._heaps[bucket]
+            while heap and heap[0] not in self._members:
+                heapq.heappop(heap)
+            if not heap:
+                del self._heaps[bucket]
+                continue
+            if worker.can_run(bucket):
+                rank = (-bucket.priority, heap[0])
+                if best is None or rank < best[0]:
+                    best = (rank, bucket)
+        if best is None:
+            return None
+        job_id = heapq.heappop(self._heaps[best[1]])
+        self._members.discard(job_id)
+        return job_id
+
+
+class Dispatcher:
+    """Hands runnable jobs to matching workers and keeps their leases honest."""
+
+    def __init__(
+        self,
+        store,
+        clock,
+        *,
+        beat: float = 2.0,
+        deadline: float | None = None,
+        default_timeout: float = 3600.0,
+        backoff_base: float = 1.0,
+        backoff_max: float = 300.0,
+        reattach_grace: float | None = None,
+        new_lease: Callable[[], str] = lambda: secrets.token_hex(8),
+    ):
+        self.store = store
+        self.clock = clock
+        self.beat = beat
+        self.deadline = deadline if deadline is not None else 3 * beat
+        self.default_timeout = default_timeout
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.reattach_grace = reattach_grace if reattach_grace is not None else self.deadline
+        self.new_lease = new_lease
+        self.dispatching = True
+        self.jobs: dict[int, Job] = {}
+        self.workers: dict[str, Worker] = {}
+        self._worker_by_conn: dict[IConnection, Worker] = {}
+        self._watchers: dict[IConnection, set[int] | None] = {}
+        self._queue = _RunQueue()
+        #: Why recently ended leases ended, for a reconnecting worker's ``lost``.
+        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._in_dispatch = False
+        self._stopped = False
+
+    # ------------------------------------------------------------------
+    # lifecycle
+
+    async def start(self):
+        """Load the store's active jobs: queue them, and await their workers' return."""
+        now = self.clock.seconds()
+        for active in await self.store.load_active():
+            job = self._job_from_store(active)
+            self.jobs[job.id] = job
+            if job.state == "queued":
+                self._make_runnable(job, now)
+            elif job.state == "running":
+                # Its worker may still be alive and reconnect: keep the lease
+                # for the grace period (PROTOCOL.md 6.2).
+                job.timer = self.clock.callLater(self.reattach_grace, self._orphan_expired, job, job.lease)
+        log.info(
+            "dispatcher loaded {n} active jobs ({q} queued, {r} awaiting their workers)",
+            n=len(self.jobs),
+            q=len(self._queue),
+            r=sum(1 for j in self.jobs.values() if j.state == "running"),
+        )
+
+    def stop(self):
+        """Cancel every timer; the dispatcher hands out nothing more."""
+        self._stopped = True
+        self.dispatching = False
+        for job in self.jobs.values():
+            self._cancel_timer(job)
+        for worker in self.workers.values():
+            if worker.deadline_call is not None and worker.deadline_call.active():
+                worker.deadline_call.cancel()
+
+    def _job_from_store(self, a: ActiveJob) -> Job:
+        return Job(
+            id=a.id,
+            type=a.type,
+            priority=a.priority,
+            requires=a.requires,
+            params=a.params,
+            total=a.total,
+            retries=a.retries,
+            timeout=a.timeout if a.timeout is not None else self.default_timeout,
+            state=a.state,
+            attempts=a.attempts,
+            pending=dict(a.pending),
+            name=a.name,
+            lease=a.lease if a.state == "running" else None,
+            not_before=a.not_before,
+        )
+
+    # ------------------------------------------------------------------
+    # from the wire: connections
+
+    async def worker_hello(self, conn: IConnection, hello: dict) -> dict:
+        """Register a worker; reattach the leases it still holds. Returns kept/lost."""
+        name = hello["name"]
+        holding = {h["lease"]: h["job"] for h in hello.get("holding", [])}
+        old = self.workers.get(name)
+        if old is not None:
+            alive = await old.conn.ping(self.beat)
+            old = self.workers.get(name)  # the world moved while we waited
+            if old is not None and alive:
+                raise errors.NameInUse(f"worker {name!r} is connected from {old.conn.address}")
+            if old is not None:
+                log.info("worker {name}: old connection did not answer, superseded", name=name)
+                self._worker_gone(old, "superseded", spare=set(holding))
+                old.conn.drop("superseded by a new connection")
+        if self._stopped:
+            raise errors.ShuttingDown()
+        now = self.clock.seconds()
+        types = hello.get("types", {})
+        worker = Worker(
+            name=name,
+            conn=conn,
+            slots=hello.get("slots", 0),
+            types={t: parse_version(v) for t, v in types.items()},
+            type_versions=dict(types),
+            memory=hello.get("memory", 0),
+            tags=frozenset(hello.get("tags", ())),
+            agent=hello.get("agent", ""),
+            connected_at=now,
+            last_seen=now,
+        )
+        kept, lost = [], []
+        for lease, job_id in holding.items():
+            job = self.jobs.get(job_id)
+            if job is not None and job.lease == lease and job.worker is None:
+                self._cancel_timer(job)
+                self._bind(worker, job)
+                kept.append({"job": job_id, "lease": lease, "todo": sorted(job.pending)})
+            else:
+                lost.append({"job": job_id, "lease": lease, "reason": self._ended.get(lease, "unknown")})
+        self.workers[name] = worker
+        self._worker_by_conn[conn] = worker
+        worker.deadline_call = self.clock.callLater(self.deadline, self._worker_silent, worker)
+        log.info(
+            "worker {name} connected from {addr}: {slots} slots, types {types}, kept {k}, lost {l}",
+            name=name,
+            addr=conn.address,
+            slots=worker.slots,
+            types=sorted(types),
+            k=len(kept),
+            l=len(lost),
+        )
+        self.clock.callLater(0, self._dispatch)
+        return {"kept": kept, "lost": lost}
+
+    def client_hello(self, conn: IConnection):
+        """A client connected; nothing to do until it watches jobs."""
+
+    def seen(self, conn: IConnection):
+        """A line arrived from ``conn``: its heartbeat deadline moves on."""
+        worker = self._worker_by_conn.get(conn)
+        if worker is not None:
+            worker.last_seen = self.clock.seconds()
+            if worker.deadline_call is not None and worker.deadline_call.active():
+                worker.deadline_call.reset(self.deadline)
+
+    def connection_lost(self, conn: IConnection):
+        self._watchers.pop(conn, None)
+        worker = self._worker_by_conn.get(conn)
+        if worker is not None:
+            self._worker_gone(worker, "disconnected")
+
+    # ------------------------------------------------------------------
+    # from the clock
+
+    def _worker_silent(self, worker: Worker):
+        log.warn(
+            "worker {name} silent for {d} s: its {n} leases end",
+            name=worker.name,
+            d=self.deadline,
+            n=len(worker.leases),
+        )
+        self._worker_gone(worker, "expired")
+        worker.conn.drop("heartbeat deadline passed")
+
+    def _lease_timed_out(self, job: Job, lease: str):
+        job.timer = None
+        if job.lease != lease or job.closing:
+            return
+        log.warn(
+            "job {job}: lease {lease} passed its run-time limit of {t} s",
+            job=job.id,
+            lease=lease,
+            t=job.timeout,
+        )
+        self._end_lease_soon(
+            job, "timeout", error=f"run-time limit of {job.timeout:g} s exceeded", revoke=True, backoff=True
+        )
+
+    def _orphan_expired(self, job: Job, lease: str):
+        job.timer = None
+        if job.lease == lease and job.worker is None:
+            log.info("job {job}: lease {lease} not reattached after restart, re-queued", job=job.id, lease=lease)
+            self._end_lease_soon(job, "expired", error="worker did not return after a server restart")
+
+    def _backoff_over(self, job: Job):
+        job.timer = None
+        if job.state == "queued" and job.id in self.jobs:
+            job.not_before = None
+            self._queue.push(job)
+            self._dispatch()
+
+    # ------------------------------------------------------------------
+    # from the wire: worker requests
+
+    async def result(self, conn, job_id: int, lease: str, results: list[dict]) -> dict:
+        job = self._leased(conn, job_id, lease)
+        records = self._check_results(job, results)
+        accepted = await self._commit_results(job, records, self.store.add_results)
+        self._notify(job)
+        return {"accepted": accepted}
+
+    async def progress(self, conn, job_id: int, lease: str, note: str | None) -> dict:
+        job = self._leased(conn, job_id, lease)
+        job.note = note
+        self._notify(job, note=note)
+        return {}
+
+    async def done(self, conn, job_id: int, lease: str, results: list[dict]) -> dict:
+        job = self._leased(conn, job_id, lease)
+        records = self._check_results(job, results)
+        missing = len(job.pending) - len(job.in_flight) - len(records)
+        if missing:
+            raise errors.Incomplete(f"{missing} records have no accepted result", missing=missing)
+        job.closing = True
+        try:
+            await self._commit_results(job, records, self.store.complete)
+        except BaseException:
+            self._closing_failed(job, lease)
+            raise
+        self._finish(job, "done")
+        return {}
+
+    async def fail(self, conn, job_id: int, lease: str, error: str, retry: bool) -> dict:
+        job = self._leased(conn, job_id, lease)
+        state, not_before = await self._close_lease(job, "failed", error=error, retry=retry, backoff=True)
+        reply = {"state": state}
+        if not_before is not None:
+            reply["retry_in"] = max(0.0, not_before - self.clock.seconds())
+        return reply
+
+    async def give_back(self, conn, job_id: int, lease: str, reason: str | None) -> dict:
+        job = self._leased(conn, job_id, lease)
+        await self._close_lease(job, "returned", error=reason, count=False)
+        return {}
+
+    async def set_slots(self, conn, slots: int) -> dict:
+        worker = self._worker_by_conn.get(conn)
+        if worker is not None:
+            worker.slots = slots
+            self._dispatch()
+        return {}
+
+    def _leased(self, conn, job_id: int, lease: str) -> Job:
+        """The job ``lease`` names, if it is that job's current lease on ``conn``."""
+        worker = self._worker_by_conn.get(conn)
+        job = worker.leases.get(lease) if worker is not None else None
+        if job is None or job.id != job_id or job.closing:
+            if job_id not in self.jobs and lease not in self._ended:
+                raise errors.UnknownJob(f"no active job {job_id} with lease {lease}")
+            raise errors.StaleLease(f"lease {lease} of job {job_id} is not yours ({self._ended.get(lease, 'unknown')})")
+        return job
+
+    def _check_results(self, job: Job, results: list[dict]) -> list[RecordResult]:
+        seen, unknown, duplicate = set(), [], []
+        for r in results:
+            i = r["i"]
+            if i >= job.total:
+                unknown.append(i)
+            elif i not in job.pending or i in job.in_flight or i in seen:
+                duplicate.append(i)
+            seen.add(i)
+        if unknown:
+            raise errors.UnknownRecord(f"job {job.id} has records 0..{job.total - 1}", records=unknown)
+        if duplicate:
+            raise errors.DuplicateResult(records=duplicate)
+        return [RecordResult(r["i"], r.get("out"), r.get("error")) for r in results]
+
+    async def _commit_results(self, job: Job, records: list[RecordResult], write) -> int:
+        indices = {r.index for r in records}
+        job.in_flight |= indices
+        try:
+            accepted = await write(job.id, job.lease, records, self.clock.seconds())
+        finally:
+            job.in_flight -= indices
+        for i in indices:
+            job.pending.pop(i, None)
+        return accepted
+
+    async def _close_lease(self, job: Job, kind: str, *, error=None, retry=True, backoff=False, count=True):
+        """A worker ends its own lease (FAIL, RETURN): commit, then apply."""
+        lease = job.lease
+        job.closing = True
+        state, not_before, attempts = self._next_state(job, kind, retry=retry, backoff=backoff, count=count)
+        try:
+            await self.store.release(
+                job.id,
+                lease,
+                state,
+                self.clock.seconds(),
+                reason=kind,
+                error=error,
+                not_before=not_before,
+                attempts=attempts,
+            )
+        except BaseException:
+            self._closing_failed(job, lease)
+            raise
+        self._detach(job, kind)
+        job.attempts = attempts
+        self._enter(job, state, not_before)
+        return state, not_before
+
+    def _closing_failed(self, job: Job, lease: str):
+        """A DONE/FAIL/RETURN did not commit: the lease goes on, unless its worker left meanwhile."""
+        job.closing = False
+        if job.lease == lease and (job.worker is None or job.worker.conn not in self._worker_by_conn):
+            self._end_lease_soon(job, "expired", error="worker lost")
+
+    # ------------------------------------------------------------------
+    # from the wire: client requests
+
+    async def submit(self, specs: list[dict], submitter: str | None = None) -> dict:
+        if len(specs) > MAX_JOBS_PER_SUBMIT:
+            raise errors.TooMany(f"at most {MAX_JOBS_PER_SUBMIT} jobs per SUBMIT", limit=MAX_JOBS_PER_SUBMIT)
+        if self._stopped:
+            raise errors.ShuttingDown()
+        jobs = [
+            JobSpec(
+                type=s["type"],
+                records=s["records"],
+                params=s.get("params", {}),
+                priority=s.get("priority", 0),
+                requires=s.get("requires", {}),
+                retries=s.get("retries", 3),
+                timeout=s.get("timeout"),
+                name=s.get("name"),
+                submitter=submitter,
+            )
+            for s in specs
+        ]
+        ids = await self.store.submit(jobs, self.clock.seconds())
+        for job_id, spec in zip(ids, jobs, strict=True):
+            job = Job(
+                id=job_id,
+                type=spec.type,
+                priority=spec.priority,
+                requires=spec.requires,
+                params=spec.params,
+                total=len(spec.records),
+                retries=spec.retries,
+                timeout=spec.timeout if spec.timeout is not None else self.default_timeout,
+                state="queued",
+                attempts=0,
+                pending=dict(enumerate(spec.records)),
+                name=spec.name,
+            )
+            self.jobs[job_id] = job
+            self._queue.push(job)
+            self._notify(job)
+        self._dispatch()
+        return {"jobs": ids}
+
+    async def show(self, job_id: int) -> dict:
+        view = await self.store.get_job(job_id)
+        job = self.jobs.get(job_id)
+        if job is not None and job.note is not None:
+            view["note"] = job.note
+        return {"job": view}
+
+    async def list_jobs(self, state=None, type=None, after=0, limit=100) -> dict:
+        jobs = await self.store.list_jobs(state=state, type=type, after=after, limit=limit + 1)
+        more = len(jobs) > limit
+        jobs = jobs[:limit]
+        return {"jobs": jobs, "next": jobs[-1]["id"] if more else None}
+
+    async def results(self, job_id: int, after: int = -1, limit: int = 1000) -> dict:
+        rows = await self.store.get_results(job_id, after=after, limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return {"results": rows, "next": rows[-1]["i"] if more else None}
+
+    async def workers_view(self) -> dict:
+        return {
+            "workers": [
+                {
+                    "name": w.name,
+                    "address": w.conn.address,
+                    "slots": w.slots,
+                    "running": sorted(j.id for j in w.leases.values()),
+                    "types": w.type_versions,
+                    "memory": w.memory,
+                    "tags": sorted(w.tags),
+                    "drained": w.drained,
+                    "agent": w.agent,
+                    "connected": w.connected_at,
+                    "last_seen": w.last_seen,
+                }
+                for w in self.workers.values()
+            ]
+        }
+
+    async def stats(self) -> dict:
+        counts = await self.store.counts()
+        return {
+            "jobs": counts,
+            "workers": len(self.workers),
+            "slots": sum(w.slots for w in self.workers.values()),
+            "busy": sum(len(w.leases) for w in self.workers.values()),
+            "queued_runnable": len(self._queue),
+            "dispatching": self.dispatching,
+        }
+
+    async def watch(self, conn: IConnection, job_ids: list[int]) -> dict:
+        views = []
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is not None:
+                views.append(job.event_body())
+            else:
+                j = await self.store.get_job(job_id)
+                views.append({"job": job_id, "state": j["state"], "accepted": j["accepted"], "total": j["total"]})
+        if not job_ids:
+            self._watchers[conn] = None
+        else:
+            current = self._watchers.get(conn, set())
+            if current is not None:
+                self._watchers[conn] = current | set(job_ids)
+        return {"jobs": views}
+
+    async def cancel(self, job_id: int) -> dict:
+        return await self._operator(job_id, "cancelled", allowed=("queued", "running", "paused"))
+
+    async def pause(self, job_id: int) -> dict:
+        return await self._operator(job_id, "paused", allowed=("queued", "running"))
+
+    async def resume(self, job_id: int) -> dict:
+        return await self._operator(job_id, "queued", allowed=("paused",))
+
+    async def requeue(self, job_id: int) -> dict:
+        return await self._operator(
+            job_id, "queued", allowed=("running", "failed", "cancelled", "paused"), reset_attempts=True
+        )
+
+    async def worker_action(self, name: str, action: str) -> dict:
+        worker = self.workers.get(name)
+        if worker is None:
+            raise errors.UnknownWorker(f"no connected worker {name!r}")
+        log.info("worker {name}: {action} by operator", name=name, action=action)
+        if action in ("drain", "undrain"):
+            worker.drained = action == "drain"
+            worker.conn.send("DRAIN", {"drain": worker.drained})
+            if not worker.drained:
+                self._dispatch()
+        else:
+            self._worker_gone(worker, "disconnected", count=False)
+            worker.conn.drop("disconnected by an operator")
+        return {}
+
+    async def set_dispatching(self, enabled: bool) -> dict:
+        if enabled != self.dispatching:
+            log.info("dispatching {state} by operator", state="enabled" if enabled else "stopped")
+        self.dispatching = enabled and not self._stopped
+        self._dispatch()
+        return {"dispatching": self.dispatching}
+
+    async def _operator(self, job_id: int, target: str, allowed: tuple, reset_attempts=False) -> dict:
+        """Pause, resume, cancel or requeue: revoke a running lease, or change a resting job."""
+        reason = {"cancelled": "cancelled", "paused": "paused", "queued": "requeued"}[target]
+        job = self.jobs.get(job_id)
+        if job is not None and job.lease is not None:
+            if "running" not in allowed or job.closing:
+                raise errors.InvalidState(f"job {job_id} is running", state="running")
+            attempts = 0 if reset_attempts else job.attempts - 1
+            await self._end_lease(job, reason, state=target, attempts=attempts, revoke=True)
+            return {"state": target}
+        # No lease: the job rests (queued, paused, terminal), or its lease's
+        # end is being committed; the store, which sees that commit first,
+        # decides.
+        await self.store.set_state(
+            job_id,
+            tuple(s for s in allowed if s != "running"),
+            target,
+            self.clock.seconds(),
+            reason=reason,
+            reset_attempts=reset_attempts,
+        )
+        job = self.jobs.get(job_id)  # the world moved while we waited
+        if job is None:
+            await self._reload(job_id)  # a terminal job came back (requeue)
+        else:
+            self._queue.discard(job)
+            self._cancel_timer(job)
+            if reset_attempts:
+                job.attempts = 0
+            job.not_before = None
+            self._enter(job, target, None)
+        return {"state": target}
+
+    async def _reload(self, job_id: int):
+        """Take the store's view of one job (after a requeue, or a disagreement)."""
+        for active in await self.store.load_active(job_ids=[job_id]):
+            job = self._job_from_store(active)
+            self.jobs[job.id] = job
+            if job.state == "queued":
+                self._make_runnable(job, self.clock.seconds())
+            elif job.state == "running":
+                job.timer = self.clock.callLater(self.reattach_grace, self._orphan_expired, job, job.lease)
+            self._notify(job)
+            self._dispatch()
+
+    # ------------------------------------------------------------------
+    # transitions
+
+    def _next_state(self, job: Job, kind: str, *, retry=True, backoff=False, count=True):
+        """Where a job goes when a lease ends for ``kind``: (state, not_before, attempts)."""
+        attempts = job.attempts if count else job.attempts - 1
+        if not retry or attempts >= 1 + job.retries:
+            return "failed", None, attempts
+        not_before = None
+        if backoff:
+            delay = min(self.backoff_max, self.backoff_base * 2 ** max(0, attempts - 1))
+            not_before = self.clock.seconds() + delay
+        return "queued", not_before, attempts
+
+    def _end_lease(self, job: Job, reason: str, *, state=None, attempts=None, error=None, revoke=False, backoff=False):
+        """End ``job``'s lease now (server side): stale at once, next state on commit.
+
+        Without ``state`` this is a failed attempt (worker lost, timeout);
+        with it, an operator's decision. Returns the Deferred of the write.
+        """
+        lease = job.lease
+        if state is None:
+            state, not_before, attempts = self._next_state(job, reason, backoff=backoff)
+        else:
+            not_before = None
+        if revoke and job.worker is not None:
+            job.worker.conn.send("REVOKE", {"job": job.id, "lease": lease, "reason": reason})
+        self._detach(job, reason)
+        write = dict(state=state, reason=reason, error=error, not_before=not_before, attempts=attempts)
+        return defer.Deferred.fromCoroutine(self._write_release(job, lease, **write))
+
+    def _end_lease_soon(self, job: Job, reason: str, **kwargs):
+        """End a lease for a reason no request waits on; a failed write is retried."""
+        lease = job.lease
+        self._end_lease(job, reason, **kwargs).addErrback(self._release_failed, job, lease, reason, kwargs)
+
+    def _release_failed(self, failure, job: Job, lease: str, reason: str, kwargs: dict):
+        if failure.check(errors.StaleLease, errors.UnknownJob, errors.InvalidState):
+            # The store moved on without us, and the store is the truth.
+            log.error(
+                "job {job}: the store disagrees about lease {lease}: {f.value}",
+                job=job.id,
+                lease=lease,
+                f=failure,
+            )
+            self._forget(job)
+            defer.Deferred.fromCoroutine(self._reload(job.id)).addErrback(lambda f: log.failure("reload", f))
+            return
+        log.failure("job {job}: could not record the end of lease {lease}; retrying", failure, job=job.id, lease=lease)
+        if self._stopped:
+            return
+
+        def retry():
+            job.timer = None
+            job.lease = lease  # re-detached by _end_lease
+            self._end_lease_soon(job, reason, **kwargs)
+
+        job.timer = self.clock.callLater(self.backoff_base, retry)
+
+    async def _write_release(self, job, lease, *, state, reason, error, not_before, attempts):
+        await self.store.release(
+            job.id,
+            lease,
+            state,
+            self.clock.seconds(),
+            reason=reason,
+            error=error,
+            not_before=not_before,
+            attempts=attempts,
+        )
+        job.attempts = attempts
+        self._enter(job, state, not_before)
+
+    def _detach(self, job: Job, reason: str):
+        """The lease ends in memory: stale from now on, the worker's slot is free."""
+        self._cancel_timer(job)
+        if job.lease is not None:
+            self._ended[job.lease] = reason
+            while len(self._ended) > 100_000:
+                self._ended.popitem(last=False)
+        if job.worker is not None:
+            job.worker.leases.pop(job.lease, None)
+        job.lease = None
+        job.worker = None
+        job.closing = False
+
+    def _enter(self, job: Job, state: str, not_before: float | None):
+        """Apply a committed state to the in-memory job."""
+        job.state = state
+        if state in ("done", "failed", "cancelled"):
+            self._finish(job, state)
+            return
+        if state == "queued":
+            self._make_runnable(job, self.clock.seconds(), not_before)
+        self._notify(job)
+        self._dispatch()
+
+    def _finish(self, job: Job, state: str):
+        self._detach(job, state)
+        self._queue.discard(job)
+        job.state = state
+        self.jobs.pop(job.id, None)
+        self._notify(job)
+        self._dispatch()
+
+    def _forget(self, job: Job):
+        self._cancel_timer(job)
+        self._queue.discard(job)
+        self.jobs.pop(job.id, None)
+
+    def _make_runnable(self, job: Job, now: float, not_before: float | None = None):
+        not_before = not_before if not_before is not None else job.not_before
+        job.not_before = not_before
+        if not_before is not None and not_before > now:
+            self._cancel_timer(job)
+            job.timer = self.clock.callLater(not_before - now, self._backoff_over, job)
+        else:
+            job.not_before = None
+            self._queue.push(job)
+
+    def _bind(self, worker: Worker, job: Job):
+        job.worker = worker
+        worker.leases[job.lease] = job
+        job.timer = self.clock.callLater(job.timeout, self._lease_timed_out, job, job.lease)
+
+    def _worker_gone(self, worker: Worker, reason: str, spare=frozenset(), count=True):
+        """Forget a worker; every lease it held ends, except those in ``spare``."""
+        if self._worker_by_conn.get(worker.conn) is worker:
+            del self._worker_by_conn[worker.conn]
+        if self.workers.get(worker.name) is worker:
+            del self.workers[worker.name]
+        if worker.deadline_call is not None and worker.deadline_call.active():
+            worker.deadline_call.cancel()
+        for lease, job in list(worker.leases.items()):
+            if lease in spare:
+                # It moves to the new connection of the same worker.
+                self._cancel_timer(job)
+                job.worker = None
+                del worker.leases[lease]
+            elif job.closing:
+                continue  # its DONE/FAIL/RETURN decides; see _closing_failed
+            elif count:
+                self._end_lease_soon(job, reason, error=f"worker {worker.name} lost ({reason})")
+            else:
+                self._end_lease_soon(job, reason, state="queued", attempts=job.attempts - 1)
+        if reason != "superseded":
+            log.info("worker {name} gone ({reason})", name=worker.name, reason=reason)
+
+    def _cancel_timer(self, job: Job):
+        if job.timer is not None and job.timer.active():
+            job.timer.cancel()
+        job.timer = None
+
+    # ------------------------------------------------------------------
+    # pushing work and events
+
+    def _dispatch(self):
+        """Push runnable jobs to free matching slots until one of them runs out."""
+        if not self.dispatching or self._in_dispatch or not self._queue:
+            return
+        self._in_dispatch = True
+        try:
+            progress = True
+            while progress and self._queue:
+                progress = False
+                for worker in list(self.workers.values()):
+                    if worker.free <= 0 or worker.drained:
+                        continue
+                    job_id = self._queue.pop_for(worker)
+                    if job_id is not None:
+                        self._lease(worker, self.jobs[job_id])
+                        progress = True
+        finally:
+            self._in_dispatch = False
+
+    def _lease(self, worker: Worker, job: Job):
+        lease = self.new_lease()
+        job.lease = lease
+        job.state = "running"
+        job.attempts += 1
+        self._bind(worker, job)
+        worker.conn.send(
+            "JOB",
+            {
+                "job": job.id,
+                "lease": lease,
+                "type": job.type,
+                "attempt": job.attempts,
+                "params": job.params,
+                "total": job.total,
+                "records": [{"i": i, "data": data} for i, data in sorted(job.pending.items())],
+                "timeout": float(job.timeout),
+            },
+        )
+        self.store.grant(job.id, lease, worker.name, job.attempts, self.clock.seconds()).addErrback(
+            self._grant_failed, job, lease
+        )
+        self._notify(job)
+
+    def _grant_failed(self, failure, job: Job, lease: str):
+        log.failure("job {job}: could not record lease {lease}", failure, job=job.id, lease=lease)
+        if job.lease == lease:
+            # Undo: the store never saw this lease; the worker must stop.
+            if job.worker is not None:
+                job.worker.conn.send("REVOKE", {"job": job.id, "lease": lease, "reason": "unavailable"})
+            self._detach(job, "unavailable")
+            job.attempts -= 1
+            job.state = "queued"
+            self._make_runnable(job, self.clock.seconds(), self.clock.seconds() + self.backoff_base)
+
+    def _notify(self, job: Job, **extra):
+        if not self._watchers:
+            return
+        body = job.event_body()
+        body.update(extra)
+        for conn, ids in self._watchers.items():
+            if ids is None or job.id in ids:
+                conn.send("EVENT", body)

@@ -1,0 +1,1 @@
+"""The job server: sessions and wire adapter, services, and the twistd tap."""

@@ -1,0 +1,96 @@
+"""The server's service: open the store, load the dispatcher, then listen.
+
+Start-up order matters: a listener must not accept a connection before the
+dispatcher knows the jobs the store holds, so the listeners are children of
+a ``MultiService`` that is started only once the store is open and the
+dispatcher loaded. ``stopService`` reverses it and returns when the store has
+committed every write already accepted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+__all__ = ["GriddService", "is_loopback_listen"]
+
+log = Logger()
+
+
+def is_loopback_listen(spec: str) -> bool:
+    """True if an endpoint string listens on loopback only (or is a UNIX socket)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "unix":
+        return True
+    interface = None
+    for part in rest.split(":"):
+        if part.startswith("interface="):
+            interface = part[len("interface=") :]
+    if interface is None:
+        return False
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class GriddService(service.Service):
+    """Owns the store, the dispatcher and the listeners, and starts them in order."""
+
+    name = "gridd"
+
+    def __init__(self, store, dispatcher, factory, listeners: service.MultiService, *, reactor, port_file=None):
+        self.store = store
+        self.dispatcher = dispatcher
+        self.factory = factory
+        self.listeners = listeners
+        self.reactor = reactor
+        self.port_file = port_file
+        #: Fires with the listening ports once the server accepts connections.
+        self.started = defer.Deferred()
+
+    def startService(self):
+        super().startService()
+        d = defer.Deferred.fromCoroutine(self._start())
+        d.addErrback(self._start_failed)
+
+    async def _start(self):
+        await self.store.start()
+        await self.dispatcher.start()
+        self.listeners.startService()
+        ports = []
+        for listener in self.listeners:
+            ports.append(await listener._waitingForPort)
+        addresses = [p.getHost() for p in ports]
+        for listener, addr in zip(self.listeners, addresses, strict=True):
+            log.info("gridd listening on {spec} ({addr.host}:{addr.port})", spec=listener.spec, addr=addr)
+        if self.port_file:
+            with open(self.port_file, "w") as f:
+                json.dump([{"host": a.host, "port": a.port} for a in addresses], f)
+        self.started.callback(ports)
+
+    def _start_failed(self, failure):
+        log.failure("gridd could not start", failure)
+        if not self.started.called:
+            self.started.errback(failure)
+            self.started.addErrback(lambda _: None)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    async def _stop(self):
+        if self.listeners.running:
+            await self.listeners.stopService()
+        self.dispatcher.stop()
+        self.factory.close_all("shutdown")
+        await self.store.stop()
+        log.info("gridd stopped: every accepted write is committed")
+
+    def stopService(self):
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())

@@ -1,0 +1,118 @@
+"""``twistd gridd``: options and the service tree, nothing else.
+
+``makeService`` builds the tree and never listens by itself; starting the
+tree (twistd does) opens the store, loads the dispatcher and then listens.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from gridd import wire
+from gridd.dispatcher import Dispatcher
+from gridd.server.auth import SharedSecret, load_or_create_secret
+from gridd.server.protocol import ServerFactory
+from gridd.server.service import GriddService, is_loopback_listen
+from gridd.store import open_store
+
+__all__ = ["Options", "makeService"]
+
+log = Logger()
+
+DEFAULT_LISTEN = "tcp:7700:interface=127.0.0.1"
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the gridd job server: workers (twistd gridworker) and clients (gridctl) connect to it, "
+        "jobs are kept in the store and pushed to matching workers the moment they are runnable. "
+        "See protocols/PROTOCOL.md for the wire protocol."
+    )
+    optParameters = [
+        ["data", "d", "gridd-data", "Data directory: the SQLite database and the secret file live here."],
+        ["db", None, None, "Store URI: sqlite:PATH (default: sqlite:DATA/gridd.db) or memory: (nothing kept)."],
+        ["secret-file", None, None, "File with the shared secret peers present (default: DATA/secret, created)."],
+        ["beat", None, 2.0, "Heartbeat interval in seconds announced to peers.", float],
+        ["deadline", None, None, "Seconds of silence after which a peer is dropped (default: 3 x beat).", float],
+        ["default-timeout", None, 3600.0, "Run-time limit of one attempt for jobs that name none (seconds).", float],
+        ["backoff-base", None, 1.0, "Retry backoff after a failed attempt: base x 2^(attempt-1) seconds...", float],
+        ["backoff-max", None, 300.0, "... capped at this many seconds.", float],
+        ["reattach-grace", None, None, "Seconds a lease awaits its worker after a restart (default: deadline).", float],
+        ["handshake-timeout", None, 10.0, "Seconds a new connection has to complete its HELLO.", float],
+        ["max-line", None, wire.DEFAULT_MAX_LINE, "Maximum line length in bytes.", int],
+        ["port-file", None, None, "Write the listening addresses here as JSON once listening (for scripts)."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, spec):
+        """Endpoint to listen on (repeatable), e.g. tcp:7700:interface=127.0.0.1 [default]."""
+        self["listen"].append(spec)
+
+    def postOptions(self):
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        if self["db"] is None:
+            self["db"] = "sqlite:" + os.path.join(self["data"], "gridd.db")
+        if self["secret-file"] is None:
+            self["secret-file"] = os.path.join(self["data"], "secret")
+
+
+def makeService(options, reactor=None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    Path(options["data"]).mkdir(parents=True, exist_ok=True)
+    top = service.MultiService()
+
+    # 1. Durable state and the scheduler over it.
+    store = open_store(options["db"], reactor=reactor)
+    dispatcher = Dispatcher(
+        store,
+        reactor,
+        beat=options["beat"],
+        deadline=options["deadline"],
+        default_timeout=options["default-timeout"],
+        backoff_base=options["backoff-base"],
+        backoff_max=options["backoff-max"],
+        reattach_grace=options["reattach-grace"],
+    )
+    # 2. Who may connect, and the wire adapter.
+    authenticator = SharedSecret(load_or_create_secret(options["secret-file"]))
+    factory = ServerFactory(
+        dispatcher,
+        authenticator,
+        reactor,
+        max_line=options["max-line"],
+        handshake_timeout=options["handshake-timeout"],
+    )
+    # 3. Listeners, started by GriddService once the store is loaded.
+    listeners = service.MultiService()
+    for spec in options["listen"]:
+        if not is_loopback_listen(spec):
+            log.warn(
+                "WARNING: {spec} listens beyond loopback without TLS: anyone on the network can "
+                "read the shared secret and all job data. Use ssl: endpoints for anything but a demo.",
+                spec=spec,
+            )
+        _listener(reactor, spec, factory).setServiceParent(listeners)
+    server = GriddService(store, dispatcher, factory, listeners, reactor=reactor, port_file=options["port-file"])
+    server.setServiceParent(top)
+    return top
+
+
+def _listener(reactor, spec, factory):
+    listener = StreamServerEndpointService(serverFromString(reactor, spec), factory)
+    listener.spec = spec
+    # Fail start-up loudly when the port cannot be bound, rather than log later.
+    listener._raiseSynchronously = True
+    return listener

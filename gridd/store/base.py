@@ -1,0 +1,257 @@
+"""The store interface every implementation honours.
+
+The dispatcher keeps the live scheduling state in memory and the store keeps
+the durable truth. Every method returns a Deferred. Writes are acknowledged
+(their Deferred fires) only after the transaction holding them has committed;
+implementations batch writes that arrive together into one transaction
+(group commit), so the Deferred of one write may fire together with many
+others'.
+
+The store enforces fencing and once-only results itself, independently of
+the dispatcher's in-memory checks: a write that names a lease which is not
+the job's current lease raises ``StaleLease``; a result for a record that was
+already accepted raises ``DuplicateResult``. A write that raises changes
+nothing (each write runs in its own savepoint inside the batch).
+
+Times are POSIX seconds (floats) passed in by the caller, so the store never
+reads a clock of its own.
+
+Records, outputs, params and requires are JSON values. A store keeps them as
+JSON text, so what it gives back is an equal copy, never the caller's object;
+a value that is not JSON (NaN included) fails the call with ``TypeError`` or
+``ValueError``. A store that is not started, or whose database cannot serve
+(locked, full, gone), fails calls with ``Unavailable``.
+
+``tests/test_store_contract.py`` runs the same assertions on every
+implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = [
+    "JOB_STATES",
+    "ACTIVE_STATES",
+    "TERMINAL_STATES",
+    "SETTABLE_STATES",
+    "JobSpec",
+    "RecordResult",
+    "ActiveJob",
+    "IStore",
+    "SchemaTooNew",
+    "open_store",
+]
+
+#: Every state a job can be in; see protocols/PROTOCOL.md, "Job lifecycle".
+JOB_STATES = ("queued", "running", "paused", "done", "failed", "cancelled")
+ACTIVE_STATES = ("queued", "running", "paused")
+TERMINAL_STATES = ("done", "failed", "cancelled")
+#: The states ``release`` and ``set_state`` may move a job to: a job becomes
+#: running only through ``grant`` and done only through ``complete``.
+SETTABLE_STATES = ("queued", "paused", "failed", "cancelled")
+
+
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer gridd than this one.
+
+    Running older code on it could misread or damage data written under the
+    newer schema, so ``start()`` refuses instead.
+    """
+
+    def __init__(self, found: int, known: int):
+        self.found = found
+        self.known = known
+        super().__init__(
+            f"database schema version {found} is newer than this gridd knows "
+            f"({known}); run a gridd at least as new as the one that migrated it"
+        )
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job as submitted, before it has an id."""
+
+    type: str
+    records: list[Any]
+    params: dict = field(default_factory=dict)
+    priority: int = 0
+    #: {"memory": MiB, "tags": [..], "version": "1.2"}; keys optional.
+    requires: dict = field(default_factory=dict)
+    retries: int = 3
+    #: Run-time limit of one attempt in seconds; None means the server default.
+    timeout: float | None = None
+    name: str | None = None
+    submitter: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """One record's result as a worker reports it: a value, or an error text."""
+
+    index: int
+    output: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class ActiveJob:
+    """A non-terminal job as the dispatcher needs it after a (re)start."""
+
+    id: int
+    type: str
+    priority: int
+    requires: dict
+    params: dict
+    total: int
+    state: str  # one of ACTIVE_STATES
+    attempts: int
+    retries: int
+    timeout: float | None
+    lease: str | None
+    worker: str | None
+    not_before: float | None
+    name: str | None
+    submitter: str | None
+    created: float
+    #: Records without an accepted result, index -> data, in index order.
+    pending: dict[int, Any]
+
+
+class IStore(Protocol):
+    """What the dispatcher and the services need from durable storage.
+
+    Every method returns a ``Deferred``; the types named are what it fires
+    with. Errors are ``gridd.errors`` classes unless said otherwise.
+    """
+
+    def start(self):
+        """Open, create or migrate the schema. Fails on a schema newer than the code."""
+
+    def stop(self):
+        """Commit every write already accepted, then close."""
+
+    # -- writes (group-committed) -----------------------------------------
+
+    def submit(self, specs: list[JobSpec], now: float):
+        """Insert jobs in state ``queued``; fires with their ids, in order."""
+
+    def grant(self, job_id: int, lease: str, worker: str, attempt: int, now: float):
+        """Lease a queued job: state ``running``, ``attempts = attempt``.
+
+        Raises ``UnknownJob``, or ``InvalidState`` if the job is not queued.
+        """
+
+    def add_results(self, job_id: int, lease: str, results: list[RecordResult], now: float):
+        """Accept per-record results, all or none; fires with the job's accepted count.
+
+        Raises ``UnknownJob``; ``StaleLease`` if ``lease`` is not the job's
+        current lease; ``UnknownRecord`` (extra ``records=[...]``) for an index
+        outside the job; ``DuplicateResult`` (extra ``records=[...]``) for one
+        already accepted, or given twice.
+        """
+
+    def complete(self, job_id: int, lease: str, results: list[RecordResult], now: float):
+        """Accept trailing results (as add_results), then mark the job ``done``.
+
+        Raises ``Incomplete`` (extra ``missing=n``) unless every record then
+        has an accepted result; in that case the trailing results are not
+        accepted either.
+        """
+
+    def release(
+        self,
+        job_id: int,
+        lease: str,
+        state: str,
+        now: float,
+        *,
+        reason: str,
+        error: str | None = None,
+        not_before: float | None = None,
+        attempts: int | None = None,
+    ):
+        """End a lease: the job moves to ``state`` (queued, paused, failed, cancelled).
+
+        ``reason`` and ``error`` go into the job's history. ``not_before``
+        delays a re-queued job (backoff); ``attempts`` overrides the attempt
+        count (a returned job does not use an attempt). Raises ``UnknownJob``
+        or ``StaleLease``; ``state`` must be one of ``SETTABLE_STATES``.
+        """
+
+    def set_state(
+        self,
+        job_id: int,
+        allowed: tuple[str, ...],
+        state: str,
+        now: float,
+        *,
+        reason: str,
+        reset_attempts: bool = False,
+    ):
+        """Move a job that holds no lease from one of ``allowed`` to ``state``.
+
+        Raises ``UnknownJob``, or ``InvalidState`` (extra ``state=...``, the
+        job's current state); ``state`` must be one of ``SETTABLE_STATES``.
+        """
+
+    # -- reads -----------------------------------------------------------
+
+    def load_active(self):
+        """Fire with every queued, running and paused job as ``ActiveJob``, by id."""
+
+    def get_job(self, job_id: int):
+        """Fire with a dict describing the job and its history; see ``job_view``.
+
+        Keys: id, name, type, state, priority, requires, params, total,
+        accepted, failed_records, attempts, retries, timeout, lease, worker,
+        not_before, submitter, created, updated, history (list of dicts with
+        at, event, attempt, lease, worker, detail). Raises ``UnknownJob``.
+
+        ``lease`` and ``worker`` are set exactly while the job is running.
+        The history holds, oldest first: ``submitted``; ``leased`` (attempt,
+        lease, worker); ``completed`` and ``released`` (the lease's attempt,
+        lease and worker; a release's detail is ``{"to", "reason", "error"}``);
+        ``state`` for ``set_state`` (detail ``{"from", "to", "reason"}``).
+        Results are not events. ``detail`` is None where not given here.
+        """
+
+    def list_jobs(self, state: str | None = None, type: str | None = None, after: int = 0, limit: int = 100):
+        """Fire with up to ``limit`` job summaries with id > ``after``, by id.
+
+        A summary has id, name, type, state, priority, total, accepted,
+        attempts, worker, created, updated.
+        """
+
+    def get_results(self, job_id: int, after: int = -1, limit: int = 1000):
+        """Fire with accepted results with index > ``after``, by index.
+
+        Each is ``{"i": index, "out": value}`` or ``{"i": index, "error": text}``,
+        plus ``"worker"`` and ``"lease"`` that produced it. Raises ``UnknownJob``.
+        """
+
+    def counts(self):
+        """Fire with ``{state: number of jobs}`` for every state in JOB_STATES."""
+
+
+def open_store(uri: str, reactor=None) -> IStore:
+    """Build (not start) the store an URI names.
+
+    ``sqlite:PATH`` (or a bare path ending in .db/.sqlite) and ``memory:``
+    are known; MySQL arrives with its own issue.
+    """
+    if uri == "memory:":
+        from gridd.store.memory import MemoryStore
+
+        return MemoryStore()
+    if uri.startswith("sqlite:") or uri.endswith((".db", ".sqlite", ".sqlite3")):
+        from gridd.store.sqlite import SQLiteStore
+
+        path = uri[len("sqlite:") :] if uri.startswith("sqlite:") else uri
+        return SQLiteStore(path, reactor=reactor)
+    raise ValueError(f"unknown store URI {uri!r}: expected sqlite:PATH or memory:")

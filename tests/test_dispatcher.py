@@ -1,0 +1,486 @@
+"""The dispatcher on a task.Clock and the memory store: no sockets, no database, no sleeps."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+
+from gridd import errors
+from gridd.dispatcher import Dispatcher, parse_version
+from gridd.store.memory import MemoryStore
+
+
+class FakeConnection:
+    """The dispatcher's connection interface, recording what it is told."""
+
+    def __init__(self, address="10.0.0.1:1234"):
+        self.address = address
+        self.sent: list[tuple[str, dict]] = []
+        self.dropped: str | None = None
+        self.answers_ping = False
+
+    def send(self, verb, body=None):
+        self.sent.append((verb, body or {}))
+
+    def drop(self, reason):
+        self.dropped = reason
+
+    def ping(self, timeout):
+        return defer.succeed(self.answers_ping)
+
+    def take(self, verb):
+        """Return and forget the bodies of every ``verb`` sent so far."""
+        found = [b for v, b in self.sent if v == verb]
+        self.sent = [(v, b) for v, b in self.sent if v != verb]
+        return found
+
+
+def run(awaitable):
+    """Run a coroutine whose awaits all fire at once (memory store) and return its result."""
+    d = defer.ensureDeferred(awaitable)
+    out = []
+    d.addBoth(out.append)
+    assert out, "did not complete synchronously"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+class Grid:
+    """A dispatcher with its clock and store, plus helpers to drive it."""
+
+    def __init__(self, store=None, **kwargs):
+        self.clock = task.Clock()
+        self.clock.advance(1000)
+        self.store = store or MemoryStore()
+        counter = itertools.count(1)
+        kwargs.setdefault("beat", 2.0)
+        self.d = Dispatcher(self.store, self.clock, new_lease=lambda: f"L{next(counter)}", **kwargs)
+        run(self.store.start())
+        run(self.d.start())
+
+    def worker(self, name="w1", slots=1, types=None, holding=(), **extra):
+        conn = FakeConnection()
+        hello = {"name": name, "slots": slots, "types": types or {"noop": "1.0"}, "holding": list(holding), **extra}
+        reply = run(self.d.worker_hello(conn, hello))
+        conn.hello_reply = reply
+        self.clock.advance(0)  # the dispatcher pushes work one turn after the HELLO reply
+        return conn
+
+    def submit(self, *specs, **spec):
+        specs = list(specs) or [spec]
+        for s in specs:
+            s.setdefault("type", "noop")
+            s.setdefault("records", ["a"])
+        return run(self.d.submit(specs))["jobs"]
+
+    def finish(self, conn, job_body):
+        results = [{"i": r["i"], "out": r["data"]} for r in job_body["records"]]
+        return run(self.d.done(conn, job_body["job"], job_body["lease"], results))
+
+    def state(self, job_id):
+        return run(self.store.get_job(job_id))
+
+
+def test_submit_pushes_job_to_idle_worker_at_once():
+    """A submitted job is sent to an idle matching worker without any poll."""
+    g = Grid()
+    w = g.worker()
+    [job_id] = g.submit(records=["x", "y"])
+    [job] = w.take("JOB")
+    assert job["job"] == job_id
+    assert job["lease"] == "L1"
+    assert job["records"] == [{"i": 0, "data": "x"}, {"i": 1, "data": "y"}]
+    assert job["attempt"] == 1
+    assert g.state(job_id)["state"] == "running"
+
+
+def test_worker_hello_pushes_waiting_jobs():
+    """A worker that connects while jobs wait receives as many as it has slots."""
+    g = Grid()
+    g.submit(*[{} for _ in range(5)])
+    w = g.worker(slots=3)
+    assert [j["job"] for j in w.take("JOB")] == [1, 2, 3]
+
+
+def test_slots_limit_running_jobs_and_done_frees_one():
+    """A worker never holds more leases than slots; completing one pushes the next."""
+    g = Grid()
+    w = g.worker(slots=2)
+    g.submit(*[{} for _ in range(4)])
+    jobs = w.take("JOB")
+    assert [j["job"] for j in jobs] == [1, 2]
+    g.finish(w, jobs[0])
+    assert [j["job"] for j in w.take("JOB")] == [3]
+    assert g.state(1)["state"] == "done"
+
+
+def test_priority_higher_first_then_fifo():
+    """Higher priority jobs go first; within a priority, first in first out."""
+    g = Grid()
+    g.submit({"priority": 0}, {"priority": 5}, {"priority": 0}, {"priority": 5})
+    w = g.worker(slots=4)
+    assert [j["job"] for j in w.take("JOB")] == [2, 4, 1, 3]
+
+
+def test_matching_type_version_memory_tags():
+    """A job goes only to a worker with its type at a high enough version, the memory and the tags."""
+    g = Grid()
+    [job_id] = g.submit(type="resize", requires={"version": "1.10", "memory": 2048, "tags": ["gpu"]})
+    wrong = [
+        g.worker("no-type", types={"noop": "1"}, memory=4096, tags=["gpu"]),
+        g.worker("old", types={"resize": "1.9"}, memory=4096, tags=["gpu"]),
+        g.worker("small", types={"resize": "1.10"}, memory=1024, tags=["gpu"]),
+        g.worker("untagged", types={"resize": "2.0"}, memory=4096, tags=["cpu"]),
+    ]
+    assert all(not w.take("JOB") for w in wrong)
+    right = g.worker("right", types={"resize": "1.10.0"}, memory=2048, tags=["gpu", "linux"])
+    assert [j["job"] for j in right.take("JOB")] == [job_id]
+
+
+def test_parse_version_compares_numerically():
+    """Dotted versions compare as numbers, with trailing zeros ignored."""
+    assert parse_version("1.10") > parse_version("1.9")
+    assert parse_version("2") == parse_version("2.0.0")
+    assert parse_version("1.2rc1") == parse_version("1.2.1")
+
+
+def test_worker_lost_requeues_at_once_and_resumes_from_first_unfinished_record():
+    """A disconnect ends the leases now; the job resumes elsewhere from its first record without a result."""
+    g = Grid()
+    w1 = g.worker("w1")
+    [job_id] = g.submit(records=["a", "b", "c"])
+    [job] = w1.take("JOB")
+    run(g.d.result(w1, job_id, job["lease"], [{"i": 0, "out": "A"}]))
+    g.d.connection_lost(w1)
+    w2 = g.worker("w2")
+    [again] = w2.take("JOB")
+    assert again["lease"] != job["lease"]
+    assert again["attempt"] == 2
+    assert again["records"] == [{"i": 1, "data": "b"}, {"i": 2, "data": "c"}]
+
+
+def test_missed_heartbeats_end_leases_and_drop_the_worker():
+    """A worker silent past the deadline is dropped and its job re-dispatched at once."""
+    g = Grid(beat=2.0)
+    w1 = g.worker("w1")
+    w2 = g.worker("w2")
+    [job_id] = g.submit()
+    holder, other = (w1, w2) if w1.take("JOB") else (w2, w1)
+    for _ in range(3):  # the other worker keeps beating
+        g.clock.advance(2.0)
+        g.d.seen(other)
+    assert holder.dropped
+    assert other.dropped is None
+    [job] = other.take("JOB")
+    assert job["job"] == job_id
+
+
+def test_heartbeats_keep_a_worker_alive():
+    """A worker that beats within the deadline keeps its lease indefinitely."""
+    g = Grid(beat=2.0)
+    w = g.worker()
+    g.submit()
+    [job] = w.take("JOB")
+    for _ in range(50):
+        g.clock.advance(1.9)
+        g.d.seen(w)
+    assert w.dropped is None
+    assert g.d.jobs[job["job"]].lease == job["lease"]
+
+
+def test_stale_lease_refused_and_changes_nothing():
+    """A result from a worker whose lease was re-dispatched is refused; the store is unchanged."""
+    g = Grid()
+    w1 = g.worker("w1")
+    [job_id] = g.submit(records=["a", "b"])
+    [old] = w1.take("JOB")
+    g.d.connection_lost(w1)
+    w2 = g.worker("w2")
+    [new] = w2.take("JOB")
+    with pytest.raises(errors.StaleLease):
+        run(g.d.result(w1, job_id, old["lease"], [{"i": 0, "out": "late"}]))
+    with pytest.raises(errors.StaleLease):
+        run(g.d.result(w2, job_id, old["lease"], [{"i": 0, "out": "stolen"}]))
+    assert run(g.store.get_results(job_id)) == []
+    run(g.d.result(w2, job_id, new["lease"], [{"i": 0, "out": "ok"}]))
+    assert [r["out"] for r in run(g.store.get_results(job_id))] == ["ok"]
+
+
+def test_another_workers_lease_is_refused():
+    """A worker cannot report results under a lease held by another worker."""
+    g = Grid()
+    w1, w2 = g.worker("w1"), g.worker("w2")
+    [job_id] = g.submit()
+    [job] = (w1.take("JOB") or w2.take("JOB"))
+    thief = w2 if g.d.workers["w1"].leases else w1
+    with pytest.raises(errors.StaleLease):
+        run(g.d.done(thief, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    assert g.state(job_id)["state"] == "running"
+
+
+def test_duplicate_and_unknown_records_refused():
+    """A record already accepted, named twice, or out of range is refused and nothing is accepted."""
+    g = Grid()
+    w = g.worker()
+    [job_id] = g.submit(records=["a", "b", "c"])
+    [job] = w.take("JOB")
+    lease = job["lease"]
+    run(g.d.result(w, job_id, lease, [{"i": 0, "out": 1}]))
+    with pytest.raises(errors.DuplicateResult) as e:
+        run(g.d.result(w, job_id, lease, [{"i": 1, "out": 1}, {"i": 0, "out": 2}]))
+    assert e.value.extra["records"] == [0]
+    with pytest.raises(errors.DuplicateResult):
+        run(g.d.result(w, job_id, lease, [{"i": 2, "out": 1}, {"i": 2, "out": 2}]))
+    with pytest.raises(errors.UnknownRecord) as e:
+        run(g.d.result(w, job_id, lease, [{"i": 1, "out": 1}, {"i": 3, "out": 1}]))
+    assert e.value.extra["records"] == [3]
+    assert [r["i"] for r in run(g.store.get_results(job_id))] == [0]
+    assert g.state(job_id)["accepted"] == 1
+
+
+def test_done_only_when_every_record_has_a_result():
+    """DONE before every record has a result is refused with the missing count."""
+    g = Grid()
+    w = g.worker()
+    [job_id] = g.submit(records=["a", "b", "c"])
+    [job] = w.take("JOB")
+    with pytest.raises(errors.Incomplete) as e:
+        run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    assert e.value.extra["missing"] == 2
+    assert g.state(job_id)["accepted"] == 0
+    run(g.d.result(w, job_id, job["lease"], [{"i": 0, "out": 1}, {"i": 1, "out": 1}]))
+    run(g.d.done(w, job_id, job["lease"], [{"i": 2, "out": 1}]))
+    view = g.state(job_id)
+    assert (view["state"], view["accepted"]) == ("done", 3)
+
+
+def test_fail_retries_with_backoff_then_fails_with_history():
+    """A failing job is retried after growing backoffs, then failed with every error kept."""
+    g = Grid(backoff_base=1.0, backoff_max=300.0)
+    w = g.worker()
+    [job_id] = g.submit(retries=2)
+    delays = []
+    for attempt in (1, 2):
+        [job] = w.take("JOB")
+        assert job["attempt"] == attempt
+        reply = run(g.d.fail(w, job_id, job["lease"], f"boom {attempt}", True))
+        assert reply["state"] == "queued"
+        delays.append(reply["retry_in"])
+        g.clock.advance(reply["retry_in"] - 0.01)
+        assert not w.take("JOB"), "pushed before its backoff ended"
+        g.clock.advance(0.01)
+    assert delays == [1.0, 2.0]
+    [job] = w.take("JOB")
+    assert run(g.d.fail(w, job_id, job["lease"], "boom 3", True)) == {"state": "failed"}
+    view = g.state(job_id)
+    assert view["state"] == "failed"
+    assert view["attempts"] == 3
+    details = [h["detail"] for h in view["history"] if h.get("detail")]
+    assert all(any(f"boom {n}" in d for d in details) for n in (1, 2, 3))
+
+
+def test_fail_without_retry_fails_at_once():
+    """FAIL with retry false fails the job even with retries left."""
+    g = Grid()
+    w = g.worker()
+    [job_id] = g.submit(retries=5)
+    [job] = w.take("JOB")
+    assert run(g.d.fail(w, job_id, job["lease"], "bad input", False)) == {"state": "failed"}
+    assert g.state(job_id)["state"] == "failed"
+
+
+def test_runtime_limit_revokes_lease_and_counts_an_attempt():
+    """A job past its run-time limit is revoked and retried, even though its worker beats."""
+    g = Grid(backoff_base=1.0)
+    w = g.worker()
+    [job_id] = g.submit(timeout=10.0, retries=1)
+    [job] = w.take("JOB")
+    for _ in range(6):
+        g.clock.advance(2.0)
+        g.d.seen(w)
+    assert w.take("REVOKE") == [{"job": job_id, "lease": job["lease"], "reason": "timeout"}]
+    with pytest.raises(errors.StaleLease):
+        run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    g.clock.advance(1.0)
+    g.d.seen(w)
+    [again] = w.take("JOB")
+    assert again["attempt"] == 2
+
+
+def test_return_gives_back_without_using_an_attempt():
+    """A returned job is re-queued at once and its attempt is not counted."""
+    g = Grid()
+    w1 = g.worker("w1")
+    [job_id] = g.submit(retries=0)
+    [job] = w1.take("JOB")
+    run(g.d.set_slots(w1, 0))
+    run(g.d.give_back(w1, job_id, job["lease"], "host busy"))
+    w2 = g.worker("w2")
+    [again] = w2.take("JOB")
+    assert again["attempt"] == 1
+
+
+def test_cancel_running_job_revokes_its_lease():
+    """Cancelling a running job revokes the worker's lease and frees its slot."""
+    g = Grid()
+    w = g.worker()
+    [a, b] = g.submit({}, {})
+    [job] = w.take("JOB")
+    assert run(g.d.cancel(a)) == {"state": "cancelled"}
+    assert w.take("REVOKE") == [{"job": a, "lease": job["lease"], "reason": "cancelled"}]
+    assert g.state(a)["state"] == "cancelled"
+    assert [j["job"] for j in w.take("JOB")] == [b]
+    with pytest.raises(errors.InvalidState):
+        run(g.d.resume(a))
+
+
+def test_paused_job_is_not_dispatched_until_resumed():
+    """A paused job stays put; resuming it queues it again."""
+    g = Grid()
+    [job_id] = g.submit()
+    assert run(g.d.pause(job_id)) == {"state": "paused"}
+    w = g.worker()
+    assert not w.take("JOB")
+    assert run(g.d.resume(job_id)) == {"state": "queued"}
+    assert [j["job"] for j in w.take("JOB")] == [job_id]
+
+
+def test_requeue_failed_job_resets_attempts():
+    """A failed job can be re-queued by an operator with a fresh attempt budget."""
+    g = Grid()
+    w = g.worker()
+    [job_id] = g.submit(retries=0)
+    [job] = w.take("JOB")
+    run(g.d.fail(w, job_id, job["lease"], "boom", True))
+    assert g.state(job_id)["state"] == "failed"
+    assert run(g.d.requeue(job_id)) == {"state": "queued"}
+    [again] = w.take("JOB")
+    assert again["attempt"] == 1
+
+
+def test_unknown_job_refused():
+    """Job control on an id that does not exist says so."""
+    g = Grid()
+    for action in (g.d.cancel, g.d.pause, g.d.resume, g.d.requeue, g.d.show):
+        with pytest.raises(errors.UnknownJob):
+            run(action(999))
+
+
+def test_drained_worker_gets_no_new_jobs():
+    """A drained worker keeps its running job and receives nothing more until undrained."""
+    g = Grid()
+    w = g.worker(slots=2)
+    g.submit()
+    [job] = w.take("JOB")
+    run(g.d.worker_action("w1", "drain"))
+    assert w.take("DRAIN") == [{"drain": True}]
+    g.submit()
+    assert not w.take("JOB")
+    assert g.d.jobs[job["job"]].lease == job["lease"]
+    run(g.d.worker_action("w1", "undrain"))
+    assert len(w.take("JOB")) == 1
+
+
+def test_global_stop_switch_stops_all_dispatching():
+    """With dispatching off no job is pushed; turning it on pushes at once."""
+    g = Grid()
+    w = g.worker()
+    run(g.d.set_dispatching(False))
+    g.submit()
+    assert not w.take("JOB")
+    run(g.d.set_dispatching(True))
+    assert len(w.take("JOB")) == 1
+
+
+def test_disconnect_worker_by_operator_requeues_without_using_an_attempt():
+    """An operator's disconnect drops the worker and re-queues its job with its attempt returned."""
+    g = Grid()
+    w1 = g.worker("w1")
+    [job_id] = g.submit(retries=0)
+    w1.take("JOB")
+    run(g.d.worker_action("w1", "disconnect"))
+    assert w1.dropped
+    w2 = g.worker("w2")
+    assert [j["attempt"] for j in w2.take("JOB")] == [1]
+    with pytest.raises(errors.UnknownWorker):
+        run(g.d.worker_action("nobody", "drain"))
+
+
+def test_restart_reattaches_held_lease_and_ends_the_rest():
+    """After a restart a worker that comes back within the grace keeps its lease; others expire."""
+    store = MemoryStore()
+    g = Grid(store)
+    w = g.worker("w1", slots=2)
+    [a, b] = g.submit({"records": ["x", "y"]}, {"records": ["z"]})
+    ja, jb = w.take("JOB")
+    run(g.d.result(w, a, ja["lease"], [{"i": 0, "out": 1}]))
+    g.d.stop()
+    # The server restarts on the same store.
+    g2 = Grid(store)
+    w_again = g2.worker("w1", slots=2, holding=[{"job": a, "lease": ja["lease"]}])
+    assert w_again.hello_reply["kept"] == [{"job": a, "lease": ja["lease"], "todo": [1]}]
+    assert not w_again.take("JOB")
+    g2.clock.advance(g2.d.reattach_grace)
+    g2.d.seen(w_again)
+    # b was not reattached: it expired and came back as a new attempt.
+    [again] = w_again.take("JOB")
+    assert (again["job"], again["attempt"]) == (b, 2)
+    run(g2.d.done(w_again, a, ja["lease"], [{"i": 1, "out": 2}]))
+    assert g2.state(a)["state"] == "done"
+
+
+def test_reconnect_with_lost_lease_is_told_why():
+    """A worker reconnecting with a lease that ended meanwhile gets it in ``lost`` with a reason."""
+    g = Grid()
+    w1 = g.worker("w1")
+    [job_id] = g.submit()
+    [job] = w1.take("JOB")
+    g.clock.advance(g.d.deadline)  # suspended: misses its beats
+    assert w1.dropped
+    g.d.connection_lost(w1)
+    back = g.worker("w1", holding=[{"job": job_id, "lease": job["lease"]}])
+    assert back.hello_reply["lost"] == [{"job": job_id, "lease": job["lease"], "reason": "expired"}]
+    assert back.hello_reply["kept"] == []
+
+
+def test_second_connection_with_live_name_refused():
+    """If the old connection of a worker name answers a ping, the newcomer is refused."""
+    g = Grid()
+    old = g.worker("w1")
+    old.answers_ping = True
+    with pytest.raises(errors.NameInUse):
+        g.worker("w1")
+    assert old.dropped is None
+
+
+def test_second_connection_supersedes_dead_one_and_takes_its_lease():
+    """If the old connection does not answer, it is dropped and its held lease moves to the new one."""
+    g = Grid()
+    old = g.worker("w1")
+    [job_id] = g.submit()
+    [job] = old.take("JOB")
+    new = g.worker("w1", holding=[{"job": job_id, "lease": job["lease"]}])
+    assert old.dropped
+    assert new.hello_reply["kept"] == [{"job": job_id, "lease": job["lease"], "todo": [0]}]
+    run(g.d.done(new, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    assert g.state(job_id)["state"] == "done"
+
+
+def test_watch_pushes_events_on_change():
+    """A watcher is told of state and progress changes of its jobs, and of no other."""
+    g = Grid()
+    watcher = FakeConnection()
+    [a, b] = g.submit({"records": [1, 2]}, {})
+    reply = run(g.d.watch(watcher, [a]))
+    assert reply["jobs"] == [{"job": a, "state": "queued", "accepted": 0, "total": 2}]
+    w = g.worker(slots=2)
+    ja = next(j for j in w.take("JOB") if j["job"] == a)
+    run(g.d.result(w, a, ja["lease"], [{"i": 0, "out": 1}]))
+    run(g.d.done(w, a, ja["lease"], [{"i": 1, "out": 1}]))
+    events = watcher.take("EVENT")
+    assert {e["job"] for e in events} == {a}
+    assert [(e["state"], e["accepted"]) for e in events] == [("running", 0), ("running", 1), ("done", 2)]
