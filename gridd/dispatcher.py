@@ -28,6 +28,7 @@ state still waits for the commit.
 from __future__ import annotations
 
 import heapq
+import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
@@ -64,10 +65,13 @@ class IConnection(Protocol):
 
 
 def parse_version(text: str) -> tuple[int, ...]:
-    """Turn ``"1.10.2"`` into ``(1, 10, 2)`` for comparison; non-numbers count as 0."""
+    """Turn ``"1.10.2"`` into ``(1, 10, 2)`` for comparison.
+
+    Each dotted part counts by its leading digits (``"2rc1"`` is 2, ``"x"`` is 0).
+    """
     parts = []
     for piece in (text or "0").split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
+        digits = re.match(r"\d*", piece).group()
         parts.append(int(digits) if digits else 0)
     while len(parts) > 1 and parts[-1] == 0:
         parts.pop()

@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twisted.internet import task
+from gridd.store.memory import MemoryStore
+from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -28,7 +29,6 @@ from twisted.python.failure import Failure
 from gridd.dispatcher import Dispatcher
 from gridd.server.auth import SharedSecret
 from gridd.server.protocol import ServerFactory
-from gridd.store.memory import MemoryStore
 
 TRANSCRIPTS = Path(__file__).resolve().parent.parent / "protocols" / "transcripts"
 SECRET = "s3cret"
@@ -101,8 +101,8 @@ class Server:
         )
         self.connections: dict[str, Connection] = {}
         self.ports = itertools.count(40001)
-        for d in (self.store.start(), self.dispatcher.start()):
-            assert d.called
+        assert self.store.start().called
+        assert defer.Deferred.fromCoroutine(self.dispatcher.start()).called
 
     def connection(self, name: str) -> Connection:
         if name not in self.connections:

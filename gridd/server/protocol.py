@@ -87,17 +87,19 @@ class ServerProtocol(LineOnlyReceiver):
             self._became_ready()
 
     def _reply_err(self, failure, msg: wire.Message):
+        # A refused HELLO always ends the connection (PROTOCOL.md 6.1).
+        close = msg.verb == "HELLO" and not self.session.ready
         if failure.check(errors.GriddError):
-            self._refuse(failure.value, msg.rid)
+            self._refuse(failure.value, msg.rid, close)
         else:
             log.failure("{verb} from {addr} failed", failure, verb=msg.verb, addr=self.address)
-            self._refuse(errors.GriddError(), msg.rid)
+            self._refuse(errors.GriddError(), msg.rid, close)
 
-    def _refuse(self, err: errors.GriddError, rid):
+    def _refuse(self, err: errors.GriddError, rid, close: bool = False):
         if self.transport is None or self.session.state == "closed":
             return
         self.send("ERR", err.to_body(rid))
-        if err.close:
+        if err.close or close:
             log.info("closing {addr}: {code}", addr=self.address, code=err.code)
             self.transport.loseConnection()
 

@@ -1,0 +1,213 @@
+"""Real gridd processes for end-to-end tests: start them, wait on their log lines, signal them.
+
+Nothing here sleeps: a test waits on a line a process prints (``wait_for``)
+or on a Deferred from the client API. Every wait has a bound, so a hung
+process fails the test instead of hanging the suite. Processes are stopped by
+the PID this module started, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from twisted.internet import defer, protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 30.0  # seconds any single awaited event may take before the test fails
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a server that must restart on it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class GriddProcess(protocol.ProcessProtocol):
+    """One ``twistd -n`` process whose log lines can be awaited."""
+
+    def __init__(self, reactor, name: str, args: list[str], log_dir: Path):
+        self.reactor = reactor
+        self.name = name
+        self.args = args
+        self.lines: list[str] = []
+        self._partial = b""
+        self._waiters: list[tuple[re.Pattern, int, defer.Deferred]] = []
+        self.ended = defer.Deferred()
+        self.exit_code = None
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "w")
+        self.transport = None
+
+    def start(self):
+        argv = [sys.executable, "-m", "twisted", "-n", "--pidfile=", "--logfile=-", *self.args]
+        self.reactor.spawnProcess(self, sys.executable, argv, env=_env(), path=str(ROOT))
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.transport.pid
+
+    def outReceived(self, data: bytes):
+        self._partial += data
+        *complete, self._partial = self._partial.split(b"\n")
+        for raw in complete:
+            line = raw.decode("utf-8", "replace")
+            self.lines.append(line)
+            self._log.write(line + "\n")
+            self._log.flush()
+            for waiter in list(self._waiters):
+                pattern, _, d = waiter
+                if pattern.search(line):
+                    self._waiters.remove(waiter)
+                    d.callback(line)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self._log.close()
+        for _, _, d in self._waiters:
+            d.errback(AssertionError(f"{self.name} exited while a test waited for a log line; see {self.log_path}"))
+        self._waiters.clear()
+        self.exit_code = reason.value.exitCode
+        self.ended.callback(self.exit_code)
+
+    def when_ended(self) -> defer.Deferred:
+        """A new Deferred that fires with the exit code (cancelling it leaves ``ended`` alone)."""
+        d = defer.Deferred()
+        if self.ended.called:
+            d.callback(self.exit_code)
+        else:
+
+            def relay(code):
+                if not d.called:
+                    d.callback(code)
+                return code
+
+            self.ended.addBoth(relay)
+        return d
+
+    def wait_for(self, pattern: str, since: int = 0, timeout: float = WAIT) -> defer.Deferred:
+        """Fire with the first line at index >= ``since`` matching ``pattern``."""
+        regex = re.compile(pattern)
+        for line in self.lines[since:]:
+            if regex.search(line):
+                return defer.succeed(line)
+        if self.ended.called:
+            return defer.fail(AssertionError(f"{self.name} has exited; no line matches {pattern!r}"))
+        d = defer.Deferred()
+        self._waiters.append((regex, since, d))
+        return d.addTimeout(timeout, self.reactor).addErrback(self._explain_timeout, pattern, d)
+
+    def _explain_timeout(self, failure, pattern, d):
+        self._waiters = [w for w in self._waiters if w[2] is not d]
+        failure.trap(defer.TimeoutError, defer.CancelledError)
+        raise AssertionError(f"{self.name}: no log line matched {pattern!r} in time; see {self.log_path}")
+
+    def matching(self, pattern: str) -> list[str]:
+        regex = re.compile(pattern)
+        return [line for line in self.lines if regex.search(line)]
+
+    def signal(self, sig: int):
+        if not self.ended.called:
+            os.kill(self.pid, sig)
+
+    async def stop(self, sig=signal.SIGTERM, timeout: float = WAIT):
+        """Signal the process and wait for it to exit; SIGKILL it if it will not."""
+        if self.ended.called:
+            return self.exit_code
+        self.signal(sig)
+        try:
+            return await self.when_ended().addTimeout(timeout, self.reactor)
+        except defer.TimeoutError:
+            self.signal(signal.SIGKILL)
+            await self.when_ended()
+            raise AssertionError(f"{self.name} ignored signal {sig}; killed") from None
+
+
+class Grid:
+    """A server and workers in subprocesses, sharing one data directory."""
+
+    def __init__(self, reactor, tmp_path: Path, *, beat: float = 0.5, port: int | None = None):
+        self.reactor = reactor
+        self.tmp = tmp_path
+        self.data = tmp_path / "data"
+        self.beat = beat
+        self.port = port or free_port()
+        self.server: GriddProcess | None = None
+        self.workers: dict[str, GriddProcess] = {}
+        self._generation = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp:127.0.0.1:{self.port}"
+
+    @property
+    def secret(self) -> str:
+        return (self.data / "secret").read_text().strip()
+
+    async def start_server(self, *extra: str) -> GriddProcess:
+        self._generation += 1
+        args = [
+            "gridd",
+            "--data",
+            str(self.data),
+            "--listen",
+            f"tcp:{self.port}:interface=127.0.0.1",
+            "--beat",
+            str(self.beat),
+            *extra,
+        ]
+        self.server = GriddProcess(self.reactor, f"server-{self._generation}", args, self.tmp).start()
+        await self.server.wait_for(r"gridd listening on")
+        return self.server
+
+    async def start_worker(self, name: str, slots: int = 2, *extra: str) -> GriddProcess:
+        args = [
+            "gridworker",
+            "--server",
+            self.endpoint,
+            "--name",
+            name,
+            "--slots",
+            str(slots),
+            "--secret-file",
+            str(self.data / "secret"),
+            *extra,
+        ]
+        proc = GriddProcess(self.reactor, name, args, self.tmp).start()
+        self.workers[name] = proc
+        await self.server.wait_for(rf"worker {re.escape(name)} connected")
+        return proc
+
+    async def stop_all(self):
+        for proc in [*self.workers.values(), self.server]:
+            if proc is not None and not proc.ended.called:
+                try:
+                    await proc.stop()
+                except AssertionError:
+                    pass
+
+    def db_rows(self, query: str, *args):
+        """Read the server's SQLite file directly (a second reader; WAL allows it)."""
+        import sqlite3
+
+        with sqlite3.connect(self.data / "gridd.db") as db:
+            return db.execute(query, args).fetchall()
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, sort_keys=True)
