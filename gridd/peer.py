@@ -59,6 +59,9 @@ class PeerProtocol(LineOnlyReceiver):
     # -- connection events ------------------------------------------------
 
     def connectionMade(self):
+        # Small lines must go out at once (Nagle's algorithm would hold them).
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
         body = {
             "proto": wire.PROTO,
             "role": self.role,

@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from gridd.client import connect
-from tests.procs import WAIT, Grid
+from gridd.launch import WAIT, LocalGrid
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,7 @@ async def submit_batch(client, jobs=JOBS, records=RECORDS, seconds=SLEEP):
     return await client.submit(specs)
 
 
-def assert_every_record_once(grid: Grid, ids: list[int]):
+def assert_every_record_once(grid: LocalGrid, ids: list[int]):
     """Every job is done and every record has exactly one accepted result."""
     states = dict(grid.db_rows("SELECT id, state FROM jobs"))
     assert {states[i] for i in ids} == {"done"}, Counter(states[i] for i in ids)
@@ -83,7 +83,7 @@ async def run_with_client(grid, reactor):
 @pytest_twisted.ensureDeferred
 async def test_e2e_killed_worker_job_resumes_on_another_worker(reactor, tmp_path):
     """SIGKILL a worker mid-job: everything completes once, and its job resumes from its first unfinished record."""
-    grid = Grid(reactor, tmp_path)
+    grid = LocalGrid(reactor, tmp_path)
     try:
         await grid.start_server()
         for n in (1, 2, 3):
@@ -103,7 +103,7 @@ async def test_e2e_killed_worker_job_resumes_on_another_worker(reactor, tmp_path
         if not victim_jobs:
             pytest.fail("w1 was given no job")
         status = await watcher.first(part_way_on_w1, reactor)
-        grid.workers["w1"].signal(signal.SIGKILL)
+        grid.workers["w1"].send_signal(signal.SIGKILL)
         killed_job = status["job"]
         await grid.server.wait_for(r"worker w1 gone")
         await client.wait(ids)
@@ -124,7 +124,7 @@ async def test_e2e_killed_worker_job_resumes_on_another_worker(reactor, tmp_path
 @pytest_twisted.ensureDeferred
 async def test_e2e_suspended_worker_is_replaced_and_its_late_results_refused(reactor, tmp_path):
     """SIGSTOP a worker past its deadline: its job is re-dispatched; after SIGCONT its lease is refused."""
-    grid = Grid(reactor, tmp_path)
+    grid = LocalGrid(reactor, tmp_path)
     try:
         await grid.start_server()
         for n in (1, 2, 3):
@@ -136,13 +136,13 @@ async def test_e2e_suspended_worker_is_replaced_and_its_late_results_refused(rea
         status = await watcher.first(lambda s: s["job"] in held and 1 <= s["accepted"] < RECORDS - 1, reactor)
         suspended_job = status["job"]
         since = len(grid.server.lines)
-        grid.workers["w2"].signal(signal.SIGSTOP)
+        grid.workers["w2"].send_signal(signal.SIGSTOP)
         await grid.server.wait_for(r"worker w2 silent", since)
         count_w2 = "SELECT job_id, COUNT(*) FROM records WHERE worker = 'w2' GROUP BY job_id"
         before = dict(grid.db_rows(count_w2))
         await client.wait([suspended_job])
         worker_since = len(grid.workers["w2"].lines)
-        grid.workers["w2"].signal(signal.SIGCONT)
+        grid.workers["w2"].send_signal(signal.SIGCONT)
         # Back from suspension, w2 learns its leases are gone ...
         await grid.workers["w2"].wait_for(r"lease \w+ of job \d+ (refused by server|lost)", worker_since)
         await client.wait(ids)
@@ -160,7 +160,7 @@ async def test_e2e_suspended_worker_is_replaced_and_its_late_results_refused(rea
 @pytest_twisted.ensureDeferred
 async def test_e2e_server_killed_and_restarted_loses_nothing(reactor, tmp_path):
     """SIGKILL the server mid-run and restart it: every acknowledged job and result survives and the run completes."""
-    grid = Grid(reactor, tmp_path)
+    grid = LocalGrid(reactor, tmp_path)
     try:
         await grid.start_server()
         for n in (1, 2, 3):
@@ -168,7 +168,7 @@ async def test_e2e_server_killed_and_restarted_loses_nothing(reactor, tmp_path):
         client, watcher = await run_with_client(grid, reactor)
         ids = await submit_batch(client)
         await watcher.first(lambda s: s["state"] == "done", reactor)
-        grid.server.signal(signal.SIGKILL)
+        grid.server.send_signal(signal.SIGKILL)
         await grid.server.when_ended()
         done_before = {job for job, s in watcher.status.items() if s["state"] == "done"}
         await client.closed

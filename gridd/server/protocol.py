@@ -41,6 +41,7 @@ class ServerProtocol(LineOnlyReceiver):
     # -- connection events ------------------------------------------------
 
     def connectionMade(self):
+        _no_delay(self.transport)
         peer = self.transport.getPeer()
         self.address = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         self.factory.connections.add(self)
@@ -153,8 +154,17 @@ class ServerProtocol(LineOnlyReceiver):
         self.transport.loseConnection()
 
 
+def _no_delay(transport):
+    """Send small lines at once: replies and pushes are latency-bound, not bandwidth-bound."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+
+
 class ServerFactory(Factory):
     """Builds a ServerProtocol per connection and keeps track of them."""
+
+    noisy = False
 
     def __init__(self, dispatcher, authenticator, clock, *, max_line=wire.DEFAULT_MAX_LINE, handshake_timeout=10.0):
         self.dispatcher = dispatcher

@@ -15,7 +15,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from gridd import wire
+from gridd import config, wire
 from gridd.dispatcher import Dispatcher
 from gridd.server.auth import SharedSecret, load_or_create_secret
 from gridd.server.protocol import ServerFactory
@@ -37,7 +37,7 @@ class Options(usage.Options):
         "See protocols/PROTOCOL.md for the wire protocol."
     )
     optParameters = [
-        ["data", "d", "gridd-data", "Data directory: the SQLite database and the secret file live here."],
+        ["data", "d", str(config.default_data_dir()), "Data directory for the database and the secret ($GRIDD_DATA)."],
         ["db", None, None, "Store URI: sqlite:PATH (default: sqlite:DATA/gridd.db) or memory: (nothing kept)."],
         ["secret-file", None, None, "File with the shared secret peers present (default: DATA/secret, created)."],
         ["beat", None, 2.0, "Heartbeat interval in seconds announced to peers.", float],

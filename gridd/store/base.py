@@ -196,14 +196,18 @@ class IStore(Protocol):
     ):
         """Move a job that holds no lease from one of ``allowed`` to ``state``.
 
+        An operator's move overrides any backoff: ``not_before`` is cleared.
         Raises ``UnknownJob``, or ``InvalidState`` (extra ``state=...``, the
         job's current state); ``state`` must be one of ``SETTABLE_STATES``.
         """
 
     # -- reads -----------------------------------------------------------
 
-    def load_active(self):
-        """Fire with every queued, running and paused job as ``ActiveJob``, by id."""
+    def load_active(self, job_ids: list[int] | None = None):
+        """Fire with every queued, running and paused job as ``ActiveJob``, by id.
+
+        With ``job_ids``, only those of these jobs that are active.
+        """
 
     def get_job(self, job_id: int):
         """Fire with a dict describing the job and its history; see ``job_view``.

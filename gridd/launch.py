@@ -1,14 +1,14 @@
-"""Real gridd processes for end-to-end tests: start them, wait on their log lines, signal them.
+"""Run a local grid of real processes: a ``twistd gridd`` and ``twistd gridworker``s.
 
-Nothing here sleeps: a test waits on a line a process prints (``wait_for``)
-or on a Deferred from the client API. Every wait has a bound, so a hung
-process fails the test instead of hanging the suite. Processes are stopped by
-the PID this module started, never by name.
+Used by the demo, the benchmark and the end-to-end tests. Nothing here
+sleeps: callers wait on a line a process prints (``wait_for``) or on a
+Deferred from the client API. Every wait has a bound, so a hung process
+fails loudly instead of hanging. Processes are stopped by the PID this
+module started, never by name. Servers listen on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -18,8 +18,13 @@ from pathlib import Path
 
 from twisted.internet import defer, protocol
 
+#: The source tree, put on PYTHONPATH so twistd finds the plugins without an install.
 ROOT = Path(__file__).resolve().parent.parent
-WAIT = 30.0  # seconds any single awaited event may take before the test fails
+WAIT = 30.0  # seconds any single awaited event may take before the caller fails
+
+
+#: ``twistd`` run by this very interpreter (its console script may not be on PATH).
+_TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
 def free_port() -> int:
@@ -53,7 +58,7 @@ class GriddProcess(protocol.ProcessProtocol):
         self.transport = None
 
     def start(self):
-        argv = [sys.executable, "-m", "twisted", "-n", "--pidfile=", "--logfile=-", *self.args]
+        argv = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "--logfile=-", *self.args]
         self.reactor.spawnProcess(self, sys.executable, argv, env=_env(), path=str(ROOT))
         return self
 
@@ -80,7 +85,7 @@ class GriddProcess(protocol.ProcessProtocol):
     def processEnded(self, reason):
         self._log.close()
         for _, _, d in self._waiters:
-            d.errback(AssertionError(f"{self.name} exited while a test waited for a log line; see {self.log_path}"))
+            d.errback(AssertionError(f"{self.name} exited while waiting for a log line; see {self.log_path}"))
         self._waiters.clear()
         self.exit_code = reason.value.exitCode
         self.ended.callback(self.exit_code)
@@ -121,7 +126,7 @@ class GriddProcess(protocol.ProcessProtocol):
         regex = re.compile(pattern)
         return [line for line in self.lines if regex.search(line)]
 
-    def signal(self, sig: int):
+    def send_signal(self, sig: int):
         if not self.ended.called:
             os.kill(self.pid, sig)
 
@@ -129,17 +134,17 @@ class GriddProcess(protocol.ProcessProtocol):
         """Signal the process and wait for it to exit; SIGKILL it if it will not."""
         if self.ended.called:
             return self.exit_code
-        self.signal(sig)
+        self.send_signal(sig)
         try:
             return await self.when_ended().addTimeout(timeout, self.reactor)
         except defer.TimeoutError:
-            self.signal(signal.SIGKILL)
+            self.send_signal(signal.SIGKILL)
             await self.when_ended()
             raise AssertionError(f"{self.name} ignored signal {sig}; killed") from None
 
 
-class Grid:
-    """A server and workers in subprocesses, sharing one data directory."""
+class LocalGrid:
+    """A server and workers in subprocesses on loopback, sharing one data directory."""
 
     def __init__(self, reactor, tmp_path: Path, *, beat: float = 0.5, port: int | None = None):
         self.reactor = reactor
@@ -209,5 +214,3 @@ class Grid:
             return db.execute(query, args).fetchall()
 
 
-def dump(obj) -> str:
-    return json.dumps(obj, sort_keys=True)

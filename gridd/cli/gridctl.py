@@ -1,0 +1,584 @@
+"""gridctl: submit jobs to a gridd server, follow them, and steer the grid.
+
+Everything that can go wrong before talking to the server (arguments, the
+records file, the secret file) is checked first, so a mistake exits 2 with
+nothing submitted. Then :func:`run` connects with the Deferred API of
+:mod:`gridd.client` under ``task.react`` and runs one command coroutine.
+Tables and JSON Lines go to stdout; progress and errors go to stderr, so
+stdout stays fit for pipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import aclosing
+from typing import BinaryIO, NoReturn, TextIO
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+from twisted.internet.task import react
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+
+from gridd import client, config, errors
+from gridd.peer import ConnectionDropped
+
+__all__ = ["main", "build_parser", "prepare", "run", "read_records", "InputError"]
+
+EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
+
+_EPILOG = """\
+exit status: 0 success; 1 the server refused a request (or, with --wait, a job
+did not finish as done); 2 bad usage or unreadable input; 3 cannot connect, or
+the connection was lost.
+"""
+
+
+class InputError(Exception):
+    """Input that gridctl cannot use: a bad records line, an unreadable file."""
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """The ``gridctl`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        prepare(args)
+    except InputError as e:
+        print(f"gridctl: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    _log_errors_to(sys.stderr)
+    react(_react_main, (args,))
+
+
+async def _react_main(reactor, args: argparse.Namespace) -> None:
+    code = await run(reactor, args)
+    if code != EXIT_OK:
+        raise SystemExit(code)
+
+
+def _log_errors_to(stream: TextIO) -> None:
+    """Show only errors: the one-line messages of :func:`run` say the rest."""
+    observer = FilteringLogObserver(
+        textFileLogObserver(stream), [LogLevelFilterPredicate(defaultLogLevel=LogLevel.error)]
+    )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+# -- arguments -------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gridctl",
+        description="Submit jobs to a gridd server, follow them, and steer the grid.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("GRIDD_SERVER", config.DEFAULT_SERVER),
+        help="server endpoint, e.g. tcp:HOST:7700 or tls:HOST:7701:trustRoots=DIR"
+        f" (default: $GRIDD_SERVER or {config.DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--secret-file",
+        help="file holding the shared secret (default: $GRIDD_DATA/secret, ./gridd-data/secret or ~/.gridd/secret)",
+    )
+    parser.add_argument("--name", default="gridctl", help="this client's name in the server's logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    submit = commands.add_parser("submit", help="submit records as one or more jobs")
+    submit.add_argument("file", help="JSON Lines file of records, one JSON value per line; - for stdin")
+    submit.add_argument("--type", required=True, help="job type, as the workers' handlers name it")
+    submit.add_argument("--name", dest="job_name", help="job name (default: the file's name)")
+    submit.add_argument("--priority", type=int, help="higher runs first (default 0)")
+    submit.add_argument("--requires-memory", type=_natural, metavar="MIB", help="memory a worker must offer")
+    submit.add_argument("--tag", dest="tags", action="append", help="tag a worker must have (repeatable)")
+    submit.add_argument("--min-version", help="lowest handler version that may run the job")
+    submit.add_argument("--retries", type=_natural, help="failed attempts to retry (default 3)")
+    submit.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="run-time limit of an attempt")
+    submit.add_argument("--params", type=_json_object, metavar="JSON", help="parameters for the handler, a JSON object")
+    submit.add_argument(
+        "--records-per-job", type=_positive_int, metavar="N", help="split the records into jobs of N (default: one job)"
+    )
+    submit.add_argument("--wait", action="store_true", help="show progress until every job has finished")
+    submit.add_argument("--json", action="store_true", help="print JSON Lines instead of ids")
+    submit.set_defaults(run=cmd_submit)
+
+    listing = commands.add_parser("list", help="list jobs")
+    listing.add_argument("--state", help="only jobs in this state")
+    listing.add_argument("--type", help="only jobs of this type")
+    listing.add_argument("--limit", type=_positive_int, help="at most this many jobs (default: all)")
+    listing.add_argument("--json", action="store_true", help="print JSON Lines")
+    listing.set_defaults(run=cmd_list)
+
+    show = commands.add_parser("show", help="show a job and its history")
+    show.add_argument("job", type=_job_id)
+    show.add_argument("--json", action="store_true", help="print the job as one JSON line")
+    show.set_defaults(run=cmd_show)
+
+    workers = commands.add_parser("workers", help="list connected workers")
+    workers.add_argument("--json", action="store_true", help="print JSON Lines")
+    workers.set_defaults(run=cmd_workers)
+
+    stats = commands.add_parser("stats", help="show the server's counters")
+    stats.add_argument("--json", action="store_true", help="print one JSON line")
+    stats.set_defaults(run=cmd_stats)
+
+    results = commands.add_parser("results", help="write a job's results as JSON Lines")
+    results.add_argument("job", type=_job_id)
+    results.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    results.set_defaults(run=cmd_results)
+
+    for verb, what in [
+        ("cancel", "cancel jobs"),
+        ("pause", "pause jobs"),
+        ("resume", "resume paused jobs"),
+        ("requeue", "queue jobs afresh"),
+    ]:
+        control = commands.add_parser(verb, help=what)
+        control.add_argument("jobs", type=_job_id, nargs="+", metavar="JOB")
+        control.set_defaults(run=cmd_job_control, action=verb)
+
+    for action, what in [
+        ("drain", "stop giving a worker new jobs"),
+        ("undrain", "give a drained worker jobs again"),
+        ("disconnect", "drop a worker's connection; its jobs go back to the queue"),
+    ]:
+        control = commands.add_parser(action, help=what)
+        control.add_argument("worker", metavar="WORKER")
+        control.set_defaults(run=cmd_worker, action=action)
+
+    dispatch = commands.add_parser("dispatch", help="turn the global stop switch")
+    dispatch.add_argument("switch", choices=["on", "off"])
+    dispatch.set_defaults(run=cmd_dispatch)
+    return parser
+
+
+def _number(convert, acceptable, what: str):
+    """An argparse type that names the problem instead of the converter's function name."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not acceptable(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+_job_id = _number(int, lambda v: 0 <= v < 2**53, "a job id")
+_natural = _number(int, lambda v: v >= 0, "a whole number >= 0")
+_positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1")
+_positive_float = _number(float, lambda v: 0 < v < math.inf, "a positive number")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+# -- input, checked before connecting ---------------------------------------
+
+
+def prepare(args: argparse.Namespace, stdin: BinaryIO | None = None) -> None:
+    """Read the secret and, for ``submit``, the records into ``args``; raise InputError.
+
+    ``stdin`` is the binary stream ``-`` reads (default: the process's stdin).
+    """
+    path = args.secret_file or config.default_secret_file()
+    try:
+        args.token = config.read_secret(path)
+    except OSError as e:
+        raise InputError(f"cannot read the secret file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"secret file {path} is not UTF-8 text") from None
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if args.command == "submit":
+        args.jobs = build_jobs(args, _load_records(args.file, stdin or sys.stdin.buffer))
+
+
+def _load_records(path: str, stdin: BinaryIO) -> list:
+    if path == "-":
+        return read_records(stdin, "stdin")
+    try:
+        with open(path, "rb") as f:
+            return read_records(f, path)
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+
+
+def read_records(lines, label: str) -> list:
+    """Parse JSON Lines (one JSON value per line, blank lines skipped) from a binary stream."""
+    records = []
+    for number, raw in enumerate(lines, 1):
+        try:
+            text = raw.decode("utf-8").strip()
+            if text:
+                records.append(json.loads(text, parse_constant=_reject_constant))
+        except UnicodeDecodeError:
+            raise InputError(f"{label}, line {number}: not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise InputError(f"{label}, line {number}: not valid JSON: {e.msg} (column {e.colno})") from None
+        except ValueError as e:
+            raise InputError(f"{label}, line {number}: not valid JSON: {e}") from None
+    if not records:
+        raise InputError(f"{label}: no records")
+    return records
+
+
+def build_jobs(args: argparse.Namespace, records: list) -> list[dict]:
+    """Turn the submit options and records into JOBSPECs, ``--records-per-job`` records each."""
+    spec: dict = {"type": args.type}
+    requires = {
+        key: value
+        for key, value in [("memory", args.requires_memory), ("tags", args.tags), ("version", args.min_version)]
+        if value is not None
+    }
+    optional = [
+        ("params", args.params),
+        ("priority", args.priority),
+        ("requires", requires or None),
+        ("retries", args.retries),
+        ("timeout", args.timeout),
+    ]
+    spec.update((key, value) for key, value in optional if value is not None)
+    name = args.job_name or (None if args.file == "-" else os.path.basename(args.file))
+    size = args.records_per_job or len(records)
+    parts = [records[start : start + size] for start in range(0, len(records), size)]
+    jobs = []
+    for number, part in enumerate(parts, 1):
+        job = dict(spec, records=part)
+        if name:
+            job["name"] = name if len(parts) == 1 else f"{name} [{number}/{len(parts)}]"
+        jobs.append(job)
+    return jobs
+
+
+# -- running a command -------------------------------------------------------
+
+
+async def run(
+    reactor, args: argparse.Namespace, connect=client.connect, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Connect, run the command coroutine ``args.run``, close; return the exit status.
+
+    Server refusals become ``gridctl: error: CODE: MESSAGE`` and status 1;
+    connection trouble becomes one line and status 3, never a traceback.
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        grid = await connect(reactor, args.server, args.token, args.name)
+    except errors.GriddError as e:
+        return _refused(err, e)
+    except ValueError as e:
+        print(f"gridctl: error: bad --server endpoint {args.server!r}: {e}", file=err)
+        return EXIT_USAGE
+    except Exception as e:
+        print(f"gridctl: cannot connect to {args.server}: {e or type(e).__name__}", file=err)
+        return EXIT_CONNECT
+    try:
+        return await args.run(grid, args, out, err)
+    except errors.GriddError as e:
+        return _refused(err, e)
+    except ConnectionDropped as e:
+        print(f"gridctl: lost the connection to {args.server}: {e}", file=err)
+        return EXIT_CONNECT
+    finally:
+        await grid.close()
+
+
+def _refused(err: TextIO, e: errors.GriddError, subject: str = "") -> int:
+    print(f"gridctl: error: {e.code}: {subject}{e.message}", file=err)
+    return EXIT_SERVER_ERROR
+
+
+def _print_json(stream: TextIO, value) -> None:
+    stream.write(json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+
+def _console(stream: TextIO) -> Console:
+    """A rich console that prints job names and tags as data, never as markup.
+
+    Off a terminal, rich would squeeze tables into 80 columns and cut cells;
+    a pipe gets whole lines instead.
+    """
+    width = None if stream.isatty() or "COLUMNS" in os.environ else 10_000
+    return Console(file=stream, markup=False, highlight=False, emoji=False, width=width)
+
+
+def _table(*columns: str) -> Table:
+    return Table(*columns, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+
+
+def _details(rows) -> Table:
+    """A two-column grid of labels and values."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for label, value in rows:
+        grid.add_row(label, _text(value))
+    return grid
+
+
+def _when(seconds: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
+
+
+def _text(value) -> str:
+    if value is None or value == "" or value == {}:
+        return "-"
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+# -- the commands --------------------------------------------------------------
+#
+# Each takes the connected ClientProtocol, the arguments and the two streams,
+# and returns the exit status. GriddError and ConnectionDropped are left to run().
+
+
+async def cmd_submit(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+    try:
+        ids = await grid.submit(args.jobs)
+    except Exception as e:
+        # Earlier SUBMITs committed: say which jobs exist before reporting the error.
+        for job in getattr(e, "submitted", []):
+            print(job, file=out)
+        raise
+    for job, spec in zip(ids, args.jobs, strict=True):
+        if args.json:
+            _print_json(out, {"job": job, "name": spec.get("name"), "records": len(spec["records"])})
+        else:
+            print(job, file=out)
+    if not args.wait:
+        return EXIT_OK
+    out.flush()
+    totals = {job: len(spec["records"]) for job, spec in zip(ids, args.jobs, strict=True)}
+    final = await _wait_with_progress(grid, totals, err)
+    unfinished = [status for status in final.values() if status["state"] != "done"]
+    for status in unfinished:
+        print(f"gridctl: job {status['job']} {status['state']}", file=err)
+    return EXIT_SERVER_ERROR if unfinished else EXIT_OK
+
+
+async def _wait_with_progress(grid: client.ClientProtocol, totals: dict[int, int], err: TextIO) -> dict:
+    """Wait for the jobs, drawing accepted records over total on ``err`` at each EVENT."""
+    accepted: dict[int, int] = {}
+    finished: set[int] = set()
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("records"),
+        console=_console(err),
+        auto_refresh=False,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
+    task = progress.add_task(f"0/{len(totals)} jobs finished", total=sum(totals.values()))
+
+    def on_event(status):
+        job = status["job"]
+        accepted[job] = status.get("accepted", accepted.get(job, 0))
+        if status["state"] in client.TERMINAL_STATES:
+            finished.add(job)
+        else:
+            finished.discard(job)
+        progress.update(
+            task,
+            completed=sum(accepted.values()),
+            description=f"{len(finished)}/{len(totals)} jobs finished",
+            refresh=True,
+        )
+
+    with progress:
+        return await grid.wait(list(totals), on_event)
+
+
+async def cmd_list(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+    page_size = min(args.limit, 1000) if args.limit else None
+    table = _table("ID", "NAME", "TYPE", "STATE", "PRIORITY", "RECORDS", "ATTEMPTS", "WORKER", "UPDATED")
+    count = 0
+    async with aclosing(grid.iter_jobs(args.state, args.type, page_size)) as jobs:
+        async for job in jobs:
+            if args.json:
+                _print_json(out, job)
+            else:
+                table.add_row(
+                    _text(job.get("id")),
+                    _text(job.get("name")),
+                    _text(job.get("type")),
+                    _text(job.get("state")),
+                    _text(job.get("priority")),
+                    f"{_text(job.get('accepted'))}/{_text(job.get('total'))}",
+                    _text(job.get("attempts")),
+                    _text(job.get("worker")),
+                    _when(job.get("updated")),
+                )
+            count += 1
+            if count == args.limit:
+                break
+    if not args.json:
+        _console(out).print(table)
+    return EXIT_OK
+
+
+async def cmd_show(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+    job = await grid.show(args.job)
+    if args.json:
+        _print_json(out, job)
+        return EXIT_OK
+    details = _details(
+        [
+            ("id", job.get("id")),
+            ("name", job.get("name")),
+            ("type", job.get("type")),
+            ("state", job.get("state")),
+            ("priority", job.get("priority")),
+            ("records", f"{_text(job.get('accepted'))}/{_text(job.get('total'))} accepted"),
+            ("failed records", job.get("failed_records")),
+            ("attempts", f"{_text(job.get('attempts'))} (retries {_text(job.get('retries'))})"),
+            ("timeout", job.get("timeout")),
+            ("requires", job.get("requires")),
+            ("params", job.get("params")),
+            ("worker", job.get("worker")),
+            ("lease", job.get("lease")),
+            ("not before", _when(job.get("not_before"))),
+            ("created", _when(job.get("created"))),
+            ("updated", _when(job.get("updated"))),
+        ]
+    )
+    console = _console(out)
+    console.print(details)
+    if not job.get("history"):
+        return EXIT_OK
+    history = _table("AT", "EVENT", "ATTEMPT", "WORKER", "DETAIL")
+    for entry in job["history"]:
+        history.add_row(
+            _when(entry.get("at")),
+            _text(entry.get("event")),
+            _text(entry.get("attempt")),
+            _text(entry.get("worker")),
+            _text(entry.get("detail")),
+        )
+    console.print()
+    console.print(history)
+    return EXIT_OK
+
+
+async def cmd_workers(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+    workers = await grid.workers()
+    if args.json:
+        for worker in workers:
+            _print_json(out, worker)
+        return EXIT_OK
+    table = _table("NAME", "ADDRESS", "BUSY", "TYPES", "MEMORY", "TAGS", "DRAINED", "AGENT", "LAST SEEN")
+    for worker in workers:
+        types = worker.get("types") or {}
+        table.add_row(
+            _text(worker.get("name")),
+            _text(worker.get("address")),
+            f"{len(worker.get('running') or [])}/{_text(worker.get('slots'))}",
+            " ".join(f"{name}={version}" for name, version in sorted(types.items())) or "-",
+            _text(worker.get("memory")),
+            " ".join(worker.get("tags") or []) or "-",
+            "yes" if worker.get("drained") else "no",
+            _text(worker.get("agent")),
+            _when(worker.get("last_seen")),
+        )
+    _console(out).print(table)
+    return EXIT_OK
+
+
+async def cmd_stats(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+    stats = await grid.stats()
+    if args.json:
+        _print_json(out, stats)
+        return EXIT_OK
+    by_state = sorted((stats.get("jobs") or {}).items())
+    rows = [(f"jobs {state}", count) for state, count in by_state]
+    rows += [(key, stats.get(key)) for key in ("workers", "slots", "busy")]
+    rows.append(("dispatching", "yes" if stats.get("dispatching") else "no"))
+    _console(out).print(_details(rows))
+    return EXIT_OK
+
+
+async def cmd_results(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+    """Write the results page by page, so a million records never sit in memory.
+
+    The first page is fetched before ``-o`` creates its file: an unknown job
+    leaves no empty file behind.
+    """
+    page = await grid.results_page(args.job)
+    try:
+        target = open(args.output, "w", encoding="utf-8") if args.output else out
+    except OSError as e:
+        print(f"gridctl: error: cannot write {args.output}: {e.strerror}", file=err)
+        return EXIT_USAGE
+    try:
+        while True:
+            for result in page["results"]:
+                _print_json(target, result)
+            if page.get("next") is None:
+                return EXIT_OK
+            page = await grid.results_page(args.job, page["next"])
+    finally:
+        if target is not out:
+            target.close()
+
+
+async def cmd_job_control(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+    """Apply the action to each job in turn; a refusal is reported and the rest go on."""
+    act = getattr(grid, args.action)
+    status = EXIT_OK
+    for job in args.jobs:
+        try:
+            state = await act(job)
+        except errors.GriddError as e:
+            status = _refused(err, e, subject=f"job {job}: ")
+        else:
+            print(f"{job} {state}", file=out)
+    return status
+
+
+_DONE = {"drain": "drained", "undrain": "undrained", "disconnect": "disconnected"}
+
+
+async def cmd_worker(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+    await grid.worker_action(args.worker, args.action)
+    print(f"{args.worker} {_DONE[args.action]}", file=out)
+    return EXIT_OK
+
+
+async def cmd_dispatch(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+    dispatching = await grid.dispatch(args.switch == "on")
+    print(f"dispatching {'on' if dispatching else 'off'}", file=out)
+    return EXIT_OK

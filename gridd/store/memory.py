@@ -1,0 +1,317 @@
+"""The store in memory: the fake behind the dispatcher's tests, and ``--db memory:``.
+
+A fake is only worth having if it is honest: code that passes against it must
+behave the same on a real database. So ``MemoryStore`` keeps the contract of
+``gridd.store.base`` to the letter, and ``tests/test_store_contract.py`` runs
+the same assertions on it and on SQLite:
+
+- every call answers with an already-fired Deferred;
+- a call that fails changes nothing (all checks come before any change);
+- values are kept as JSON text, as a database keeps them, so a caller never
+  shares an object with the store and non-JSON values fail the same way.
+
+Nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from itertools import islice
+
+from twisted.internet.defer import fail, maybeDeferred, succeed
+
+from gridd.errors import (
+    DuplicateResult,
+    Incomplete,
+    InvalidState,
+    StaleLease,
+    Unavailable,
+    UnknownJob,
+    UnknownRecord,
+)
+from gridd.store.base import ACTIVE_STATES, JOB_STATES, SETTABLE_STATES, ActiveJob
+
+__all__ = ["MemoryStore"]
+
+
+def _dump(value) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _load(text: str | None):
+    return None if text is None else json.loads(text)
+
+
+@dataclass
+class _Record:
+    data: str
+    #: Set when a result is accepted: output (JSON text) or error, and who sent it.
+    accepted_at: float | None = None
+    output: str | None = None
+    error: str | None = None
+    lease: str | None = None
+    worker: str | None = None
+
+
+@dataclass
+class _Job:
+    id: int
+    name: str | None
+    type: str
+    priority: int
+    requires: str
+    params: str
+    retries: int
+    timeout: float | None
+    submitter: str | None
+    created: float
+    updated: float
+    records: list[_Record]
+    state: str = "queued"
+    accepted: int = 0
+    attempts: int = 0
+    lease: str | None = None
+    worker: str | None = None
+    not_before: float | None = None
+    #: Events as get_job shows them, with ``detail`` as JSON text.
+    history: list[dict] = field(default_factory=list)
+
+    def add_event(self, at, event, attempt=None, lease=None, worker=None, detail=None):
+        encoded = None if detail is None else _dump(detail)
+        self.history.append(
+            {"at": at, "event": event, "attempt": attempt, "lease": lease, "worker": worker, "detail": encoded}
+        )
+
+
+def _answer(method):
+    """Run ``method`` at once and answer with a fired Deferred, as every store does."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if not self._running:
+            return fail(Unavailable("the store is not running"))
+        return maybeDeferred(method, self, *args, **kwargs)
+
+    return call
+
+
+class MemoryStore:
+    """``gridd.store.base.IStore`` in a dict."""
+
+    def __init__(self):
+        self._jobs: dict[int, _Job] = {}
+        self._last_id = 0
+        self._running = False
+
+    def start(self):
+        self._running = True
+        return succeed(None)
+
+    def stop(self):
+        self._running = False
+        return succeed(None)
+
+    # -- writes ----------------------------------------------------------
+
+    @_answer
+    def submit(self, specs, now):
+        # Encode everything first: a value that is not JSON fails the call
+        # before any job is stored.
+        encoded = [
+            (spec, _dump(spec.requires), _dump(spec.params), [_Record(_dump(data)) for data in spec.records])
+            for spec in specs
+        ]
+        ids = []
+        for spec, requires, params, records in encoded:
+            self._last_id += 1
+            job = _Job(
+                id=self._last_id,
+                name=spec.name,
+                type=spec.type,
+                priority=spec.priority,
+                requires=requires,
+                params=params,
+                retries=spec.retries,
+                timeout=spec.timeout,
+                submitter=spec.submitter,
+                created=now,
+                updated=now,
+                records=records,
+            )
+            job.add_event(now, "submitted")
+            self._jobs[job.id] = job
+            ids.append(job.id)
+        return ids
+
+    @_answer
+    def grant(self, job_id, lease, worker, attempt, now):
+        job = self._job(job_id)
+        if job.state != "queued":
+            raise InvalidState(f"job {job_id} is {job.state}, not queued", state=job.state)
+        job.state, job.lease, job.worker, job.attempts = "running", lease, worker, attempt
+        job.not_before, job.updated = None, now
+        job.add_event(now, "leased", attempt, lease, worker)
+
+    @_answer
+    def add_results(self, job_id, lease, results, now):
+        job = self._leased(job_id, lease)
+        self._accept(job, self._checked(job, results), now)
+        return job.accepted
+
+    @_answer
+    def complete(self, job_id, lease, results, now):
+        job = self._leased(job_id, lease)
+        accepted = self._checked(job, results)
+        missing = len(job.records) - job.accepted - len(accepted)
+        if missing:
+            raise Incomplete(f"job {job_id} lacks {missing} results", missing=missing)
+        self._accept(job, accepted, now)
+        job.add_event(now, "completed", job.attempts, lease, job.worker)
+        job.state, job.lease, job.worker = "done", None, None
+
+    @_answer
+    def release(self, job_id, lease, state, now, *, reason, error=None, not_before=None, attempts=None):
+        if state not in SETTABLE_STATES:
+            raise ValueError(f"cannot release a job to {state!r}")
+        job = self._leased(job_id, lease)
+        job.add_event(now, "released", job.attempts, lease, job.worker, {"to": state, "reason": reason, "error": error})
+        job.state, job.lease, job.worker, job.not_before, job.updated = state, None, None, not_before, now
+        if attempts is not None:
+            job.attempts = attempts
+
+    @_answer
+    def set_state(self, job_id, allowed, state, now, *, reason, reset_attempts=False):
+        if state not in SETTABLE_STATES:
+            raise ValueError(f"cannot set a job to {state!r}")
+        job = self._job(job_id)
+        if job.state not in allowed or job.lease is not None:
+            raise InvalidState(f"job {job_id} is {job.state}", state=job.state)
+        job.add_event(now, "state", detail={"from": job.state, "to": state, "reason": reason})
+        job.state, job.not_before, job.updated = state, None, now
+        if reset_attempts:
+            job.attempts = 0
+
+    # -- reads -----------------------------------------------------------
+
+    @_answer
+    def load_active(self, job_ids=None):
+        return [
+            ActiveJob(
+                id=job.id,
+                type=job.type,
+                priority=job.priority,
+                requires=_load(job.requires),
+                params=_load(job.params),
+                total=len(job.records),
+                state=job.state,
+                attempts=job.attempts,
+                retries=job.retries,
+                timeout=job.timeout,
+                lease=job.lease,
+                worker=job.worker,
+                not_before=job.not_before,
+                name=job.name,
+                submitter=job.submitter,
+                created=job.created,
+                pending={i: _load(r.data) for i, r in enumerate(job.records) if r.accepted_at is None},
+            )
+            for job in self._jobs.values()
+            if job.state in ACTIVE_STATES and (job_ids is None or job.id in job_ids)
+        ]
+
+    @_answer
+    def get_job(self, job_id):
+        job = self._job(job_id)
+        return {
+            **self._summary(job),
+            "requires": _load(job.requires),
+            "params": _load(job.params),
+            "failed_records": sum(r.error is not None for r in job.records),
+            "retries": job.retries,
+            "timeout": job.timeout,
+            "lease": job.lease,
+            "not_before": job.not_before,
+            "submitter": job.submitter,
+            "history": [{**event, "detail": _load(event["detail"])} for event in job.history],
+        }
+
+    @_answer
+    def list_jobs(self, state=None, type=None, after=0, limit=100):
+        found = (
+            job
+            for job in self._jobs.values()
+            if job.id > after and (state is None or job.state == state) and (type is None or job.type == type)
+        )
+        return [self._summary(job) for job in islice(found, limit)]
+
+    @_answer
+    def get_results(self, job_id, after=-1, limit=1000):
+        job = self._job(job_id)
+        found = ((i, r) for i, r in enumerate(job.records) if i > after and r.accepted_at is not None)
+        return [
+            ({"i": i, "error": r.error} if r.error is not None else {"i": i, "out": _load(r.output)})
+            | {"worker": r.worker, "lease": r.lease}
+            for i, r in islice(found, limit)
+        ]
+
+    @_answer
+    def counts(self):
+        counts = dict.fromkeys(JOB_STATES, 0)
+        for job in self._jobs.values():
+            counts[job.state] += 1
+        return counts
+
+    # -- helpers ---------------------------------------------------------
+
+    def _job(self, job_id) -> _Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise UnknownJob(f"no job {job_id}") from None
+
+    def _leased(self, job_id, lease) -> _Job:
+        job = self._job(job_id)
+        if lease is None or job.lease != lease:
+            raise StaleLease(f"lease {lease!r} is not the current lease of job {job_id}")
+        return job
+
+    def _checked(self, job, results) -> list[tuple[int, str | None, str | None]]:
+        """Encode ``results`` and check each names a pending record of ``job`` once; change nothing."""
+        encoded = [(r.index, None if r.error is not None else _dump(r.output), r.error) for r in results]
+        unknown = sorted({index for index, _, _ in encoded if not 0 <= index < len(job.records)})
+        if unknown:
+            raise UnknownRecord(f"job {job.id} has no records {unknown}", records=unknown)
+        seen, duplicates = set(), set()
+        for index, _, _ in encoded:
+            if index in seen or job.records[index].accepted_at is not None:
+                duplicates.add(index)
+            seen.add(index)
+        if duplicates:
+            raise DuplicateResult(f"job {job.id} already has results {sorted(duplicates)}", records=sorted(duplicates))
+        return encoded
+
+    def _accept(self, job, encoded, now) -> None:
+        for index, output, error in encoded:
+            record = job.records[index]
+            record.accepted_at, record.output, record.error = now, output, error
+            record.lease, record.worker = job.lease, job.worker
+        job.accepted += len(encoded)
+        job.updated = now
+
+    @staticmethod
+    def _summary(job) -> dict:
+        return {
+            "id": job.id,
+            "name": job.name,
+            "type": job.type,
+            "state": job.state,
+            "priority": job.priority,
+            "total": len(job.records),
+            "accepted": job.accepted,
+            "attempts": job.attempts,
+            "worker": job.worker,
+            "created": job.created,
+            "updated": job.updated,
+        }

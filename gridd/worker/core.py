@@ -1,0 +1,565 @@
+"""The worker's state that outlives connections: its leases and their results.
+
+:class:`WorkerCore` is driven by three kinds of input, grouped below by who
+calls them: the connection (attached after a handshake, detached when it
+closes), the server's notifications (``JOB``, ``REVOKE``, ``DRAIN``) and the
+job runners (a result, a completion, a failure). It talks to the server only
+through the small :class:`ServerConnection` interface, which
+``gridd.worker.protocol.WorkerProtocol`` implements over the wire.
+
+Per lease it keeps a :class:`Holding`: the runner, the results not yet
+acknowledged, and the attempt's outcome. Results go out as they are produced,
+those of one reactor turn in one ``RESULT``; the last ones ride in ``DONE``.
+While disconnected, jobs keep running and results accumulate; after the
+reconnect handshake (PROTOCOL.md 6.2) only those the server lists in ``todo``
+are sent, and leases it lists in ``lost`` are stopped and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from gridd import errors, wire
+from gridd.peer import ConnectionDropped
+from gridd.worker.runner import Assignment, InlineThreads, JobRunner, PoolThreads
+
+__all__ = ["ServerConnection", "Holding", "WorkerCore"]
+
+#: RESULT requests one lease may have awaiting a reply; later results wait
+#: and go out together, so a slow store means fewer, larger messages.
+RESULT_WINDOW = 4
+#: Room for the verb, rid, job id and lease around a message's results.
+ENVELOPE_BYTES = 512
+#: Seconds before resending what the server could not store (``unavailable``).
+RETRY_DELAY = 1.0
+#: Longest error text or progress note sent (the wire allows more; people read these).
+MAX_TEXT = 4096
+
+
+class ServerConnection(Protocol):
+    """What the core needs from a connection to the server.
+
+    Each ``send_*`` method sends one request and returns its Deferred: it
+    fires with the ``OK`` body, or fails with the ``GriddError`` of the
+    ``ERR`` reply, or with ``ConnectionDropped``.
+    """
+
+    #: The longest line the server accepts.
+    max_line: int
+
+    def send_results(self, job: int, lease: str, results: list) -> defer.Deferred: ...
+
+    def send_done(self, job: int, lease: str, results: list) -> defer.Deferred: ...
+
+    def send_fail(self, job: int, lease: str, error: str, retry: bool) -> defer.Deferred: ...
+
+    def send_return(self, job: int, lease: str, reason: str) -> defer.Deferred: ...
+
+    def send_progress(self, job: int, lease: str, note: str) -> defer.Deferred: ...
+
+
+class Holding:
+    """One lease this worker holds: its runner, its results, its outcome.
+
+    Results wait in ``unacked`` (index to result and encoded size) until the
+    server acknowledges them; ``unsent`` lists, in index order, those not yet
+    sent on the current connection.
+    """
+
+    def __init__(self, assignment: Assignment):
+        self.assignment = assignment
+        self.runner: JobRunner | None = None
+        #: None while running, then "DONE", "FAIL" or "RETURN".
+        self.outcome: str | None = None
+        #: The error text of FAIL or the reason of RETURN.
+        self.detail = ""
+        self.unacked: dict[int, tuple[dict, int]] = {}
+        self.unsent: list[int] = []
+        #: After a reconnect: the records the server still wants.
+        self.todo: set[int] | None = None
+        self.in_flight = 0
+        self.final_in_flight = False
+        self.flush_call = None
+        self.retry_call = None
+        self.progress_in_flight = False
+        self.progress_note: str | None = None
+
+    @property
+    def job(self) -> int:
+        return self.assignment.job
+
+    @property
+    def lease(self) -> str:
+        return self.assignment.lease
+
+    def finish(self, outcome: str, detail: str = "") -> bool:
+        """Record the attempt's outcome; the first one wins."""
+        if self.outcome is not None:
+            return False
+        self.outcome, self.detail = outcome, detail
+        return True
+
+    def add_result(self, result: dict, limit: int) -> None:
+        """Keep a new result until acknowledged; one over ``limit`` bytes becomes an error."""
+        index = result["i"]
+        if self.todo is not None and index not in self.todo:
+            return
+        size = _size(result)
+        if size > limit:
+            result = {"i": index, "error": f"output of {size} bytes exceeds the server's line limit"}
+            size = _size(result)
+        self.unacked[index] = (result, size)
+        self.unsent.append(index)
+
+    def unsent_fit(self, budget: int) -> bool:
+        return sum(self.unacked[i][1] for i in self.unsent) <= budget
+
+    def pop_batch(self, budget: int) -> list[dict]:
+        """Take unsent results, in index order, up to ``budget`` bytes (at least one)."""
+        batch, used = [], 0
+        while self.unsent:
+            result, size = self.unacked[self.unsent[0]]
+            if batch and used + size > budget:
+                break
+            batch.append(result)
+            used += size
+            self.unsent.pop(0)
+        return batch
+
+    def unsend(self, results: Iterable[dict]) -> None:
+        """Results whose sending came to nothing: send them again."""
+        indices = {r["i"] for r in results if r["i"] in self.unacked}
+        self.unsent = sorted(indices.union(self.unsent))
+
+    def acknowledge(self, results: Iterable[dict]) -> None:
+        for result in results:
+            self.unacked.pop(result["i"], None)
+
+    def forget(self, indices: Iterable[int]) -> None:
+        """The server already has (or never had) these records: stop offering them."""
+        for index in indices:
+            self.unacked.pop(index, None)
+        self.unsent = [i for i in self.unsent if i in self.unacked]
+
+    def reattach(self, todo: Iterable[int]) -> None:
+        """A new connection kept this lease: offer again what the server lacks."""
+        self.todo = set(todo)
+        self.forget([i for i in self.unacked if i not in self.todo])
+        self.unsent = sorted(self.unacked)
+        self.in_flight = 0
+        self.final_in_flight = False
+        self.progress_in_flight = False
+
+    def stop(self) -> None:
+        """Stop the runner and every timer: the holding is being dropped."""
+        if self.runner is not None:
+            self.runner.cancel()
+        for call in (self.flush_call, self.retry_call):
+            if call is not None and call.active():
+                call.cancel()
+        self.flush_call = self.retry_call = None
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
+
+def _size(result: dict) -> int:
+    """Bytes ``result`` takes in a message, separator included."""
+    return len(json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode("utf-8")) + 1
+
+
+class WorkerCore:
+    """Runs the jobs pushed to this worker and reports them, across connections.
+
+    ``job_types`` maps names to job type instances; ``threads`` runs threaded
+    job types (a :class:`PoolThreads` in the service, :class:`InlineThreads`
+    in tests). ``on_drained_idle`` is called once the server has drained the
+    worker and no lease is left (``--exit-when-drained`` stops the reactor).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        job_types: dict[str, Any],
+        slots: int,
+        *,
+        memory: int = 0,
+        tags: Iterable[str] = (),
+        threads: PoolThreads | InlineThreads | None = None,
+        on_drained_idle: Callable[[], None] | None = None,
+    ):
+        self.clock = clock
+        self.job_types = dict(job_types)
+        self.slots = slots
+        self.memory = memory
+        self.tags = list(tags)
+        self.threads = threads or InlineThreads()
+        self.on_drained_idle = on_drained_idle
+        self.drained = False
+        self.returning = False
+        self._holdings: dict[str, Holding] = {}
+        self._connection: ServerConnection | None = None
+        self._max_line = wire.DEFAULT_MAX_LINE
+        self._idle_waiters: list[defer.Deferred] = []
+
+    # -- what the HELLO says -------------------------------------------------
+
+    def type_versions(self) -> dict[str, str]:
+        return {name: job_type.version for name, job_type in self.job_types.items()}
+
+    def holding(self) -> list[dict]:
+        """The leases to list in a reconnecting HELLO, oldest first."""
+        return [{"job": h.job, "lease": h.lease} for h in self._holdings.values()]
+
+    @property
+    def holdings(self) -> dict[str, Holding]:
+        """The leases held now, by lease token (read only)."""
+        return dict(self._holdings)
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None
+
+    # -- from the connection ------------------------------------------------
+
+    def attach(self, connection: ServerConnection, welcome: dict) -> None:
+        """A handshake succeeded: settle held leases by the reply, then report."""
+        self._connection = connection
+        self._max_line = connection.max_line
+        kept = {k["lease"]: k for k in welcome.get("kept") or ()}
+        lost = {k["lease"]: k for k in welcome.get("lost") or ()}
+        for holding in list(self._holdings.values()):
+            if holding.lease in kept:
+                holding.reattach(kept[holding.lease].get("todo") or ())
+                self.log.info(
+                    "lease {lease} of job {job} kept: {n} records to report",
+                    lease=holding.lease,
+                    job=holding.job,
+                    n=len(holding.todo),
+                )
+            else:
+                reason = lost.get(holding.lease, {}).get("reason", "not kept")
+                self.log.info(
+                    "lease {lease} of job {job} lost: {reason}", lease=holding.lease, job=holding.job, reason=reason
+                )
+                self._drop(holding)
+        for holding in list(self._holdings.values()):
+            self._flush(holding)
+
+    def detach(self, connection: ServerConnection) -> None:
+        """The connection is gone; jobs keep running and results wait for the next."""
+        if self._connection is not connection:
+            return
+        self._connection = None
+        if self._holdings:
+            self.log.info("disconnected: {n} leases held until the server answers again", n=len(self._holdings))
+        if self.returning:
+            self._fire_idle_waiters()
+
+    # -- from the server -----------------------------------------------------
+
+    def start_job(self, assignment: Assignment) -> None:
+        """``JOB``: run it, unless it cannot be run here."""
+        if assignment.lease in self._holdings:
+            self.log.warn("JOB repeats lease {lease} of job {job}: ignored", lease=assignment.lease, job=assignment.job)
+            return
+        for old in [h for h in self._holdings.values() if h.job == assignment.job]:
+            self.log.info("lease {lease} of job {job} superseded", lease=old.lease, job=old.job)
+            self._drop(old)
+        holding = self._holdings[assignment.lease] = Holding(assignment)
+        if self.returning:
+            self._conclude(holding, "RETURN", "worker is shutting down")
+            return
+        job_type = self.job_types.get(assignment.type)
+        if job_type is None:
+            self._conclude(holding, "FAIL", f"worker has no job type {assignment.type!r}")
+            return
+        if len(self._holdings) > self.slots:
+            self.log.warn("job {job} runs beyond the {slots} slots offered", job=assignment.job, slots=self.slots)
+        self.log.info(
+            "job {job} attempt {attempt} ({type}, {n} records) under lease {lease}",
+            job=assignment.job,
+            attempt=assignment.attempt,
+            type=assignment.type,
+            n=len(assignment.records),
+            lease=assignment.lease,
+        )
+        holding.runner = JobRunner(
+            job_type,
+            assignment,
+            clock=self.clock,
+            threads=self.threads,
+            on_result=lambda result: self._result(holding, result),
+            on_progress=lambda note: self._progress(holding, note),
+        )
+        holding.runner.run().addCallbacks(
+            self._runner_finished, self._runner_failed, callbackArgs=(holding,), errbackArgs=(holding,)
+        )
+
+    def revoke(self, job: int, lease: str, reason: str) -> None:
+        """``REVOKE``: the lease ended; stop the job and drop its results."""
+        holding = self._holdings.get(lease)
+        if holding is None or holding.job != job:
+            self.log.info("REVOKE of lease {lease} of job {job}, which is not held: ignored", lease=lease, job=job)
+            return
+        self.log.info("lease {lease} of job {job} revoked: {reason}", lease=lease, job=job, reason=reason)
+        self._drop(holding)
+
+    def set_drained(self, drained: bool) -> None:
+        """``DRAIN``: no new jobs will come; finish the running ones."""
+        if drained == self.drained:
+            return
+        self.drained = drained
+        if drained:
+            self.log.info("drained by the server: finishing {n} running jobs", n=len(self._holdings))
+            self._check_idle()
+        else:
+            self.log.info("undrained by the server: taking jobs again")
+
+    # -- shutting down -------------------------------------------------------
+
+    def return_all(self, reason: str) -> defer.Deferred:
+        """Give every running job back, and fire once all leases are settled.
+
+        Results already produced are reported first; a job already finished
+        waits for its DONE or FAIL reply. Without a connection nothing can be
+        said: the Deferred fires at once (the server will expire the leases),
+        and if the connection goes meanwhile it fires then.
+        """
+        self.returning = True
+        for holding in list(self._holdings.values()):
+            if holding.runner is not None:
+                holding.runner.cancel()
+            self._conclude(holding, "RETURN", reason)
+        if self._connection is None:
+            return defer.succeed(None)
+        return self.when_idle()
+
+    def when_idle(self) -> defer.Deferred:
+        """Fires once no lease is held."""
+        if not self._holdings:
+            return defer.succeed(None)
+        d = defer.Deferred(self._idle_waiters.remove)
+        self._idle_waiters.append(d)
+        return d
+
+    # -- from the runners ----------------------------------------------------
+
+    def _result(self, holding: Holding, result: dict) -> None:
+        if not self._holds(holding):
+            return
+        holding.add_result(result, self._budget())
+        if holding.flush_call is None:
+            holding.flush_call = self.clock.callLater(0, self._flush, holding)
+
+    def _runner_finished(self, completed: bool, holding: Holding) -> None:
+        if completed and self._holds(holding):
+            self._conclude(holding, "DONE")
+
+    def _runner_failed(self, failure: Failure, holding: Holding) -> None:
+        if not self._holds(holding):
+            return
+        self.log.failure(
+            "job {job} attempt {attempt} failed",
+            failure,
+            LogLevel.warn,
+            job=holding.job,
+            attempt=holding.assignment.attempt,
+        )
+        self._conclude(holding, "FAIL", _clip(f"{failure.type.__name__}: {failure.getErrorMessage()}"))
+
+    def _progress(self, holding: Holding, note: str) -> None:
+        if not self._holds(holding) or holding.outcome is not None:
+            return
+        holding.progress_note = _clip(note)
+        if not holding.progress_in_flight and self._connection is not None:
+            self._send_progress(holding)
+
+    # -- reporting -----------------------------------------------------------
+
+    def _conclude(self, holding: Holding, outcome: str, detail: str = "") -> None:
+        if holding.finish(outcome, detail):
+            self._flush(holding)
+
+    def _budget(self) -> int:
+        return self._max_line - ENVELOPE_BYTES
+
+    def _flush(self, holding: Holding) -> None:
+        """Send what can be sent now: results, then the outcome once they are in."""
+        if holding.flush_call is not None and holding.flush_call.active():
+            holding.flush_call.cancel()
+        holding.flush_call = None
+        connection = self._connection
+        if connection is None or holding.final_in_flight or not self._holds(holding):
+            return
+        budget = self._budget()
+        done = holding.outcome == "DONE"
+        while holding.unsent and holding.in_flight < RESULT_WINDOW:
+            if done and holding.unsent_fit(budget):
+                break  # the last results ride in DONE
+            self._send_results(connection, holding, holding.pop_batch(budget))
+        if holding.outcome is None or holding.in_flight or (holding.unsent and not done):
+            return
+        self._send_final(connection, holding, holding.pop_batch(budget) if done else [])
+
+    def _send_results(self, connection: ServerConnection, holding: Holding, results: list) -> None:
+        holding.in_flight += 1
+        d = connection.send_results(holding.job, holding.lease, results)
+        d.addCallbacks(
+            self._results_accepted,
+            self._results_refused,
+            callbackArgs=(holding, results),
+            errbackArgs=(holding, results),
+        )
+
+    def _results_accepted(self, reply: dict, holding: Holding, results: list) -> None:
+        holding.in_flight -= 1
+        holding.acknowledge(results)
+        self._flush(holding)
+
+    def _results_refused(self, failure: Failure, holding: Holding, results: list) -> None:
+        holding.in_flight -= 1
+        self._refused(failure, holding, results, "RESULT")
+
+    def _send_final(self, connection: ServerConnection, holding: Holding, results: list) -> None:
+        holding.final_in_flight = True
+        if holding.outcome == "DONE":
+            d = connection.send_done(holding.job, holding.lease, results)
+        elif holding.outcome == "FAIL":
+            d = connection.send_fail(holding.job, holding.lease, holding.detail, True)
+        else:
+            d = connection.send_return(holding.job, holding.lease, holding.detail)
+        d.addCallbacks(
+            self._final_accepted,
+            self._final_refused,
+            callbackArgs=(holding,),
+            errbackArgs=(holding, results),
+        )
+
+    def _final_accepted(self, reply: dict, holding: Holding) -> None:
+        if not self._holds(holding):
+            return
+        if holding.outcome == "DONE":
+            self.log.info("job {job} done", job=holding.job)
+        elif holding.outcome == "FAIL":
+            self.log.info("job {job} failed: {state}", job=holding.job, state=reply.get("state", "?"))
+        else:
+            self.log.info("job {job} returned: {reason}", job=holding.job, reason=holding.detail)
+        self._drop(holding)
+
+    def _final_refused(self, failure: Failure, holding: Holding, results: list) -> None:
+        holding.final_in_flight = False
+        self._refused(failure, holding, results, holding.outcome)
+
+    def _refused(self, failure: Failure, holding: Holding, results: list, verb: str) -> None:
+        """A request about ``holding`` came to nothing: decide what happens next."""
+        if not self._holds(holding):
+            return
+        if failure.check(ConnectionDropped):
+            holding.unsend(results)  # sent again on reconnect, if still wanted
+            return
+        error = failure.value if failure.check(errors.GriddError) else errors.GriddError(failure.getErrorMessage())
+        if isinstance(error, (errors.StaleLease, errors.UnknownJob)):
+            self._lease_refused(holding, error.code)
+        elif isinstance(error, (errors.DuplicateResult, errors.UnknownRecord)):
+            records = error.extra.get("records") or []
+            self.log.warn(
+                "job {job}: server refused {verb} for records {records}: {code}; sending the others again",
+                job=holding.job,
+                verb=verb,
+                records=records,
+                code=error.code,
+            )
+            holding.unsend(results)
+            holding.forget(records if records else [r["i"] for r in results])
+            self._flush(holding)
+        elif isinstance(error, (errors.Unavailable, errors.ShuttingDown)):
+            holding.unsend(results)
+            if holding.retry_call is None or not holding.retry_call.active():
+                holding.retry_call = self.clock.callLater(RETRY_DELAY, self._flush, holding)
+        elif verb in ("RESULT", "DONE"):
+            # The server will not take this attempt's results: end the attempt
+            # (bounded by the job's retries) rather than offer them forever.
+            self.log.warn(
+                "job {job}: server refused {verb}: {code}: {message}",
+                job=holding.job,
+                verb=verb,
+                code=error.code,
+                message=error.message,
+            )
+            if holding.runner is not None:
+                holding.runner.cancel()
+            holding.outcome = None
+            self._conclude(holding, "FAIL", f"server refused {verb}: {error.code}: {error.message}")
+        else:
+            self.log.error(
+                "job {job}: server refused {verb}: {code}: {message}; dropping the lease",
+                job=holding.job,
+                verb=verb,
+                code=error.code,
+                message=error.message,
+            )
+            self._drop(holding)
+
+    def _lease_refused(self, holding: Holding, code: str) -> None:
+        self.log.warn(
+            "lease {lease} of job {job} refused by server: {code}", lease=holding.lease, job=holding.job, code=code
+        )
+        self._drop(holding)
+
+    def _send_progress(self, holding: Holding) -> None:
+        note, holding.progress_note = holding.progress_note, None
+        holding.progress_in_flight = True
+        d = self._connection.send_progress(holding.job, holding.lease, note)
+        d.addBoth(self._progress_answered, holding)
+
+    def _progress_answered(self, result, holding: Holding) -> None:
+        holding.progress_in_flight = False
+        if not self._holds(holding):
+            return
+        if isinstance(result, Failure):
+            if result.check(errors.StaleLease):
+                self._lease_refused(holding, result.value.code)
+                return
+            if not result.check(ConnectionDropped):
+                self.log.info("job {job}: PROGRESS refused: {f.value}", job=holding.job, f=result)
+        if holding.progress_note is not None and holding.outcome is None and self._connection is not None:
+            self._send_progress(holding)
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def _holds(self, holding: Holding) -> bool:
+        return self._holdings.get(holding.lease) is holding
+
+    def _drop(self, holding: Holding) -> None:
+        """Forget a lease: its runner stops and its unsent results are dropped."""
+        if not self._holds(holding):
+            return
+        del self._holdings[holding.lease]
+        holding.stop()
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._holdings:
+            return
+        self._fire_idle_waiters()
+        # While returning, the worker is already stopping: exiting again would fail.
+        if self.drained and not self.returning and self.on_drained_idle is not None:
+            self.log.info("drained and idle: exiting")
+            callback, self.on_drained_idle = self.on_drained_idle, None
+            callback()
+
+    def _fire_idle_waiters(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)

@@ -1,0 +1,111 @@
+"""The worker's end of a connection: wire messages to and from the worker core.
+
+:class:`WorkerProtocol` adds the worker role to :class:`gridd.peer.PeerProtocol`
+(framing, replies, keepalive, handshake): it says in its HELLO what the worker
+offers and holds, turns each server notification into one call on
+:class:`gridd.worker.core.WorkerCore`, and implements the core's
+``ServerConnection`` interface by sending requests. It keeps no job state: a
+connection comes and goes, the core stays.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+
+from gridd import wire
+from gridd.peer import PeerProtocol
+from gridd.worker.core import WorkerCore
+from gridd.worker.runner import Assignment
+
+__all__ = ["WorkerProtocol", "WorkerFactory"]
+
+
+class WorkerProtocol(PeerProtocol):
+    """One connection of a worker to a server, in the "worker" role."""
+
+    role = "worker"
+
+    def __init__(self, clock, name: str, token: str, core: WorkerCore, agent: str | None = None):
+        super().__init__(clock, name, token, agent)
+        self.core = core
+
+    # -- handshake and connection events ----------------------------------
+
+    def hello_fields(self) -> dict:
+        core = self.core
+        return {
+            "slots": core.slots,
+            "types": core.type_versions(),
+            "memory": core.memory,
+            "tags": list(core.tags),
+            "holding": core.holding(),
+        }
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.ready.addCallback(self._attach)
+
+    def _attach(self, welcome: dict) -> dict:
+        self.core.attach(self, welcome)
+        return welcome
+
+    def connectionLost(self, reason):
+        # Detach first, so that requests failing below with ConnectionDropped
+        # find no connection to send their retries on.
+        self.core.detach(self)
+        super().connectionLost(reason)
+
+    # -- from the server --------------------------------------------------
+
+    def notification(self, message: wire.Message):
+        body = message.body
+        if message.verb == "JOB":
+            self.core.start_job(Assignment.from_body(body))
+        elif message.verb == "REVOKE":
+            self.core.revoke(body["job"], body["lease"], body["reason"])
+        elif message.verb == "DRAIN":
+            self.core.set_drained(body["drain"])
+        else:
+            super().notification(message)
+
+    # -- the core's ServerConnection interface ----------------------------
+
+    @property
+    def max_line(self) -> int:
+        return self.MAX_LENGTH
+
+    def send_results(self, job: int, lease: str, results: list) -> defer.Deferred:
+        return self.request("RESULT", {"job": job, "lease": lease, "results": results})
+
+    def send_done(self, job: int, lease: str, results: list) -> defer.Deferred:
+        body = {"job": job, "lease": lease}
+        if results:
+            body["results"] = results
+        return self.request("DONE", body)
+
+    def send_fail(self, job: int, lease: str, error: str, retry: bool) -> defer.Deferred:
+        return self.request("FAIL", {"job": job, "lease": lease, "error": error, "retry": retry})
+
+    def send_return(self, job: int, lease: str, reason: str) -> defer.Deferred:
+        return self.request("RETURN", {"job": job, "lease": lease, "reason": reason})
+
+    def send_progress(self, job: int, lease: str, note: str) -> defer.Deferred:
+        return self.request("PROGRESS", {"job": job, "lease": lease, "note": note})
+
+
+class WorkerFactory(Factory):
+    """Builds a :class:`WorkerProtocol` for each connection, all sharing one core."""
+
+    noisy = False
+
+    def __init__(self, clock, name: str, token: str, core: WorkerCore):
+        self.clock = clock
+        self.name = name
+        self.token = token
+        self.core = core
+
+    def buildProtocol(self, addr):
+        protocol = WorkerProtocol(self.clock, self.name, self.token, self.core)
+        protocol.factory = self
+        return protocol

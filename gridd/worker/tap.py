@@ -1,0 +1,122 @@
+"""``twistd gridworker``: options and the service tree, nothing else.
+
+``makeService`` builds the tree and never connects by itself; starting the
+tree (twistd does) connects to the server and keeps reconnecting.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.python import usage
+
+from gridd import config
+from gridd.jobtypes import load_job_types
+from gridd.worker.service import make_worker_service
+
+__all__ = ["Options", "makeService"]
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a gridd worker: it connects to a gridd server, says which job types it can run and "
+        "how many jobs at once, and runs the jobs the server pushes to it, reporting each record's "
+        "result as it is produced. It reconnects with backoff when the connection is lost; jobs "
+        "keep running meanwhile and their results are sent once the server confirms the leases "
+        "are still this worker's. Job types are found through the 'gridd.jobtypes' entry points. "
+        "Stopping the worker (SIGTERM) gives its running jobs back to the server."
+    )
+    optParameters = [
+        [
+            "slots",
+            None,
+            os.cpu_count() or 1,
+            "How many jobs to run at once (default: this host's number of CPUs); 0 takes no work.",
+            int,
+        ],
+        [
+            "name",
+            None,
+            None,
+            "The worker's name, which identifies it across reconnects and restarts and must be "
+            "unique among the server's workers (default: this host's name). Give each worker "
+            "its own name when several run on one host.",
+        ],
+        [
+            "secret-file",
+            None,
+            None,
+            "File holding the shared secret the server wrote to DATADIR/secret "
+            "(default: $GRIDD_DATA/secret when GRIDD_DATA is set, else ./gridd-data/secret "
+            "when it exists, else ~/.gridd/secret).",
+        ],
+        [
+            "types",
+            None,
+            None,
+            "Comma-separated job types to offer, e.g. textstats,sleep (default: every installed type).",
+        ],
+        ["memory", None, 0, "Memory offered to one job, in MiB; jobs requiring more are not sent here.", int],
+        ["tags", None, None, "Comma-separated labels jobs may require, e.g. gpu,linux (default: none)."],
+    ]
+    optFlags = [
+        [
+            "exit-when-drained",
+            None,
+            "Exit once an operator has drained this worker and its running jobs are finished.",
+        ],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["servers"] = []
+
+    def opt_server(self, spec):
+        """Endpoint of a gridd server, e.g. tls:gridd.example:7701:trustRoots=certs
+        [default: tcp:127.0.0.1:7700]. Repeatable: each reconnect attempt tries the next."""
+        self["servers"].append(spec)
+
+    def postOptions(self):
+        if not self["servers"]:
+            self["servers"] = [config.DEFAULT_SERVER]
+        if self["slots"] < 0:
+            raise usage.UsageError("--slots must be 0 or more")
+        if self["memory"] < 0:
+            raise usage.UsageError("--memory must be 0 or more")
+        if self["name"] is None:
+            self["name"] = socket.gethostname()
+        if not 1 <= len(self["name"]) <= 128:
+            raise usage.UsageError("--name must be 1 to 128 characters")
+        self["tags"] = _comma_list(self["tags"] or "")
+        try:
+            self["job_types"] = load_job_types(None if self["types"] is None else _comma_list(self["types"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--types: {e}") from None
+        if self["secret-file"] is None:
+            self["secret-file"] = str(config.default_secret_file())
+        try:
+            self["token"] = config.read_secret(self["secret-file"])
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"cannot read the shared secret: {e}") from None
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    return make_worker_service(
+        reactor,
+        options["servers"],
+        name=options["name"],
+        token=options["token"],
+        job_types=options["job_types"],
+        slots=options["slots"],
+        memory=options["memory"],
+        tags=options["tags"],
+        exit_when_drained=bool(options["exit-when-drained"]),
+    )

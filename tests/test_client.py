@@ -1,0 +1,625 @@
+"""Unit tests of gridd.client against the wire contract (protocols/PROTOCOL.md, sections 2 and 9).
+
+No reactor, no sockets, no sleeps: the protocol talks to a StringTransport
+and a task.Clock, and every Deferred here has fired (or not) by the time we
+look, so the tests check results synchronously.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from gridd import errors, wire
+from gridd.client import BlockingClient, ClientProtocol, connect, split_submit
+from gridd.peer import ConnectionDropped
+
+WELCOME = {"proto": 1, "server": "gridd/0.1.0", "beat": 2.0, "deadline": 6.0, "max_line": 1_048_576}
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def result_of(d: defer.Deferred):
+    """The result of a Deferred that must already have succeeded."""
+    outcome = []
+    d.addBoth(outcome.append)
+    assert outcome, "the Deferred has not fired"
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+def failure_of(d: defer.Deferred) -> Exception:
+    """The exception of a Deferred that must already have failed."""
+    outcome = []
+    d.addBoth(outcome.append)
+    assert outcome, "the Deferred has not fired"
+    assert isinstance(outcome[0], Failure), f"the Deferred succeeded with {outcome[0]!r}"
+    return outcome[0].value
+
+
+def sent(transport: StringTransport) -> list[wire.Message]:
+    """The messages written since the last call, each checked against the spec's fields."""
+    data = transport.value()
+    transport.clear()
+    assert data == b"" or data.endswith(b"\n")
+    return [wire.parse_line(line) for line in data.split(b"\n")[:-1]]
+
+
+def reply(protocol: ClientProtocol, verb: str, body: dict, chunk: int | None = None) -> None:
+    """Feed one server line, whole or in chunks of ``chunk`` bytes."""
+    data = wire.encode(verb, body)
+    step = chunk or len(data)
+    for start in range(0, len(data), step):
+        protocol.dataReceived(data[start : start + step])
+
+
+def handshake(**welcome) -> tuple[ClientProtocol, StringTransport, Clock]:
+    """A ClientProtocol whose HELLO has been accepted, with nothing left to read."""
+    clock = Clock()
+    protocol = ClientProtocol(clock, "tester", "s3cret")
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    [hello] = sent(transport)
+    reply(protocol, "OK", dict(WELCOME, rid=hello.rid, **welcome))
+    assert result_of(protocol.ready)["server"] == "gridd/0.1.0"
+    return protocol, transport, clock
+
+
+def lose(protocol: ClientProtocol) -> None:
+    protocol.connectionLost(Failure(ConnectionLost("cable cut")))
+
+
+# -- the handshake and connect() -----------------------------------------------------
+
+
+def test_client_protocol_hello_names_client_role():
+    """The first line is a HELLO with proto 1, role client, the name and the token."""
+    protocol = ClientProtocol(Clock(), "cron", "s3cret")
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    [hello] = sent(transport)
+    assert hello.verb == "HELLO"
+    assert {k: hello.body[k] for k in ("proto", "role", "name", "token")} == {
+        "proto": 1,
+        "role": "client",
+        "name": "cron",
+        "token": "s3cret",
+    }
+    reply(protocol, "OK", dict(WELCOME, rid=hello.rid))
+    lose(protocol)
+
+
+def test_connect_fires_with_protocol_after_handshake():
+    """connect() fires with the ClientProtocol only once the HELLO reply arrived."""
+    reactor = MemoryReactorClock()
+    d = connect(reactor, "tcp:grid.example:7700", "s3cret", name="cron")
+    host, port, factory, _, _ = reactor.tcpClients[0]
+    assert (host, port) == ("grid.example", 7700)
+    transport = StringTransport()
+    wrapper = factory.buildProtocol(None)
+    wrapper.makeConnection(transport)
+    [hello] = sent(transport)
+    assert not d.called
+    reply(wrapper, "OK", dict(WELCOME, rid=hello.rid))
+    protocol = result_of(d)
+    assert isinstance(protocol, ClientProtocol)
+    assert protocol.max_line == 1_048_576
+    # Only the keepalive is left (beat 2 s, deadline 6 s): the 10 s handshake timer is gone.
+    assert sorted(call.getTime() for call in reactor.getDelayedCalls()) == [2.0, 6.0]
+    lose(protocol)
+
+
+def test_connect_refused_hello_fails_with_gridd_error():
+    """A HELLO answered with ERR auth_failed fails connect() with AuthFailed."""
+    reactor = MemoryReactorClock()
+    d = connect(reactor, "tcp:127.0.0.1:7700", "wrong")
+    wrapper = reactor.tcpClients[0][2].buildProtocol(None)
+    transport = StringTransport()
+    wrapper.makeConnection(transport)
+    [hello] = sent(transport)
+    reply(wrapper, "ERR", {"rid": hello.rid, "code": "auth_failed", "message": "authentication failed"})
+    assert isinstance(failure_of(d), errors.AuthFailed)
+    assert transport.disconnecting
+    assert not reactor.getDelayedCalls()
+
+
+def test_connect_silent_server_fails_with_connection_dropped():
+    """A server that never answers HELLO is cut after the handshake timeout."""
+    reactor = MemoryReactorClock()
+    d = connect(reactor, "tcp:127.0.0.1:7700", "s3cret", handshake_timeout=10)
+    wrapper = reactor.tcpClients[0][2].buildProtocol(None)
+    transport = StringTransport()
+    wrapper.makeConnection(transport)
+    reactor.advance(9.9)
+    assert not d.called
+    reactor.advance(0.1)
+    assert transport.disconnected
+    wrapper.connectionLost(Failure(ConnectionLost("aborted")))
+    assert "no answer to HELLO within 10 s" in str(failure_of(d))
+
+
+# -- one line per method, one result per reply -------------------------------------------
+
+JOB = {"id": 7, "type": "noop", "state": "running", "history": []}
+
+CALLS = [
+    # (method, args, kwargs, verb sent, body sent without rid, OK body without rid, result)
+    ("submit", ([{"type": "noop", "records": [1, 2]}],), {}, "SUBMIT", {"jobs": [{"type": "noop", "records": [1, 2]}]},
+     {"jobs": [41]}, [41]),
+    ("show", (7,), {}, "SHOW", {"job": 7}, {"job": JOB}, JOB),
+    ("list_jobs", (), {}, "LIST", {}, {"jobs": [JOB], "next": None}, {"jobs": [JOB], "next": None}),
+    ("list_jobs", (), {"state": "queued", "type": "noop", "after": 5, "limit": 2}, "LIST",
+     {"state": "queued", "type": "noop", "after": 5, "limit": 2}, {"jobs": [], "next": None},
+     {"jobs": [], "next": None}),
+    ("results_page", (7,), {"after": 9, "limit": 10}, "RESULTS", {"job": 7, "after": 9, "limit": 10},
+     {"results": [{"i": 10, "out": 1, "worker": "w1"}], "next": None},
+     {"results": [{"i": 10, "out": 1, "worker": "w1"}], "next": None}),
+    ("results", (7,), {}, "RESULTS", {"job": 7}, {"results": [{"i": 0, "error": "bad"}], "next": None},
+     [{"i": 0, "error": "bad"}]),
+    ("workers", (), {}, "WORKERS", {}, {"workers": [{"name": "w1"}]}, [{"name": "w1"}]),
+    ("stats", (), {}, "STATS", {}, {"jobs": {"queued": 1}, "workers": 2, "slots": 4, "busy": 1, "dispatching": True},
+     {"jobs": {"queued": 1}, "workers": 2, "slots": 4, "busy": 1, "dispatching": True}),
+    ("all_jobs", (), {"state": "failed"}, "LIST", {"state": "failed"}, {"jobs": [JOB], "next": None}, [JOB]),
+    ("cancel", (7,), {}, "CANCEL", {"job": 7}, {"state": "cancelled"}, "cancelled"),
+    ("pause", (7,), {}, "PAUSE", {"job": 7}, {"state": "paused"}, "paused"),
+    ("resume", (7,), {}, "RESUME", {"job": 7}, {"state": "queued"}, "queued"),
+    ("requeue", (7,), {}, "REQUEUE", {"job": 7}, {"state": "queued"}, "queued"),
+    ("worker_action", ("w1", "drain"), {}, "WORKER", {"worker": "w1", "action": "drain"}, {}, None),
+    ("dispatch", (False,), {}, "DISPATCH", {"enabled": False}, {"dispatching": False}, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "method, args, kwargs, verb, body, answer, expected", CALLS, ids=[f"{c[0]}-{c[3]}" for c in CALLS]
+)
+def test_client_methods_send_spec_line_and_resolve_reply(method, args, kwargs, verb, body, answer, expected):
+    """Each method sends exactly one spec-conforming line and fires with the reply's payload."""
+    protocol, transport, _ = handshake()
+    d = getattr(protocol, method)(*args, **kwargs)
+    [request] = sent(transport)
+    assert request.verb == verb
+    assert request.body == dict(body, rid=request.rid)
+    assert not d.called
+    reply(protocol, "OK", dict(answer, rid=request.rid))
+    assert result_of(d) == expected
+    assert sent(transport) == []
+    lose(protocol)
+
+
+@pytest.mark.parametrize(
+    "code, extra, cls",
+    [
+        ("unknown_job", {}, errors.UnknownJob),
+        ("invalid_state", {"state": "done"}, errors.InvalidState),
+        ("too_many", {"limit": 10000}, errors.TooMany),
+        ("forbidden", {}, errors.Forbidden),
+        ("unavailable", {}, errors.Unavailable),
+        ("from_the_future", {}, errors.GriddError),
+    ],
+)
+def test_client_error_reply_raises_matching_gridd_error(code, extra, cls):
+    """ERR fails the request with the gridd.errors class of its code, carrying message and extra fields."""
+    protocol, transport, _ = handshake()
+    d = protocol.cancel(7)
+    [request] = sent(transport)
+    reply(protocol, "ERR", {"rid": request.rid, "code": code, "message": "no way", **extra})
+    error = failure_of(d)
+    assert type(error) is cls
+    assert (error.code, error.message, error.extra) == (code, "no way", extra)
+    lose(protocol)
+
+
+def test_client_replies_out_of_order_matched_by_rid():
+    """Replies fire the request with the same rid, whatever order they come in."""
+    protocol, transport, _ = handshake()
+    first, second = protocol.show(1), protocol.stats()
+    show, stats = sent(transport)
+    reply(protocol, "OK", {"rid": stats.rid, "jobs": {}, "workers": 0, "slots": 0, "busy": 0, "dispatching": True})
+    assert not first.called
+    assert result_of(second)["workers"] == 0
+    reply(protocol, "OK", {"rid": show.rid, "job": {"id": 1}})
+    assert result_of(first) == {"id": 1}
+    lose(protocol)
+
+
+def test_client_reply_fed_byte_by_byte_resolves():
+    """A reply that arrives one byte at a time still resolves its request once, at its LF."""
+    protocol, transport, _ = handshake()
+    d = protocol.show(7)
+    [request] = sent(transport)
+    line = wire.encode("OK", {"rid": request.rid, "job": JOB})
+    for index in range(len(line) - 1):
+        protocol.dataReceived(line[index : index + 1])
+    assert not d.called
+    protocol.dataReceived(line[-1:])
+    assert result_of(d) == JOB
+    lose(protocol)
+
+
+def test_client_lost_connection_fails_pending_with_connection_dropped():
+    """Requests still awaiting their reply fail with ConnectionDropped when the connection goes."""
+    protocol, transport, clock = handshake()
+    pending = [protocol.show(7), protocol.submit([{"type": "noop", "records": [1]}])]
+    lose(protocol)
+    for d in pending:
+        assert isinstance(failure_of(d), ConnectionDropped)
+    assert result_of(protocol.closed) is None
+    assert clock.getDelayedCalls() == []
+
+
+def test_client_close_fires_once_closed():
+    """close() asks the transport to close and fires when the connection is gone."""
+    protocol, transport, _ = handshake()
+    d = protocol.close()
+    assert transport.disconnecting
+    assert not d.called
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert result_of(d) is None
+
+
+def test_client_keepalive_beats_on_the_clock():
+    """An idle client sends BEAT every announced interval (PROTOCOL.md section 5)."""
+    protocol, transport, clock = handshake(beat=2.0, deadline=600.0)
+    clock.advance(2.0)
+    assert [m.verb for m in sent(transport)] == ["BEAT"]
+    lose(protocol)
+
+
+# -- SUBMIT chunking ---------------------------------------------------------------
+
+
+def test_client_submit_splits_into_10000_job_batches():
+    """25,000 jobs go out as SUBMITs of 10,000, 10,000 and 5,000, one after the other, ids in order."""
+    protocol, transport, _ = handshake()
+    jobs = [{"type": "noop", "records": [n]} for n in range(25_000)]
+    d = protocol.submit(jobs)
+    next_id = 1
+    sizes = []
+    for _ in range(3):
+        [request] = sent(transport)
+        batch = request.body["jobs"]
+        sizes.append(len(batch))
+        assert batch[0] == jobs[next_id - 1]
+        reply(protocol, "OK", {"rid": request.rid, "jobs": list(range(next_id, next_id + len(batch)))})
+        next_id += len(batch)
+    assert sizes == [10_000, 10_000, 5_000]
+    assert result_of(d) == list(range(1, 25_001))
+    lose(protocol)
+
+
+def test_client_submit_splits_to_fit_announced_max_line():
+    """Every SUBMIT line fits the max_line the server announced, and every job is sent once."""
+    protocol, transport, _ = handshake(max_line=300)
+    jobs = [{"type": "noop", "records": ["x" * 40], "name": f"job {n}"} for n in range(10)]
+    d = protocol.submit(jobs)
+    seen = []
+    while not d.called:
+        data = transport.value()
+        assert len(data) - 1 <= 300
+        [request] = sent(transport)
+        seen.extend(request.body["jobs"])
+        reply(protocol, "OK", {"rid": request.rid, "jobs": [len(seen) - i for i in range(len(request.body["jobs"]))]})
+    assert seen == jobs
+    assert len(result_of(d)) == 10
+    lose(protocol)
+
+
+def test_split_submit_fills_line_exactly_to_the_limit():
+    """A batch whose line is exactly max_line bytes (widest rid) is allowed; one byte less splits it."""
+    jobs = [{"type": "t", "records": [1]}] * 3
+    line = wire.encode("SUBMIT", {"jobs": jobs, "rid": 2**53 - 1})
+    exact = len(line) - 1
+    assert [len(chunk) for chunk in split_submit(jobs, exact)] == [3]
+    assert [len(chunk) for chunk in split_submit(jobs, exact - 1)] == [2, 1]
+
+
+def test_client_submit_too_big_job_sends_nothing():
+    """A job no line can hold fails with LineTooLong before any SUBMIT is sent."""
+    protocol, transport, _ = handshake(max_line=200)
+    d = protocol.submit([{"type": "noop", "records": [1]}, {"type": "noop", "records": ["x" * 300]}])
+    error = failure_of(d)
+    assert isinstance(error, errors.LineTooLong)
+    assert "job 1" in error.message
+    assert sent(transport) == []
+    lose(protocol)
+
+
+def test_client_submit_later_batch_error_lists_submitted_ids():
+    """When a later SUBMIT is refused, the error carries the ids the earlier ones committed."""
+    protocol, transport, _ = handshake()
+    d = protocol.submit([{"type": "noop", "records": [n]} for n in range(10_001)])
+    [first] = sent(transport)
+    reply(protocol, "OK", {"rid": first.rid, "jobs": list(range(1, 10_001))})
+    [second] = sent(transport)
+    reply(protocol, "ERR", {"rid": second.rid, "code": "unavailable", "message": "store down"})
+    error = failure_of(d)
+    assert isinstance(error, errors.Unavailable)
+    assert error.submitted == list(range(1, 10_001))
+    lose(protocol)
+
+
+def test_client_submit_nothing_sends_nothing():
+    """Submitting an empty list fires with no ids and sends no line (SUBMIT needs a job)."""
+    protocol, transport, _ = handshake()
+    assert result_of(protocol.submit([])) == []
+    assert sent(transport) == []
+    lose(protocol)
+
+
+# -- paging ----------------------------------------------------------------------
+
+
+def test_client_results_follow_next_through_all_pages():
+    """results() asks for each following page with after=next until next is null."""
+    protocol, transport, _ = handshake()
+    d = protocol.results(7)
+    pages = [([0, 1], 1), ([2, 3], 3), ([4], None)]
+    for indices, next_after in pages:
+        [request] = sent(transport)
+        results = [{"i": i, "out": i * i, "worker": "w1"} for i in indices]
+        reply(protocol, "OK", {"rid": request.rid, "results": results, "next": next_after})
+    assert [r["out"] for r in result_of(d)] == [0, 1, 4, 9, 16]
+    lose(protocol)
+
+
+def test_client_iter_jobs_pages_with_filters():
+    """all_jobs() keeps the filters and page size on every LIST and passes next as after."""
+    protocol, transport, _ = handshake()
+    d = defer.Deferred.fromCoroutine(_take(protocol.iter_jobs(state="queued", page_size=2)))
+    [first] = sent(transport)
+    assert first.body == {"rid": first.rid, "state": "queued", "limit": 2}
+    reply(protocol, "OK", {"rid": first.rid, "jobs": [{"id": 1}, {"id": 2}], "next": 2})
+    [second] = sent(transport)
+    assert second.body == {"rid": second.rid, "state": "queued", "limit": 2, "after": 2}
+    reply(protocol, "OK", {"rid": second.rid, "jobs": [{"id": 3}], "next": None})
+    assert result_of(d) == [1, 2, 3]
+    lose(protocol)
+
+
+async def _take(jobs):
+    return [job["id"] async for job in jobs]
+
+
+# -- WATCH, EVENT and wait() -----------------------------------------------------------
+
+
+def event(protocol, job, state, accepted=0, total=3):
+    reply(protocol, "EVENT", {"job": job, "state": state, "accepted": accepted, "total": total})
+
+
+def status(job, state, accepted=0, total=3):
+    return {"job": job, "state": state, "accepted": accepted, "total": total}
+
+
+def test_client_watch_delivers_events_of_watched_jobs_only():
+    """watch() fires with the current states; EVENTs of its jobs then reach the callback, others do not."""
+    protocol, transport, _ = handshake()
+    seen = []
+    d = protocol.watch([1, 2], seen.append)
+    [request] = sent(transport)
+    assert (request.verb, request.body["jobs"]) == ("WATCH", [1, 2])
+    reply(protocol, "OK", {"rid": request.rid, "jobs": [status(1, "queued"), status(2, "running")]})
+    assert result_of(d) == [status(1, "queued"), status(2, "running")]
+    event(protocol, 2, "running", accepted=1)
+    event(protocol, 3, "done", accepted=3)
+    assert seen == [status(2, "running", accepted=1)]
+    protocol.unwatch(seen.append)
+    event(protocol, 1, "running")
+    assert len(seen) == 1
+    lose(protocol)
+
+
+def test_client_watch_empty_list_means_all_jobs():
+    """watch([]) sends an empty list and hands every EVENT to the callback."""
+    protocol, transport, _ = handshake()
+    seen = []
+    d = protocol.watch([], seen.append)
+    [request] = sent(transport)
+    assert request.body["jobs"] == []
+    reply(protocol, "OK", {"rid": request.rid, "jobs": []})
+    result_of(d)
+    event(protocol, 99, "queued")
+    assert [s["job"] for s in seen] == [99]
+    lose(protocol)
+
+
+def test_client_watch_refused_drops_callback():
+    """A WATCH answered with unknown_job fails and leaves no callback behind."""
+    protocol, transport, _ = handshake()
+    seen = []
+    d = protocol.watch([404], seen.append)
+    [request] = sent(transport)
+    reply(protocol, "ERR", {"rid": request.rid, "code": "unknown_job", "message": "no such job"})
+    assert isinstance(failure_of(d), errors.UnknownJob)
+    event(protocol, 404, "queued")
+    assert seen == []
+    lose(protocol)
+
+
+def test_client_wait_fires_only_when_every_job_is_terminal():
+    """wait() fires after the EVENT that makes the last watched job done, failed or cancelled."""
+    protocol, transport, _ = handshake()
+    seen = []
+    d = protocol.wait([1, 2, 3], on_event=seen.append)
+    [request] = sent(transport)
+    assert (request.verb, request.body["jobs"]) == ("WATCH", [1, 2, 3])
+    reply(
+        protocol,
+        "OK",
+        {"rid": request.rid, "jobs": [status(1, "queued"), status(2, "running"), status(3, "paused")]},
+    )
+    event(protocol, 1, "done", accepted=3)
+    event(protocol, 2, "failed", accepted=1)
+    assert not d.called
+    event(protocol, 3, "queued")
+    event(protocol, 3, "cancelled")
+    assert result_of(d) == {1: status(1, "done", 3), 2: status(2, "failed", 1), 3: status(3, "cancelled")}
+    assert len(seen) == 3 + 4
+    assert protocol._watches == []
+    lose(protocol)
+
+
+def test_client_wait_counts_requeued_job_as_unfinished_again():
+    """A job that leaves a terminal state (REQUEUE) is waited for again."""
+    protocol, transport, _ = handshake()
+    d = protocol.wait([1, 2])
+    [request] = sent(transport)
+    reply(protocol, "OK", {"rid": request.rid, "jobs": [status(1, "failed"), status(2, "running")]})
+    event(protocol, 1, "queued")
+    event(protocol, 2, "done", accepted=3)
+    assert not d.called
+    event(protocol, 1, "done", accepted=3)
+    assert result_of(d)[1]["state"] == "done"
+    lose(protocol)
+
+
+def test_client_wait_jobs_already_terminal_in_watch_reply_fire_at_once():
+    """Jobs that are already terminal in the WATCH reply fire wait() without any EVENT."""
+    protocol, transport, _ = handshake()
+    seen = []
+    d = protocol.wait([1, 2], on_event=seen.append)
+    [request] = sent(transport)
+    reply(protocol, "OK", {"rid": request.rid, "jobs": [status(1, "done", 3), status(2, "cancelled")]})
+    assert result_of(d) == {1: status(1, "done", 3), 2: status(2, "cancelled")}
+    assert seen == [status(1, "done", 3), status(2, "cancelled")]
+    lose(protocol)
+
+
+def test_client_wait_event_before_watch_reply_is_kept():
+    """An EVENT that overtakes the WATCH reply is newer than the reply's snapshot of that job."""
+    protocol, transport, _ = handshake()
+    d = protocol.wait([1])
+    [request] = sent(transport)
+    event(protocol, 1, "done", accepted=3)
+    reply(protocol, "OK", {"rid": request.rid, "jobs": [status(1, "running", 2)]})
+    assert result_of(d) == {1: status(1, "done", 3)}
+    lose(protocol)
+
+
+def test_client_wait_empty_list_fires_without_watching():
+    """Waiting for no job fires at once and sends nothing."""
+    protocol, transport, _ = handshake()
+    assert result_of(protocol.wait([])) == {}
+    assert sent(transport) == []
+    lose(protocol)
+
+
+def test_client_wait_lost_connection_fails_with_connection_dropped():
+    """A connection lost while jobs are unfinished fails wait() with ConnectionDropped."""
+    protocol, transport, _ = handshake()
+    d = protocol.wait([1])
+    [request] = sent(transport)
+    reply(protocol, "OK", {"rid": request.rid, "jobs": [status(1, "running")]})
+    lose(protocol)
+    assert isinstance(failure_of(d), ConnectionDropped)
+
+
+def test_client_wait_cancelled_stops_watching():
+    """Cancelling wait() fails it with CancelledError and unregisters its callback."""
+    protocol, transport, _ = handshake()
+    d = protocol.wait([1])
+    [request] = sent(transport)
+    reply(protocol, "OK", {"rid": request.rid, "jobs": [status(1, "running")]})
+    d.cancel()
+    assert isinstance(failure_of(d), defer.CancelledError)
+    assert protocol._watches == []
+    lose(protocol)
+
+
+@pytest.mark.expected_log_errors
+def test_client_wait_callback_error_is_logged_not_fatal():
+    """An on_event callback that raises is logged; the connection and the wait carry on."""
+    protocol, transport, _ = handshake()
+
+    def broken(status):
+        raise RuntimeError("progress bar fell over")
+
+    d = protocol.wait([1], on_event=broken)
+    [request] = sent(transport)
+    reply(protocol, "OK", {"rid": request.rid, "jobs": [status(1, "running")]})
+    event(protocol, 1, "done", accepted=3)
+    assert result_of(d)[1]["state"] == "done"
+    assert not transport.disconnecting
+    lose(protocol)
+
+
+# -- the blocking wrapper ---------------------------------------------------------------
+
+
+class ServingReactor(MemoryReactorClock):
+    """Stands in for the reactor thread: runs callFromThread calls at once, then lets a small
+    scripted server answer every line on every connection, and reports closed connections."""
+
+    running = True
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+        self.connections = []
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+        self.serve()
+
+    def serve(self):
+        for _, _, factory, _, _ in self.tcpClients[len(self.connections) :]:
+            protocol, transport = factory.buildProtocol(None), StringTransport()
+            self.connections.append((protocol, transport))
+            protocol.makeConnection(transport)
+        busy = True
+        while busy:
+            busy = False
+            for protocol, transport in self.connections:
+                for message in sent(transport):
+                    busy = True
+                    verb, body = self.answer(message)
+                    reply(protocol, verb, dict(body, rid=message.rid))
+                if transport.disconnecting and transport.connected:
+                    transport.connected = False
+                    protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def scripted(message: wire.Message):
+    answers = {
+        "HELLO": WELCOME,
+        "SUBMIT": {"jobs": [10 + n for n in range(len(message.body.get("jobs", [])))]},
+        "WATCH": {"jobs": [status(job, "done", 3) for job in message.body.get("jobs", [])]},
+        "LIST": {"jobs": [{"id": 10}, {"id": 11}], "next": None},
+        "RESULTS": (
+            {"results": [{"i": 0, "out": 0}, {"i": 1, "out": 1}], "next": 1}
+            if "after" not in message.body
+            else {"results": [{"i": 2, "out": 4}], "next": None}
+        ),
+    }
+    if message.verb == "SHOW":
+        return "ERR", {"code": "unknown_job", "message": "no such job"}
+    return "OK", answers[message.verb]
+
+
+def test_blocking_client_returns_results_and_raises_errors():
+    """BlockingClient returns each reply's payload, raises gridd errors, and closes as a context manager."""
+    reactor = ServingReactor(scripted)
+    with BlockingClient("tcp:127.0.0.1:7700", "s3cret", reactor=reactor) as grid:
+        ids = grid.submit([{"type": "noop", "records": [1]}, {"type": "noop", "records": [2]}])
+        assert ids == [10, 11]
+        assert grid.wait(ids) == {10: status(10, "done", 3), 11: status(11, "done", 3)}
+        assert [job["id"] for job in grid.iter_jobs()] == [10, 11]
+        with pytest.raises(errors.UnknownJob):
+            grid.show(99)
+    [(protocol, transport)] = reactor.connections
+    assert not transport.connected
+    assert reactor.getDelayedCalls() == []
+
+
+def test_blocking_client_iter_results_fetches_page_by_page():
+    """BlockingClient.iter_results() is a plain generator that asks for the next page with after=next."""
+    reactor = ServingReactor(scripted)
+    grid = BlockingClient("tcp:127.0.0.1:7700", "s3cret", name="script", reactor=reactor)
+    assert [result["i"] for result in grid.iter_results(10)] == [0, 1, 2]
+    grid.close()
