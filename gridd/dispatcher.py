@@ -235,7 +235,8 @@ class Dispatcher:
         self.default_timeout = default_timeout
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
-        self.reattach_grace = reattach_grace if reattach_grace is not None else self.deadline
+        # Reconnecting workers back off; give them time to find a restarted server.
+        self.reattach_grace = reattach_grace if reattach_grace is not None else max(30.0, 2 * self.deadline)
         self.new_lease = new_lease
         self.dispatching = True
         self.jobs: dict[int, Job] = {}

@@ -5,12 +5,12 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from gridd.store.memory import MemoryStore
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from gridd import errors
 from gridd.dispatcher import Dispatcher, parse_version
+from gridd.store.memory import MemoryStore
 
 
 class FakeConnection:
@@ -420,7 +420,7 @@ def test_restart_reattaches_held_lease_and_ends_the_rest():
     run(g.d.result(w, a, ja["lease"], [{"i": 0, "out": 1}]))
     g.d.stop()
     # The server restarts on the same store.
-    g2 = Grid(store, lease_prefix="R")
+    g2 = Grid(store, lease_prefix="R", reattach_grace=4.0)
     w_again = g2.worker("w1", slots=2, holding=[{"job": a, "lease": ja["lease"]}])
     assert w_again.hello_reply["kept"] == [{"job": a, "lease": ja["lease"], "todo": [1]}]
     assert not w_again.take("JOB")

@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gridd.store.memory import MemoryStore
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -29,6 +28,7 @@ from twisted.python.failure import Failure
 from gridd.dispatcher import Dispatcher
 from gridd.server.auth import SharedSecret
 from gridd.server.protocol import ServerFactory
+from gridd.store.memory import MemoryStore
 
 TRANSCRIPTS = Path(__file__).resolve().parent.parent / "protocols" / "transcripts"
 SECRET = "s3cret"

@@ -45,7 +45,7 @@ class Options(usage.Options):
         ["default-timeout", None, 3600.0, "Run-time limit of one attempt for jobs that name none (seconds).", float],
         ["backoff-base", None, 1.0, "Retry backoff after a failed attempt: base x 2^(attempt-1) seconds...", float],
         ["backoff-max", None, 300.0, "... capped at this many seconds.", float],
-        ["reattach-grace", None, None, "Seconds a lease awaits its worker after a restart (default: deadline).", float],
+        ["reattach-grace", None, None, "Seconds leases await workers after a restart [max(30, 2 x deadline)].", float],
         ["handshake-timeout", None, 10.0, "Seconds a new connection has to complete its HELLO.", float],
         ["max-line", None, wire.DEFAULT_MAX_LINE, "Maximum line length in bytes.", int],
         ["port-file", None, None, "Write the listening addresses here as JSON once listening (for scripts)."],

@@ -199,7 +199,9 @@ def make_worker_service(
     connection = ClientService(
         endpoint,
         WorkerFactory(reactor, name, token, core),
-        retryPolicy=backoffPolicy(),
+        # Quick first retries (a restarted server is back in a second or two),
+        # and never more than 10 s between attempts.
+        retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0),
         clock=reactor,
         prepareConnection=wait_for_handshake(reactor, handshake_timeout),
     )
