@@ -67,11 +67,15 @@ async def submit(client, scenario: str, jobs: int):
             await client.submit([spec] * min(1000, jobs - start))
 
 
-async def one_run(reactor, scenario: str, jobs: int, workers: int, slots: int) -> float:
+async def one_run(reactor, scenario: str, args) -> float:
+    jobs, workers, slots = args.jobs, args.workers, args.slots
     with tempfile.TemporaryDirectory(prefix="gridd-bench-") as tmp:
         grid = LocalGrid(reactor, Path(tmp), beat=2.0)
+        profile = ()
+        if args.profile_server:
+            profile = ("--profiler=cprofile", "--savestats", f"--profile={args.profile_server}.{scenario}")
         try:
-            await grid.start_server()
+            await grid.start_server(twistd_args=profile)
             for n in range(workers):
                 await grid.start_worker(f"bench-{n}", slots)
             client = await connect(reactor, grid.endpoint, grid.secret, name="bench")
@@ -107,7 +111,7 @@ async def main(reactor, args):
     print(f"{args.jobs} no-op jobs, {args.workers} worker processes x {args.slots} slots, SQLite store")
     results = {}
     for scenario in args.scenarios:
-        runs = [await one_run(reactor, scenario, args.jobs, args.workers, args.slots) for _ in range(args.repeat)]
+        runs = [await one_run(reactor, scenario, args) for _ in range(args.repeat)]
         results[scenario] = statistics.median(runs)
     print("median end-to-end throughput (first submit to last completion):")
     for scenario, rate in results.items():
@@ -120,6 +124,7 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile-server", metavar="FILE", help="write the server's cProfile stats to FILE.SCENARIO")
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     args = parser.parse_args()
     task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor, args)))

@@ -44,10 +44,11 @@ def _env():
 class GriddProcess(protocol.ProcessProtocol):
     """One ``twistd -n`` process whose log lines can be awaited."""
 
-    def __init__(self, reactor, name: str, args: list[str], log_dir: Path):
+    def __init__(self, reactor, name: str, args: list[str], log_dir: Path, twistd_args: tuple[str, ...] = ()):
         self.reactor = reactor
         self.name = name
         self.args = args
+        self.twistd_args = twistd_args
         self.lines: list[str] = []
         self._partial = b""
         self._waiters: list[tuple[re.Pattern, int, defer.Deferred]] = []
@@ -58,7 +59,7 @@ class GriddProcess(protocol.ProcessProtocol):
         self.transport = None
 
     def start(self):
-        argv = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "--logfile=-", *self.args]
+        argv = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "--logfile=-", *self.twistd_args, *self.args]
         self.reactor.spawnProcess(self, sys.executable, argv, env=_env(), path=str(ROOT))
         return self
 
@@ -164,7 +165,8 @@ class LocalGrid:
     def secret(self) -> str:
         return (self.data / "secret").read_text().strip()
 
-    async def start_server(self, *extra: str) -> GriddProcess:
+    async def start_server(self, *extra: str, twistd_args: tuple[str, ...] = ()) -> GriddProcess:
+        """Start ``twistd gridd`` with ``extra`` options; ``twistd_args`` go to twistd itself."""
         self._generation += 1
         args = [
             "gridd",
@@ -176,7 +178,7 @@ class LocalGrid:
             str(self.beat),
             *extra,
         ]
-        self.server = GriddProcess(self.reactor, f"server-{self._generation}", args, self.tmp).start()
+        self.server = GriddProcess(self.reactor, f"server-{self._generation}", args, self.tmp, twistd_args).start()
         await self.server.wait_for(r"gridd listening on")
         return self.server
 
