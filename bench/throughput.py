@@ -29,9 +29,8 @@ from twisted.internet import defer, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import twisted  # noqa: E402
-
 import gridd  # noqa: E402
+import twisted  # noqa: E402
 from gridd.client import connect  # noqa: E402
 from gridd.launch import LocalGrid  # noqa: E402
 

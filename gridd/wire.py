@@ -9,6 +9,7 @@ specification, or raises the ``gridd.errors`` class the spec names.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +57,10 @@ def _int(lo=0, hi=_MAX_INT):
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
-def _num(lo=0.0):
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo
+def _num(lo=0.0, hi=_MAX_INT):
+    # Bounded above: a huge integer (JSON allows thousands of digits) cannot
+    # become a float, and a duration is used as one (timers, JOB's timeout).
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
 
 
 def _str(lo=0, hi=1 << 20):
@@ -249,11 +252,13 @@ def parse_line(line: bytes, verbs: dict[str, dict] = PEER_VERBS) -> Message:
     verb = verb_bytes.decode("ascii")
     if text.strip():
         try:
-            body = json.loads(text, parse_constant=_reject_constant)
+            body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
         except (ValueError, RecursionError):
             raise errors.BadJSON() from None
         if not isinstance(body, dict):
             raise errors.BadJSON()
+        if _SURROGATE_ESCAPE.search(text) and not _encodable(body):
+            raise errors.BadJSON("message body has a string with a lone surrogate (\\uD800-\\uDFFF)")
     else:
         body = {}
     spec = verbs.get(verb)
@@ -267,6 +272,27 @@ def parse_line(line: bytes, verbs: dict[str, dict] = PEER_VERBS) -> Message:
 
 def _reject_constant(name):
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text):
+    # 1e400 parses as infinity, which no JSON encoder will send back.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+#: A ``\uD800``-``\uDFFF`` escape: JSON decodes an unpaired one into a string
+#: that cannot be encoded as UTF-8 again (so could never be stored or echoed).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _encodable(body: dict) -> bool:
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
 
 
 def _with_rid(err: errors.GriddError, body: dict) -> errors.GriddError:

@@ -23,11 +23,11 @@ log = Logger()
 
 def is_loopback_listen(spec: str) -> bool:
     """True if an endpoint string listens on loopback only (or is a UNIX socket)."""
-    kind, _, rest = spec.partition(":")
+    kind, *parts = _endpoint_fields(spec)
     if kind == "unix":
         return True
     interface = None
-    for part in rest.split(":"):
+    for part in parts:
         if part.startswith("interface="):
             interface = part[len("interface=") :]
     if interface is None:
@@ -38,6 +38,21 @@ def is_loopback_listen(spec: str) -> bool:
         return ipaddress.ip_address(interface.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _endpoint_fields(spec: str) -> list[str]:
+    """Split an endpoint string at its unescaped colons (``tcp6:7700:interface=\\:\\:1``)."""
+    fields, current, chars = [], [], iter(spec)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    fields.append("".join(current))
+    return fields
 
 
 class GriddService(service.Service):
@@ -62,7 +77,14 @@ class GriddService(service.Service):
 
     async def _start(self):
         await self.store.start()
-        await self.dispatcher.start()
+        if self.running:
+            await self.dispatcher.start()
+        if not self.running:
+            # stopService ran while we waited and found nothing to stop:
+            # undo what started since, and never listen.
+            self.dispatcher.stop()
+            await self.store.stop()
+            return
         self.listeners.startService()
         ports = []
         for listener in self.listeners:

@@ -64,6 +64,8 @@ class Session:
         self.state = "connected"
         self.name: str | None = None
         self.identity: str | None = None
+        #: A HELLO is being handled (a worker's may wait for name arbitration).
+        self._hello_pending = False
 
     @property
     def ready(self) -> bool:
@@ -78,8 +80,9 @@ class Session:
         if self.state == "connected" and msg.verb != "HELLO":
             raise errors.HelloRequired()
         if msg.verb == "HELLO":
-            if self.ready:
+            if self.ready or self._hello_pending:
                 raise errors.AlreadyReady()
+            self._hello_pending = True
             return defer.Deferred.fromCoroutine(self._hello(msg.body))
         if self.state == "worker":
             self.dispatcher.seen(self.conn)
@@ -94,6 +97,12 @@ class Session:
         return defer.Deferred.fromCoroutine(handler(self.dispatcher, self.conn, msg.body))
 
     async def _hello(self, hello: dict) -> dict:
+        try:
+            return await self._handshake(hello)
+        finally:
+            self._hello_pending = False
+
+    async def _handshake(self, hello: dict) -> dict:
         if hello["proto"] != wire.PROTO:
             raise errors.UnsupportedProto(protos=[wire.PROTO])
         role = hello["role"]

@@ -60,6 +60,17 @@ class Options(usage.Options):
         self["listen"].append(spec)
 
     def postOptions(self):
+        # A zero beat would make the server send BEATs in a busy loop; a
+        # deadline within one beat drops peers that beat on time; a max-line
+        # below the pre-HELLO limit refuses HELLOs that peers may send.
+        if self["beat"] <= 0:
+            raise usage.UsageError("--beat must be positive")
+        if self["deadline"] is not None and self["deadline"] <= self["beat"]:
+            raise usage.UsageError("--deadline must be longer than --beat")
+        if self["handshake-timeout"] <= 0 or self["default-timeout"] <= 0:
+            raise usage.UsageError("--handshake-timeout and --default-timeout must be positive")
+        if self["max-line"] < wire.PRE_HELLO_MAX_LINE:
+            raise usage.UsageError(f"--max-line must be at least {wire.PRE_HELLO_MAX_LINE}")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         if self["db"] is None:
@@ -98,7 +109,7 @@ def makeService(options, reactor=None) -> service.MultiService:
     # 3. Listeners, started by GriddService once the store is loaded.
     listeners = service.MultiService()
     for spec in options["listen"]:
-        if not is_loopback_listen(spec):
+        if not is_loopback_listen(spec) and not spec.startswith("ssl:"):
             log.warn(
                 "WARNING: {spec} listens beyond loopback without TLS: anyone on the network can "
                 "read the shared secret and all job data. Use ssl: endpoints for anything but a demo.",
