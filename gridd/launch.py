@@ -128,7 +128,8 @@ class GriddProcess(protocol.ProcessProtocol):
         return [line for line in self.lines if regex.search(line)]
 
     def send_signal(self, sig: int):
-        if not self.ended.called:
+        # The pid is None once the process has exited, even before processEnded.
+        if not self.ended.called and self.transport.pid is not None:
             os.kill(self.pid, sig)
 
     async def stop(self, sig=signal.SIGTERM, timeout: float = WAIT):
