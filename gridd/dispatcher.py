@@ -30,7 +30,7 @@ from __future__ import annotations
 import heapq
 import re
 import secrets
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from gridd import errors
 from gridd.store.base import ActiveJob, JobSpec, RecordResult
 
-__all__ = ["Dispatcher", "IConnection", "parse_version"]
+__all__ = ["Dispatcher", "IConnection", "RateCounter", "parse_version"]
 
 log = Logger()
 
@@ -114,6 +114,8 @@ class Job:
     in_flight: set[int] = field(default_factory=set)
     #: A DONE, FAIL or RETURN for the current lease is being committed.
     closing: bool = False
+    #: The current lease is being claimed in the store; its JOB is not sent yet.
+    claiming: bool = False
     #: The one timer a job has at a time: run-time limit, backoff, or reattach grace.
     timer: Any = None
 
@@ -212,6 +214,37 @@ class _RunQueue:
         return job_id
 
 
+class RateCounter:
+    """Events by kind in fixed time slots on a clock, for "how many per minute lately".
+
+    ``add`` counts into the slot the clock is in; ``total`` sums the slots
+    that began within the last ``seconds``. Slots older than ``keep`` seconds
+    are dropped as new ones start, so memory is bounded and nothing is
+    scheduled on the clock.
+    """
+
+    def __init__(self, clock, *, slot: float = 10.0, keep: float = 900.0):
+        self.clock = clock
+        self.slot = slot
+        self.keep = keep
+        #: (slot number, Counter of kinds), oldest first.
+        self._slots: deque[tuple[int, Counter]] = deque()
+
+    def add(self, kind: str, n: int = 1):
+        current = int(self.clock.seconds() // self.slot)
+        if not self._slots or self._slots[-1][0] != current:
+            self._slots.append((current, Counter()))
+            oldest = current - int(self.keep // self.slot)
+            while self._slots[0][0] <= oldest:
+                self._slots.popleft()
+        self._slots[-1][1][kind] += n
+
+    def total(self, kind: str, seconds: float) -> int:
+        """Events of ``kind`` in the slots that began within the last ``seconds``."""
+        first = int(self.clock.seconds() // self.slot) - int(seconds // self.slot) + 1
+        return sum(counts[kind] for number, counts in self._slots if number >= first)
+
+
 class Dispatcher:
     """Hands runnable jobs to matching workers and keeps their leases honest."""
 
@@ -248,6 +281,8 @@ class Dispatcher:
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._in_dispatch = False
         self._stopped = False
+        #: Jobs submitted, records accepted, and jobs ended done/failed/cancelled, for operators.
+        self.rates = RateCounter(clock)
 
     # ------------------------------------------------------------------
     # lifecycle
@@ -498,6 +533,7 @@ class Dispatcher:
             job.in_flight -= indices
         for i in indices:
             job.pending.pop(i, None)
+        self.rates.add("records", len(indices))
         return accepted
 
     async def _close_lease(self, job: Job, kind: str, *, error=None, retry=True, backoff=False, count=True):
@@ -571,6 +607,7 @@ class Dispatcher:
             self.jobs[job_id] = job
             self._queue.push(job)
             self._notify(job)
+        self.rates.add("submitted", len(ids))
         self._dispatch()
         return {"jobs": ids}
 
@@ -612,6 +649,11 @@ class Dispatcher:
                 for w in self.workers.values()
             ]
         }
+
+    def queue_depth(self) -> dict[tuple[str, int], int]:
+        """Queued jobs (runnable or in retry backoff) by (type, priority), highest priority first."""
+        depth = Counter((j.type, j.priority) for j in self.jobs.values() if j.state == "queued")
+        return dict(sorted(depth.items(), key=lambda item: (-item[0][1], item[0][0])))
 
     async def stats(self) -> dict:
         counts = await self.store.counts()
@@ -747,7 +789,7 @@ class Dispatcher:
             state, not_before, attempts = self._next_state(job, reason, backoff=backoff)
         else:
             not_before = None
-        if revoke and job.worker is not None:
+        if revoke and job.worker is not None and not job.claiming:
             job.worker.conn.send("REVOKE", {"job": job.id, "lease": lease, "reason": reason})
         self._detach(job, reason)
         write = dict(state=state, reason=reason, error=error, not_before=not_before, attempts=attempts)
@@ -824,6 +866,7 @@ class Dispatcher:
         self._queue.discard(job)
         job.state = state
         self.jobs.pop(job.id, None)
+        self.rates.add(state)
         self._notify(job)
         self._dispatch()
 
@@ -843,6 +886,7 @@ class Dispatcher:
             self._queue.push(job)
 
     def _bind(self, worker: Worker, job: Job):
+        """Give a reattached lease to ``worker``, with a fresh run-time limit."""
         job.worker = worker
         worker.leases[job.lease] = job
         job.timer = self.clock.callLater(job.timeout, self._lease_timed_out, job, job.lease)
@@ -898,12 +942,29 @@ class Dispatcher:
             self._in_dispatch = False
 
     def _lease(self, worker: Worker, job: Job):
+        """Claim ``job`` for ``worker`` in the store; send it once the claim has committed.
+
+        The slot is taken at once, so one dispatch round does not hand a
+        worker more jobs than it has slots. The claim is the store's
+        ``grant``, which fails if the job is no longer queued there (another
+        server claimed it first, when several share a database).
+        """
         lease = self.new_lease()
         job.lease = lease
         job.state = "running"
         job.attempts += 1
-        self._bind(worker, job)
-        worker.conn.send(
+        job.claiming = True
+        job.worker = worker
+        worker.leases[lease] = job
+        d = self.store.grant(job.id, lease, worker.name, job.attempts, self.clock.seconds())
+        d.addCallbacks(self._granted, self._grant_failed, (job, lease), None, (job, lease))
+
+    def _granted(self, _, job: Job, lease: str):
+        job.claiming = False
+        if job.lease != lease:
+            return  # the lease ended while it was being claimed; its release follows the grant
+        job.timer = self.clock.callLater(job.timeout, self._lease_timed_out, job, lease)
+        job.worker.conn.send(
             "JOB",
             {
                 "job": job.id,
@@ -916,21 +977,23 @@ class Dispatcher:
                 "timeout": float(job.timeout),
             },
         )
-        self.store.grant(job.id, lease, worker.name, job.attempts, self.clock.seconds()).addErrback(
-            self._grant_failed, job, lease
-        )
         self._notify(job)
 
     def _grant_failed(self, failure, job: Job, lease: str):
-        log.failure("job {job}: could not record lease {lease}", failure, job=job.id, lease=lease)
-        if job.lease == lease:
-            # Undo: the store never saw this lease; the worker must stop.
-            if job.worker is not None:
-                job.worker.conn.send("REVOKE", {"job": job.id, "lease": lease, "reason": "unavailable"})
-            self._detach(job, "unavailable")
+        job.claiming = False
+        if job.lease != lease:
+            return
+        self._detach(job, "unclaimed")
+        if failure.check(errors.InvalidState, errors.UnknownJob):
+            # Someone else has it now (another server sharing the store): not ours to run.
+            log.info("job {job}: claimed elsewhere ({f.value})", job=job.id, f=failure)
+            self._forget(job)
+        else:
+            log.failure("job {job}: could not record lease {lease}", failure, job=job.id, lease=lease)
             job.attempts -= 1
             job.state = "queued"
             self._make_runnable(job, self.clock.seconds(), self.clock.seconds() + self.backoff_base)
+        self._dispatch()
 
     def _notify(self, job: Job, **extra):
         if not self._watchers:

@@ -485,3 +485,16 @@ def test_watch_pushes_events_on_change():
     events = watcher.take("EVENT")
     assert {e["job"] for e in events} == {a}
     assert [(e["state"], e["accepted"]) for e in events] == [("running", 0), ("running", 1), ("done", 2)]
+
+
+def test_job_claimed_elsewhere_is_dropped_and_the_slot_reused():
+    """A job another server claimed in the shared store first is not sent; the slot takes the next job."""
+    g = Grid()
+    run(g.d.set_dispatching(False))
+    [taken, free] = g.submit({}, {})
+    run(g.store.grant(taken, "X1", "other-server-worker", 1, g.clock.seconds()))
+    w = g.worker()
+    run(g.d.set_dispatching(True))
+    assert [j["job"] for j in w.take("JOB")] == [free]
+    assert taken not in g.d.jobs
+    assert g.state(taken)["lease"] == "X1"
