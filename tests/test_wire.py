@@ -255,7 +255,7 @@ def test_parse_line_deep_nesting_is_bad_json(opener):
 )
 def test_parse_line_lone_surrogate_escape_is_bad_json(text):
     """A string holding an unpaired surrogate escape is refused: it could never be stored or sent back as UTF-8."""
-    err = refused(('SUBMIT {"rid":1,"jobs":[{"type":"t","records":[1],"name":%s}]}' % text).encode())
+    err = refused(('SUBMIT {"rid":1,"jobs":[{"type":"t","records":[1],"name":' + text + "}]}").encode())
     assert type(err) is errors.BadJSON
 
 
@@ -421,7 +421,7 @@ def test_parse_line_unknown_fields_ignored_and_kept():
 
 def test_parse_line_limits_inclusive():
     """The largest rid and the longest name are accepted: the ranges are inclusive."""
-    msg = parse('SHOW {"rid":%d,"job":0}' % (2**53 - 1))
+    msg = parse(f'SHOW {{"rid":{2**53 - 1},"job":0}}')
     assert msg.rid == 2**53 - 1
     hello = dict(PEER_EXAMPLES["HELLO"], name="n" * 128)
     assert wire.parse_line(line("HELLO", hello)).body["name"] == "n" * 128
@@ -520,7 +520,7 @@ def test_parse_line_arbitrary_bytes_only_gridd_errors(data):
 @PROPERTY
 @given(st.data())
 def test_parse_line_hostile_lines_only_gridd_errors_and_accepted_reencode(data):
-    """Any line parse_line accepts can be encoded again and parses to the same Message; anything else is a GriddError."""
+    """A line parse_line accepts can be encoded again and parses to the same Message; others raise a GriddError."""
     direction = data.draw(st.sampled_from(sorted(DIRECTIONS)))
     verbs = DIRECTIONS[direction][0]
     raw = data.draw(hostile_lines(direction))
@@ -595,7 +595,7 @@ class _RecordingSession:
     crlf=st.booleans(),
 )
 def test_server_protocol_chunked_peer_messages_arrive_identical(messages, sizes, crlf):
-    """Valid peer messages, encoded and fed to a ServerProtocol in chunks of 1..N bytes, arrive as identical Messages."""
+    """Valid peer messages fed to a ServerProtocol in chunks of 1..N bytes arrive as identical Messages."""
     factory = ServerFactory(None, None, task.Clock())
     proto = factory.buildProtocol(None)
     assert isinstance(proto, ServerProtocol)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 
 from twisted.application import service
 from twisted.internet import defer
@@ -55,6 +56,14 @@ def _endpoint_fields(spec: str) -> list[str]:
     return fields
 
 
+def _address(addr) -> dict:
+    """A listening address as JSON: ``{"host", "port"}`` for TCP, ``{"path"}`` for a UNIX socket."""
+    if hasattr(addr, "port"):
+        return {"host": addr.host, "port": addr.port}
+    name = getattr(addr, "name", None)
+    return {"path": os.fsdecode(name) if name is not None else str(addr)}
+
+
 class GriddService(service.Service):
     """Owns the store, the dispatcher and the listeners, and starts them in order."""
 
@@ -89,12 +98,13 @@ class GriddService(service.Service):
         ports = []
         for listener in self.listeners:
             ports.append(await listener._waitingForPort)
-        addresses = [p.getHost() for p in ports]
+        addresses = [_address(p.getHost()) for p in ports]
         for listener, addr in zip(self.listeners, addresses, strict=True):
-            log.info("gridd listening on {spec} ({addr.host}:{addr.port})", spec=listener.spec, addr=addr)
+            where = addr["path"] if "path" in addr else f"{addr['host']}:{addr['port']}"
+            log.info("gridd listening on {spec} ({where})", spec=listener.spec, where=where)
         if self.port_file:
             with open(self.port_file, "w") as f:
-                json.dump([{"host": a.host, "port": a.port} for a in addresses], f)
+                json.dump(addresses, f)
         self.started.callback(ports)
 
     def _start_failed(self, failure):

@@ -49,6 +49,9 @@ class Options(usage.Options):
         ["handshake-timeout", None, 10.0, "Seconds a new connection has to complete its HELLO.", float],
         ["max-line", None, wire.DEFAULT_MAX_LINE, "Maximum line length in bytes.", int],
         ["port-file", None, None, "Write the listening addresses here as JSON once listening (for scripts)."],
+        # The operators' SSH manhole (gridd.server.manhole).
+        ["manhole", None, None, "Operators' SSH manhole endpoint; a bare port N is tcp:N:interface=127.0.0.1 [off]."],
+        ["manhole-keys", None, None, "Operators' SSH public keys (authorized_keys) [DATA/manhole_authorized_keys]."],
     ]
 
     def __init__(self):
@@ -77,6 +80,11 @@ class Options(usage.Options):
             self["db"] = "sqlite:" + os.path.join(self["data"], "gridd.db")
         if self["secret-file"] is None:
             self["secret-file"] = os.path.join(self["data"], "secret")
+        # The manhole: a bare port listens on loopback only.
+        if self["manhole"] is not None and self["manhole"].isdigit():
+            self["manhole"] = f"tcp:{self['manhole']}:interface=127.0.0.1"
+        if self["manhole-keys"] is None:
+            self["manhole-keys"] = os.path.join(self["data"], "manhole_authorized_keys")
 
 
 def makeService(options, reactor=None) -> service.MultiService:
@@ -118,6 +126,18 @@ def makeService(options, reactor=None) -> service.MultiService:
         _listener(reactor, spec, factory).setServiceParent(listeners)
     server = GriddService(store, dispatcher, factory, listeners, reactor=reactor, port_file=options["port-file"])
     server.setServiceParent(top)
+    # 4. The operators' SSH manhole (off by default): it listens once the server does, and
+    #    stops first. Its host key is made in DATA on first start; it warns beyond loopback.
+    if options["manhole"]:
+        from gridd.server.manhole import HOST_KEY_NAME, make_manhole_service
+
+        make_manhole_service(
+            reactor,
+            options["manhole"],
+            server=server,
+            authorized_keys=options["manhole-keys"],
+            host_key=os.path.join(options["data"], HOST_KEY_NAME),
+        ).setServiceParent(top)
     return top
 
 
