@@ -44,6 +44,9 @@ TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})
 MAX_JOBS_PER_SUBMIT = 10_000
 
 _MAX_RID = 2**53 - 1
+#: Room for one job's status in a WATCH reply: ``{"job":ID,"state":S,"accepted":A,"total":N}``
+#: takes at most about 100 bytes; the rest is margin for fields a newer server adds.
+_STATUS_BYTES = 256
 #: A SUBMIT line with no job in it and the widest possible rid, without its LF.
 _SUBMIT_ENVELOPE = len(wire.encode("SUBMIT", {"jobs": [], "rid": _MAX_RID})) - 1
 
@@ -172,18 +175,27 @@ class ClientProtocol(PeerProtocol):
         Fires with the jobs' current status. The callback is registered
         before WATCH is sent, so no event slips between the reply and the
         first EVENT; it stays registered until :meth:`unwatch` or until the
-        connection is lost, or is dropped at once if the server refuses.
+        connection is lost, and is dropped at once if the server refuses.
+        Long lists go out in several WATCHes so that each reply, one status
+        per job, fits in ``max_line``.
         """
         jobs = list(job_ids)
         entry = (frozenset(jobs) or None, callback)
         self._watches.append(entry)
+        return Deferred.fromCoroutine(self._watch(jobs, entry))
 
-        def refused(failure):
+    async def _watch(self, jobs: list[int], entry) -> list[dict]:
+        per_request = max(1, self.max_line // _STATUS_BYTES)
+        batches = [jobs[start : start + per_request] for start in range(0, len(jobs), per_request)] or [[]]
+        statuses = []
+        try:
+            for batch in batches:
+                statuses.extend((await self.request("WATCH", {"jobs": batch}))["jobs"])
+        except Exception:
             if entry in self._watches:
                 self._watches.remove(entry)
-            return failure
-
-        return self.request("WATCH", {"jobs": jobs}).addCallbacks(operator.itemgetter("jobs"), refused)
+            raise
+        return statuses
 
     def unwatch(self, callback: EventCallback) -> None:
         """Stop calling ``callback``. The protocol has no UNWATCH: the server keeps sending."""
@@ -291,7 +303,8 @@ class ClientProtocol(PeerProtocol):
         self._watches.clear()
         waits, self._waits = self._waits, set()
         for d in waits:
-            d.errback(ConnectionDropped(f"connection lost: {reason.getErrorMessage()}"))
+            if not d.called:
+                d.errback(ConnectionDropped(f"connection lost: {reason.getErrorMessage()}"))
 
     def _ask(self, verb: str, body: dict, field: str) -> Deferred:
         return self.request(verb, body).addCallback(operator.itemgetter(field))
@@ -301,7 +314,8 @@ def split_submit(jobs: list[dict], max_line: int) -> Iterator[list[dict]]:
     """Split jobs into SUBMIT batches of at most 10,000 jobs whose line fits ``max_line``.
 
     Sizes are measured with :func:`gridd.wire.encode` itself, with room for
-    the widest ``rid``. Raises ``LineTooLong`` for a job no line can hold.
+    the widest ``rid``. The reply fits too: an id takes fewer bytes than the
+    smallest job. Raises ``LineTooLong`` for a job no line can hold.
     """
     chunk: list[dict] = []
     size = _SUBMIT_ENVELOPE

@@ -442,6 +442,35 @@ def test_client_watch_refused_drops_callback():
     lose(protocol)
 
 
+def test_client_watch_long_list_splits_so_replies_fit_max_line():
+    """A long WATCH list goes out in batches small enough for each reply (one status per job) to fit."""
+    protocol, transport, _ = handshake(max_line=3 * 256)
+    d = protocol.watch(range(1, 8), lambda status: None)
+    batches = []
+    while not d.called:
+        [request] = sent(transport)
+        batches.append(request.body["jobs"])
+        reply(protocol, "OK", {"rid": request.rid, "jobs": [status(job, "queued") for job in request.body["jobs"]]})
+    assert batches == [[1, 2, 3], [4, 5, 6], [7]]
+    assert [s["job"] for s in result_of(d)] == list(range(1, 8))
+    lose(protocol)
+
+
+def test_client_watch_refused_later_batch_drops_callback():
+    """When a later WATCH batch is refused, the whole watch fails and its callback is gone."""
+    protocol, transport, _ = handshake(max_line=256)
+    seen = []
+    d = protocol.watch([1, 404], seen.append)
+    [first] = sent(transport)
+    reply(protocol, "OK", {"rid": first.rid, "jobs": [status(1, "queued")]})
+    [second] = sent(transport)
+    reply(protocol, "ERR", {"rid": second.rid, "code": "unknown_job", "message": "no such job"})
+    assert isinstance(failure_of(d), errors.UnknownJob)
+    event(protocol, 1, "running")
+    assert seen == []
+    lose(protocol)
+
+
 def test_client_wait_fires_only_when_every_job_is_terminal():
     """wait() fires after the EVENT that makes the last watched job done, failed or cancelled."""
     protocol, transport, _ = handshake()

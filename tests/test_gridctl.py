@@ -36,6 +36,7 @@ class FakeServer(LineOnlyReceiver):
     """
 
     delimiter = b"\n"
+    MAX_LENGTH = WELCOME["max_line"]
 
     def __init__(self, handlers):
         self.handlers = {"HELLO": lambda body: WELCOME, **handlers}
@@ -299,6 +300,22 @@ def test_submit_refused_prints_code_and_message(tmp_path):
     assert outcome.lines() == []
 
 
+def test_submit_later_batch_refused_still_prints_committed_ids(tmp_path):
+    """When a later SUBMIT is refused, the ids already committed are printed before the error."""
+
+    def submit(body):
+        if len(grid.server.requests("SUBMIT")) > 1:
+            raise errors.Unavailable("store down")
+        return submitted_ids(body)
+
+    grid = Grid(SUBMIT=submit)
+    records = b"".join(b"%d\n" % n for n in range(10_001))
+    outcome = Outcome(grid, ["submit", "-", "--type", "noop", "--records-per-job", "1"], tmp_path, stdin=records)
+    assert outcome.code == 1
+    assert len(outcome.lines()) == 10_000
+    assert outcome.err.getvalue() == "gridctl: error: unavailable: store down\n"
+
+
 # -- reading commands ----------------------------------------------------------------------
 
 JOBS = [
@@ -392,6 +409,13 @@ def test_results_writes_every_page_to_file(tmp_path):
     assert outcome.code == 0
     assert [json.loads(line)["out"] for line in target.read_text().splitlines()] == [0, 10, 20, 30, 40]
     assert outcome.out.getvalue() == ""
+
+
+def test_results_default_to_stdout(tmp_path):
+    """results without -o prints the JSON Lines on stdout."""
+    outcome = Outcome(Grid(RESULTS=results_pages), ["results", "7"], tmp_path)
+    assert outcome.code == 0
+    assert [result["i"] for result in outcome.json_lines()] == [0, 1, 2, 3, 4]
 
 
 def test_results_unknown_job_creates_no_file(tmp_path):

@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
 
 async def _react_main(reactor, args: argparse.Namespace) -> None:
-    code = await run(reactor, args)
+    try:
+        code = await run(reactor, args)
+    except BrokenPipeError:
+        # The reader left (``gridctl results 7 | head``): not an error. Point
+        # stdout at /dev/null so that the flush at exit does not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
     if code != EXIT_OK:
         raise SystemExit(code)
 
@@ -82,18 +88,21 @@ def _log_errors_to(stream: TextIO) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gridctl",
-        description="Submit jobs to a gridd server, follow them, and steer the grid.",
+        description="Submit jobs to a gridd server, follow them, and steer the grid.\n"
+        "The options below go before the command: gridctl --server ENDPOINT list",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--server",
+        metavar="ENDPOINT",
         default=os.environ.get("GRIDD_SERVER", config.DEFAULT_SERVER),
         help="server endpoint, e.g. tcp:HOST:7700 or tls:HOST:7701:trustRoots=DIR"
         f" (default: $GRIDD_SERVER or {config.DEFAULT_SERVER})",
     )
     parser.add_argument(
         "--secret-file",
+        metavar="PATH",
         help="file holding the shared secret (default: $GRIDD_DATA/secret, ./gridd-data/secret or ~/.gridd/secret)",
     )
     parser.add_argument("--name", default="gridctl", help="this client's name in the server's logs")
@@ -102,12 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="submit records as one or more jobs")
     submit.add_argument("file", help="JSON Lines file of records, one JSON value per line; - for stdin")
     submit.add_argument("--type", required=True, help="job type, as the workers' handlers name it")
-    submit.add_argument("--name", dest="job_name", help="job name (default: the file's name)")
-    submit.add_argument("--priority", type=int, help="higher runs first (default 0)")
+    submit.add_argument("--name", dest="job_name", metavar="NAME", help="job name (default: the file's name)")
+    submit.add_argument("--priority", type=int, metavar="N", help="higher runs first (default 0)")
     submit.add_argument("--requires-memory", type=_natural, metavar="MIB", help="memory a worker must offer")
-    submit.add_argument("--tag", dest="tags", action="append", help="tag a worker must have (repeatable)")
-    submit.add_argument("--min-version", help="lowest handler version that may run the job")
-    submit.add_argument("--retries", type=_natural, help="failed attempts to retry (default 3)")
+    submit.add_argument(
+        "--tag", dest="tags", action="append", metavar="TAG", help="tag a worker must have (repeatable)"
+    )
+    submit.add_argument("--min-version", metavar="VERSION", help="lowest handler version that may run the job")
+    submit.add_argument("--retries", type=_natural, metavar="N", help="failed attempts to retry (default 3)")
     submit.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="run-time limit of an attempt")
     submit.add_argument("--params", type=_json_object, metavar="JSON", help="parameters for the handler, a JSON object")
     submit.add_argument(
@@ -301,7 +312,7 @@ async def run(
         print(f"gridctl: error: bad --server endpoint {args.server!r}: {e}", file=err)
         return EXIT_USAGE
     except Exception as e:
-        print(f"gridctl: cannot connect to {args.server}: {e or type(e).__name__}", file=err)
+        print(f"gridctl: cannot connect to {args.server}: {str(e) or type(e).__name__}", file=err)
         return EXIT_CONNECT
     try:
         return await args.run(grid, args, out, err)
@@ -389,10 +400,16 @@ async def cmd_submit(grid: client.ClientProtocol, args, out: TextIO, err: TextIO
     return EXIT_SERVER_ERROR if unfinished else EXIT_OK
 
 
+#: Seconds between two redraws of the progress bar: events may come by the thousand.
+_REDRAW_INTERVAL = 0.1
+
+
 async def _wait_with_progress(grid: client.ClientProtocol, totals: dict[int, int], err: TextIO) -> dict:
-    """Wait for the jobs, drawing accepted records over total on ``err`` at each EVENT."""
+    """Wait for the jobs, drawing accepted records over total on ``err`` as EVENTs arrive."""
     accepted: dict[int, int] = {}
     finished: set[int] = set()
+    records_done = 0
+    last_redraw = -math.inf
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -406,17 +423,20 @@ async def _wait_with_progress(grid: client.ClientProtocol, totals: dict[int, int
     task = progress.add_task(f"0/{len(totals)} jobs finished", total=sum(totals.values()))
 
     def on_event(status):
+        nonlocal records_done, last_redraw
         job = status["job"]
-        accepted[job] = status.get("accepted", accepted.get(job, 0))
+        now_accepted = status.get("accepted", accepted.get(job, 0))
+        records_done += now_accepted - accepted.get(job, 0)
+        accepted[job] = now_accepted
         if status["state"] in client.TERMINAL_STATES:
             finished.add(job)
         else:
             finished.discard(job)
+        redraw = progress.get_time() - last_redraw >= _REDRAW_INTERVAL or len(finished) == len(totals)
+        if redraw:
+            last_redraw = progress.get_time()
         progress.update(
-            task,
-            completed=sum(accepted.values()),
-            description=f"{len(finished)}/{len(totals)} jobs finished",
-            refresh=True,
+            task, completed=records_done, description=f"{len(finished)}/{len(totals)} jobs finished", refresh=redraw
         )
 
     with progress:
