@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from gridd import errors
+from gridd import errors, wire
 from gridd.store.base import ActiveJob, JobSpec, RecordResult
 
 __all__ = ["Dispatcher", "IConnection", "RateCounter", "parse_version"]
@@ -46,6 +46,7 @@ __all__ = ["Dispatcher", "IConnection", "RateCounter", "parse_version"]
 log = Logger()
 
 MAX_JOBS_PER_SUBMIT = 10_000
+MAX_ID = 2**53 - 1
 
 
 class IConnection(Protocol):
@@ -259,9 +260,11 @@ class Dispatcher:
         backoff_base: float = 1.0,
         backoff_max: float = 300.0,
         reattach_grace: float | None = None,
+        max_line: int = wire.DEFAULT_MAX_LINE,
         new_lease: Callable[[], str] = lambda: secrets.token_hex(8),
     ):
         self.store = store
+        self.max_line = max_line
         self.clock = clock
         self.beat = beat
         self.deadline = deadline if deadline is not None else 3 * beat
@@ -349,7 +352,7 @@ class Dispatcher:
                 raise errors.NameInUse(f"worker {name!r} is connected from {old.conn.address}")
             if old is not None:
                 log.info("worker {name}: old connection did not answer, superseded", name=name)
-                self._worker_gone(old, "superseded", spare=set(holding))
+                self._worker_gone(old, "superseded", spare=set(holding.items()))
                 old.conn.drop("superseded by a new connection")
         if self._stopped:
             raise errors.ShuttingDown()
@@ -574,6 +577,8 @@ class Dispatcher:
             raise errors.TooMany(f"at most {MAX_JOBS_PER_SUBMIT} jobs per SUBMIT", limit=MAX_JOBS_PER_SUBMIT)
         if self._stopped:
             raise errors.ShuttingDown()
+        for index, spec in enumerate(specs):
+            self._check_fits(index, spec)
         jobs = [
             JobSpec(
                 type=s["type"],
@@ -610,6 +615,27 @@ class Dispatcher:
         self.rates.add("submitted", len(ids))
         self._dispatch()
         return {"jobs": ids}
+
+    def _check_fits(self, index: int, spec: dict):
+        """Refuse a job whose JOB line, at its largest, would exceed the line limit."""
+        records = spec["records"]
+        largest = {
+            "job": MAX_ID,
+            "lease": "x" * 32,
+            "type": spec["type"],
+            "attempt": 1000,
+            "params": spec.get("params", {}),
+            "total": len(records),
+            "records": [{"i": i, "data": data} for i, data in enumerate(records)],
+            "timeout": float(spec.get("timeout", self.default_timeout)),
+        }
+        size = len(wire.encode("JOB", largest)) - 1
+        if size > self.max_line:
+            raise errors.TooLarge(
+                f"job {index} of the SUBMIT would need a {size}-byte JOB line; split its records",
+                job=index,
+                max_line=self.max_line,
+            )
 
     async def show(self, job_id: int) -> dict:
         view = await self.store.get_job(job_id)
@@ -892,7 +918,7 @@ class Dispatcher:
         job.timer = self.clock.callLater(job.timeout, self._lease_timed_out, job, job.lease)
 
     def _worker_gone(self, worker: Worker, reason: str, spare=frozenset(), count=True):
-        """Forget a worker; every lease it held ends, except those in ``spare``."""
+        """Forget a worker; every lease it held ends, except the (lease, job id) pairs in ``spare``."""
         if self._worker_by_conn.get(worker.conn) is worker:
             del self._worker_by_conn[worker.conn]
         if self.workers.get(worker.name) is worker:
@@ -900,7 +926,7 @@ class Dispatcher:
         if worker.deadline_call is not None and worker.deadline_call.active():
             worker.deadline_call.cancel()
         for lease, job in list(worker.leases.items()):
-            if lease in spare:
+            if (lease, job.id) in spare:
                 # It moves to the new connection of the same worker.
                 self._cancel_timer(job)
                 job.worker = None

@@ -153,6 +153,11 @@ class TooMany(GriddError):
     default_message = "request exceeds a limit"
 
 
+class TooLarge(GriddError):
+    code = "too_large"
+    default_message = "a job is too large to be sent to a worker in one line"
+
+
 # Server condition.
 
 

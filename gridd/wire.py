@@ -31,6 +31,10 @@ PROTO = 1
 DEFAULT_MAX_LINE = 1_048_576
 #: The limit a peer must assume before the HELLO reply announces the real one.
 PRE_HELLO_MAX_LINE = 65_536
+#: How deeply a body may nest lists and objects (the body itself is level 1).
+MAX_DEPTH = 64
+#: The most job ids one WATCH may name.
+MAX_WATCH = 10_000
 
 _VERB = re.compile(rb"[A-Z]{1,16}\Z")
 _MAX_INT = 2**53 - 1
@@ -181,7 +185,7 @@ PEER_VERBS: dict[str, dict] = {
     },
     "WORKERS": {"rid": _RID},
     "STATS": {"rid": _RID},
-    "WATCH": {"rid": _RID, "jobs": (_list_of(_int()), True)},
+    "WATCH": {"rid": _RID, "jobs": (_list_of(_int(), hi=MAX_WATCH), True)},
     "CANCEL": {"rid": _RID, "job": _JOB},
     "PAUSE": {"rid": _RID, "job": _JOB},
     "RESUME": {"rid": _RID, "job": _JOB},
@@ -257,6 +261,8 @@ def parse_line(line: bytes, verbs: dict[str, dict] = PEER_VERBS) -> Message:
             raise errors.BadJSON() from None
         if not isinstance(body, dict):
             raise errors.BadJSON()
+        if text.count("[") + text.count("{") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
+            raise errors.BadJSON(f"message body nests deeper than {MAX_DEPTH} levels")
         if _SURROGATE_ESCAPE.search(text) and not _encodable(body):
             raise errors.BadJSON("message body has a string with a lone surrogate (\\uD800-\\uDFFF)")
     else:
@@ -268,6 +274,20 @@ def parse_line(line: bytes, verbs: dict[str, dict] = PEER_VERBS) -> Message:
     if problem is not None:
         raise _with_rid(errors.BadRequest(f"{verb}: {problem}"), body)
     return Message(verb, body)
+
+
+def _depth(value) -> int:
+    """How deeply ``value`` nests lists and objects (stops counting past MAX_DEPTH)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= MAX_DEPTH:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((v, depth + 1) for v in value)
+    return deepest
 
 
 def _reject_constant(name):

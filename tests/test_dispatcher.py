@@ -498,3 +498,25 @@ def test_job_claimed_elsewhere_is_dropped_and_the_slot_reused():
     assert [j["job"] for j in w.take("JOB")] == [free]
     assert taken not in g.d.jobs
     assert g.state(taken)["lease"] == "X1"
+
+
+def test_superseding_connection_naming_a_lease_with_the_wrong_job_does_not_strand_it():
+    """A lease is handed over only with its own job id; a mismatched claim ends it like any other."""
+    g = Grid()
+    old = g.worker("w1")
+    [job_id] = g.submit()
+    [job] = old.take("JOB")
+    new = g.worker("w1", holding=[{"job": 99, "lease": job["lease"]}])
+    assert new.hello_reply["kept"] == []
+    [again] = new.take("JOB")
+    assert (again["job"], again["attempt"]) == (job_id, 2)
+
+
+def test_submit_refuses_a_job_whose_job_line_would_not_fit():
+    """A job whose JOB push would exceed the line limit is refused whole, before anything is stored."""
+    g = Grid(max_line=65_536)
+    with pytest.raises(errors.TooLarge) as e:
+        g.submit({}, {"records": ["x" * 100] * 700})
+    assert e.value.extra == {"job": 1, "max_line": 65_536}
+    assert run(g.store.counts())["queued"] == 0
+    assert g.submit({"records": ["x" * 100] * 500})

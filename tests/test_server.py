@@ -784,3 +784,14 @@ def test_server_store_unavailable_is_unavailable_and_changes_nothing(world):
     run(stack.store.start())
     assert stack.snapshot() == before
     assert world.w1.request("DONE", _ALL_REST).verb == "OK"
+
+
+def test_server_worker_any_line_counts_as_alive(world):
+    """Even a line the server cannot parse shows the worker is alive: its lease survives past the deadline."""
+    stack = world.stack
+    for _ in range(3):
+        stack.advance(DEADLINE - 0.5)
+        world.w1.send_raw(b"\xff not protocol\n")
+        world.c1.send("BEAT")
+    assert not world.w1.closed
+    assert run(stack.store.get_job(1))["lease"] == "L1"

@@ -262,8 +262,8 @@ def test_gridd_service_stopped_while_store_starts_never_listens(tmp_path, monkey
     assert reactor.getDelayedCalls() == []
 
 
-def test_gridd_service_stop_unlistens_sends_bye_then_flushes_store(tmp_path):
-    """stopService stops listening, sends BYE and closes connections, and returns only once the store has stopped."""
+def test_gridd_service_stop_unlistens_flushes_store_then_sends_bye(tmp_path):
+    """stopService stops listening, commits the store's writes, then sends BYE and closes connections."""
     top, server, reactor = build(tmp_path, "--db", "memory:")
     top.startService()
     [port] = server.started.result
@@ -286,11 +286,12 @@ def test_gridd_service_stop_unlistens_sends_bye_then_flushes_store(tmp_path):
 
     d = top.stopService()
     events.append("after stopService")
-    assert transport.value() == b'BYE {"reason":"shutdown"}\n' and transport.disconnecting
     assert events == ["unlisten", "store.stop", "after stopService"]
+    assert transport.value() == b"" and not transport.disconnecting, "BYE before the store was flushed"
     assert not d.called, "stopService returned before the store was flushed"
     flushed.callback(None)
     assert d.called and not server.store._running
+    assert transport.value() == b'BYE {"reason":"shutdown"}\n' and transport.disconnecting
     proto.connectionLost(None)
     assert server.factory.connections == set()
 

@@ -581,6 +581,9 @@ class _RecordingSession:
     def __init__(self):
         self.messages: list[wire.Message] = []
 
+    def heard(self):
+        pass
+
     def receive(self, msg):
         self.messages.append(msg)
 
@@ -634,3 +637,16 @@ def test_line_receiver_chunked_server_messages_arrive_identical(messages, sizes)
     reader.makeConnection(StringTransport())
     _feed(reader, b"".join(wire.encode(m.verb, m.body) for m in messages), sizes)
     assert reader.messages == messages
+
+
+def test_parse_line_refuses_bodies_nested_past_the_limit():
+    """A body nested deeper than MAX_DEPTH is bad_json; one exactly at the limit parses."""
+
+    def nested(depth):
+        return b"BEAT " + b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+
+    assert wire.parse_line(nested(wire.MAX_DEPTH)).verb == "BEAT"
+    with pytest.raises(errors.BadJSON):
+        wire.parse_line(nested(wire.MAX_DEPTH + 1))
+    with pytest.raises(errors.BadJSON):
+        wire.parse_line(b'BEAT {"a":' + b"[" * wire.MAX_DEPTH + b"]" * wire.MAX_DEPTH + b"}")

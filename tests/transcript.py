@@ -90,6 +90,7 @@ class Server:
             self.clock,
             beat=float(options.get("beat", 2.0)),
             backoff_base=1.0,
+            max_line=int(options.get("max_line", 1_048_576)),
             new_lease=lambda: f"L{next(leases)}",
         )
         self.factory = ServerFactory(

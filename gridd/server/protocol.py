@@ -63,6 +63,7 @@ class ServerProtocol(LineOnlyReceiver):
     def lineReceived(self, line: bytes):
         if self.session.state == "closed":
             return
+        self.session.heard()
         idle = self._timers.get("idle")
         if idle is not None and idle.active():
             idle.reset(self.factory.dispatcher.deadline)

@@ -119,8 +119,10 @@ class GriddService(service.Service):
         if self.listeners.running:
             await self.listeners.stopService()
         self.dispatcher.stop()
-        self.factory.close_all("shutdown")
+        # Commit what was accepted first, so that its replies still reach the
+        # peers; then say goodbye.
         await self.store.stop()
+        self.factory.close_all("shutdown")
         log.info("gridd stopped: every accepted write is committed")
 
     def stopService(self):

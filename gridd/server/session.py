@@ -71,6 +71,11 @@ class Session:
     def ready(self) -> bool:
         return self.state in ("worker", "client")
 
+    def heard(self):
+        """A line arrived, parseable or not: a worker's heartbeat deadline moves on."""
+        if self.state == "worker":
+            self.dispatcher.seen(self.conn)
+
     def receive(self, msg: wire.Message) -> defer.Deferred | None:
         """Handle one message; a request's Deferred fires with its reply body.
 
@@ -84,8 +89,6 @@ class Session:
                 raise errors.AlreadyReady()
             self._hello_pending = True
             return defer.Deferred.fromCoroutine(self._hello(msg.body))
-        if self.state == "worker":
-            self.dispatcher.seen(self.conn)
         if msg.verb in _NOTIFICATIONS:
             if msg.verb == "PONG":
                 self.conn.pong(msg.body.get("n"))

@@ -104,6 +104,7 @@ def makeService(options, reactor=None) -> service.MultiService:
         backoff_base=options["backoff-base"],
         backoff_max=options["backoff-max"],
         reattach_grace=options["reattach-grace"],
+        max_line=options["max-line"],
     )
     # 2. Who may connect, and the wire adapter.
     authenticator = SharedSecret(load_or_create_secret(options["secret-file"]))
