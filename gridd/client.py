@@ -21,11 +21,11 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.threads import blockingCallFromThread
 from twisted.python.threadable import isInIOThread
 
-from gridd import errors, wire
+from gridd import errors, tls, wire
 from gridd.peer import ConnectionDropped, PeerProtocol
 
 __all__ = [
@@ -342,7 +342,9 @@ def connect(
     """Connect to a server and fire with the :class:`ClientProtocol` once HELLO is accepted.
 
     ``endpoint_string`` is a Twisted client endpoint (``tcp:HOST:PORT``,
-    ``tls:HOST:PORT:trustRoots=DIR``). A refused handshake fails with its
+    ``tls:HOST:PORT:trustRoots=DIR``), built by :func:`gridd.tls.client_endpoint`:
+    ``ssl:`` fails with ValueError, and a server whose certificate does not
+    name HOST fails with ``ConnectionDropped``. A refused handshake fails with its
     ``gridd.errors`` class; a server that never answers HELLO within
     ``handshake_timeout`` seconds, or a connection lost before the answer,
     fails with ``ConnectionDropped``.
@@ -352,7 +354,7 @@ def connect(
 
 async def _connect(reactor, endpoint_string, token, name, handshake_timeout) -> ClientProtocol:
     protocol = ClientProtocol(reactor, name, token)
-    await connectProtocol(clientFromString(reactor, endpoint_string), protocol)
+    await connectProtocol(tls.client_endpoint(reactor, endpoint_string), protocol)
     # Aborting (rather than cancelling ``ready``) lets the peer fail the
     # pending HELLO and ``ready`` by the one path it already has.
     timer = reactor.callLater(handshake_timeout, protocol.transport.abortConnection)

@@ -148,19 +148,32 @@ class GriddProcess(protocol.ProcessProtocol):
 class LocalGrid:
     """A server and workers in subprocesses on loopback, sharing one data directory."""
 
-    def __init__(self, reactor, tmp_path: Path, *, beat: float = 0.5, port: int | None = None):
+    def __init__(
+        self,
+        reactor,
+        tmp_path: Path,
+        *,
+        beat: float = 0.5,
+        port: int | None = None,
+        listen: str | None = None,
+        connect: str | None = None,
+    ):
+        """``listen`` replaces the server's ``tcp:PORT:interface=127.0.0.1`` (an ``ssl:`` endpoint on
+        PORT, say) and ``connect`` the ``tcp:127.0.0.1:PORT`` that workers and clients use."""
         self.reactor = reactor
         self.tmp = tmp_path
         self.data = tmp_path / "data"
         self.beat = beat
         self.port = port or free_port()
+        self.listen = listen or f"tcp:{self.port}:interface=127.0.0.1"
+        self.connect = connect or f"tcp:127.0.0.1:{self.port}"
         self.server: GriddProcess | None = None
         self.workers: dict[str, GriddProcess] = {}
         self._generation = 0
 
     @property
     def endpoint(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
+        return self.connect
 
     @property
     def secret(self) -> str:
@@ -174,7 +187,7 @@ class LocalGrid:
             "--data",
             str(self.data),
             "--listen",
-            f"tcp:{self.port}:interface=127.0.0.1",
+            self.listen,
             "--beat",
             str(self.beat),
             *extra,

@@ -45,3 +45,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "expected_log_errors: the test logs errors on purpose")
     config.addinivalue_line("markers", "e2e: end-to-end test with real processes")
     config.addinivalue_line("markers", "mysql: needs a MariaDB server")
+
+
+@pytest.fixture(scope="session")
+def mariadb(tmp_path_factory):
+    """A throwaway MariaDB server for the whole session (tests/mariadb.py); fails if it is not installed."""
+    from tests.mariadb import MariaDB, MariaDBMissing
+
+    server = MariaDB(tmp_path_factory.mktemp("mariadb"))
+    try:
+        server.start()
+    except MariaDBMissing as missing:
+        pytest.fail(str(missing), pytrace=False)
+    yield server
+    server.stop()

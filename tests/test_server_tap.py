@@ -338,11 +338,53 @@ def test_is_loopback_listen_agrees_with_twisted(spec, loopback):
     assert bound is loopback
 
 
+@pytest.mark.parametrize(
+    "spec", ["tcp:7700", "tcp:7700:interface=0.0.0.0", "tcp:7700:interface=192.168.1.10", "tcp6:7700"]
+)
+def test_options_refuse_plain_tcp_beyond_loopback(tmp_path, spec):
+    """A tcp: listener beyond loopback stops the server with one clear error unless --allow-plain-tcp is given."""
+    with pytest.raises(
+        usage.UsageError, match=r"refusing to listen with plain TCP beyond loopback .*--allow-plain-tcp"
+    ):
+        parse(tmp_path, "--listen", spec)
+    assert parse(tmp_path, "--listen", spec, "--allow-plain-tcp")["listen"] == [spec]
+
+
+def test_options_loopback_unix_and_ssl_listeners_need_no_flag(tmp_path):
+    """Loopback TCP, UNIX sockets and ssl: listeners on any interface start without --allow-plain-tcp."""
+    specs = [
+        "tcp:7700:interface=127.0.0.1",
+        r"tcp6:7700:interface=\:\:1",
+        "unix:/tmp/x.sock",
+        "ssl:7701:privateKey=k.pem",
+    ]
+    args = [a for spec in specs for a in ("--listen", spec)]
+    assert parse(tmp_path, *args)["listen"] == specs
+
+
+def test_options_connection_limits(tmp_path):
+    """The per-connection limits have their documented defaults, can be set, and must be positive."""
+    options = parse(tmp_path)
+    assert (options["max-outstanding"], options["max-rate"], options["rate-burst"], options["max-output"]) == (
+        256,
+        5000.0,
+        5000,
+        16 * 1024 * 1024,
+    )
+    args = ["--max-outstanding", "8", "--max-rate", "50", "--rate-burst", "20", "--max-output", "65536"]
+    _, server, _ = build(tmp_path, "--db", "memory:", *args)
+    limits = server.factory.limits
+    assert (limits.max_outstanding, limits.rate, limits.burst, limits.max_output) == (8, 50.0, 20, 65536)
+    for name in ("--max-outstanding", "--max-rate", "--rate-burst", "--max-output"):
+        with pytest.raises(usage.UsageError):
+            parse(tmp_path, name, "0")
+
+
 def test_make_service_warns_loudly_for_non_loopback_tcp(tmp_path, logged):
-    """A plain TCP listener beyond loopback logs a warning naming it; a loopback or UNIX one does not."""
+    """A plain TCP listener beyond loopback, allowed explicitly, logs a warning naming it; a loopback or UNIX one does not."""
     build(tmp_path, "--db", "memory:", "--listen", "tcp:7700:interface=127.0.0.1", "--listen", "unix:/tmp/x.sock")
     assert _warnings(logged) == []
-    build(tmp_path, "--db", "memory:", "--listen", "tcp:7700")
+    build(tmp_path, "--db", "memory:", "--listen", "tcp:7700", "--allow-plain-tcp")
     [warning] = _warnings(logged)
     assert warning["spec"] == "tcp:7700"
     assert "WARNING" in warning["log_format"] and "without TLS" in warning["log_format"]

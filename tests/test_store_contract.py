@@ -1,10 +1,13 @@
 """The store contract (gridd.store.base), asserted on every implementation alike.
 
-The ``store`` fixture yields a started store of each kind; another kind joins
-by adding a parameter and a branch there, and nothing else.
+The ``store`` fixture yields a started store of each kind: memory, SQLite,
+and MySQL on the session's throwaway MariaDB server (``tests/mariadb.py``).
+Another kind joins by adding a parameter and a branch there, and nothing else.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import pytest_twisted
@@ -20,21 +23,25 @@ from gridd.errors import (
 )
 from gridd.store.base import ACTIVE_STATES, JOB_STATES, SETTABLE_STATES, JobSpec, RecordResult
 from gridd.store.memory import MemoryStore
+from gridd.store.mysql import MySQLStore
 from gridd.store.sqlite import SQLiteStore
 
 T0 = 1_000_000.0
 
 
-@pytest_twisted.async_yield_fixture(params=["memory", "sqlite"])
+@pytest_twisted.async_yield_fixture(params=["memory", "sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
 async def store(request, tmp_path):
-    """A started store of each kind, stopped after the test."""
-    if request.param == "memory":
-        store = MemoryStore()
-    elif request.param == "sqlite":
-        store = SQLiteStore(str(tmp_path / "gridd.db"))
-    await store.start()
-    yield store
-    await store.stop()
+    """A started store of each kind, stopped after the test; MySQL's on a fresh database."""
+    with contextlib.ExitStack() as cleanup:
+        if request.param == "memory":
+            store = MemoryStore()
+        elif request.param == "sqlite":
+            store = SQLiteStore(str(tmp_path / "gridd.db"))
+        elif request.param == "mysql":
+            store = MySQLStore(cleanup.enter_context(request.getfixturevalue("mariadb").database()))
+        await store.start()
+        yield store
+        await store.stop()
 
 
 def spec(records=3, **fields) -> JobSpec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 import pytest
@@ -9,7 +10,7 @@ import pytest_twisted
 from twisted.internet.defer import DeferredList
 
 from gridd.errors import StaleLease, Unavailable
-from gridd.store.base import JobSpec, RecordResult, SchemaTooNew
+from gridd.store.base import JobSpec, RecordResult, SchemaTooNew, StoreUnavailable
 from gridd.store.sqlite import SQLiteDialect, SQLiteStore, load_migrations
 
 T0 = 1_000_000.0
@@ -175,3 +176,31 @@ async def test_locked_database_unavailable(tmp_path, monkeypatch):
         assert len(await store.submit([spec()], T0)) == 1
     finally:
         await store.stop()
+
+
+@pytest.mark.parametrize("case", ["under a file", "not a database", "read-only file"])
+@pytest_twisted.ensureDeferred
+async def test_check_unusable_path_store_unavailable(tmp_path, case):
+    """A path that cannot hold a writable database fails check() and start() with one line naming it."""
+    if case == "under a file":
+        (tmp_path / "file").write_text("")
+        path = tmp_path / "file" / "gridd.db"
+    elif case == "not a database":
+        path = tmp_path / "gridd.db"
+        path.write_text("this is not SQLite\n" * 100)
+    else:
+        path = tmp_path / "gridd.db"
+        sqlite3.connect(path).close()
+        path.chmod(0o444)
+        if os.access(path, os.W_OK):  # root may write anyway: make the folder refuse the journal too
+            pytest.skip("this user can write to read-only files")
+    store = SQLiteStore(str(path))
+    with pytest.raises(StoreUnavailable) as checked:
+        store.check()
+    assert str(checked.value).startswith(f"cannot open the store sqlite:{path}: ")
+    assert "\n" not in str(checked.value)
+    with pytest.raises(StoreUnavailable):
+        await store.start()
+    with pytest.raises(Unavailable):
+        await store.counts()
+    await store.stop()

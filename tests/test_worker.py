@@ -401,12 +401,19 @@ def test_duplicate_result_reply_resends_the_others():
     assert w.sent() == ['DONE {"job":1,"lease":"L1","results":[{"i":1,"out":"Y"}],"rid":3}']
 
 
-def test_unavailable_reply_retries_later():
-    """ERR unavailable means nothing was stored: the results are sent again after a delay."""
+@pytest.mark.parametrize(
+    "err",
+    [
+        '{"rid":2,"code":"unavailable","message":"store down"}',
+        '{"rid":2,"code":"too_many","message":"more than 256 requests await their replies","limit":256}',
+    ],
+)
+def test_unavailable_reply_retries_later(err):
+    """ERR unavailable or too_many (a connection limit) means nothing was stored: the results are sent again later."""
     w = Harness().welcome()
     w.receive(job_line(type="picky", records=["x"]))
     w.sent()
-    w.receive('ERR {"rid":2,"code":"unavailable","message":"store down"}')
+    w.receive("ERR " + err)
     assert w.sent() == []
     w.clock.advance(1)
     assert w.sent() == ['DONE {"job":1,"lease":"L1","results":[{"i":0,"out":"X"}],"rid":3}']

@@ -32,7 +32,7 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-from gridd import client, config, errors
+from gridd import client, config, errors, tls
 from gridd.peer import ConnectionDropped
 
 __all__ = ["main", "build_parser", "prepare", "run", "read_records", "InputError"]
@@ -53,6 +53,8 @@ class InputError(Exception):
 def main(argv: list[str] | None = None) -> NoReturn:
     """The ``gridctl`` console script."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "offline", None) is not None:  # gridctl certs: no server, no secret
+        sys.exit(args.offline(args, sys.stdout, sys.stderr))
     try:
         prepare(args)
     except InputError as e:
@@ -175,6 +177,35 @@ def build_parser() -> argparse.ArgumentParser:
     dispatch = commands.add_parser("dispatch", help="turn the global stop switch")
     dispatch.add_argument("switch", choices=["on", "off"])
     dispatch.set_defaults(run=cmd_dispatch)
+
+    certs = commands.add_parser(
+        "certs",
+        help="make the TLS certificates a small office needs (works offline, needs no server)",
+        description="Make a certificate authority, then a certificate for each server; workers and "
+        "clients get the CA's trust directory. Layout: DIR/ca.pem, DIR/ca.key (keep it safe), "
+        "DIR/trust/ (copy to every worker and client host), DIR/servers/NAME/{cert,key}.pem.",
+    )
+    actions = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    init = actions.add_parser("init", help="create a certificate authority in DIR")
+    init.add_argument("dir", metavar="DIR")
+    init.add_argument("--name", dest="ca_name", default="gridd CA", help="the CA's name (default: gridd CA)")
+    init.add_argument("--days", type=_positive_int, default=tls.CA_DAYS, help=f"validity (default {tls.CA_DAYS})")
+    init.set_defaults(offline=cmd_certs_init)
+    server = actions.add_parser("server", help="issue a server certificate signed by the CA in DIR")
+    server.add_argument("dir", metavar="DIR")
+    server.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        required=True,
+        metavar="NAME_OR_IP",
+        help="a DNS name or IP address workers use to reach the server (repeatable; the first names the files)",
+    )
+    server.add_argument("--port", type=_positive_int, default=7701, help="port for the printed endpoints (7701)")
+    server.add_argument(
+        "--days", type=_positive_int, default=tls.SERVER_DAYS, help=f"validity (default {tls.SERVER_DAYS})"
+    )
+    server.set_defaults(offline=cmd_certs_server)
     return parser
 
 
@@ -601,4 +632,47 @@ async def cmd_worker(grid: client.ClientProtocol, args, out: TextIO, err: TextIO
 async def cmd_dispatch(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
     dispatching = await grid.dispatch(args.switch == "on")
     print(f"dispatching {'on' if dispatching else 'off'}", file=out)
+    return EXIT_OK
+
+
+# -- certificates (no server) ---------------------------------------------------------
+
+
+def cmd_certs_init(args, out: TextIO, err: TextIO) -> int:
+    """``gridctl certs init DIR``: a new certificate authority."""
+    try:
+        trust = tls.make_ca(args.dir, args.ca_name, days=args.days)
+    except (OSError, ValueError) as e:
+        print(f"gridctl: error: {e}", file=err)
+        return EXIT_USAGE
+    directory = os.path.abspath(args.dir)
+    print(f"certificate authority {args.ca_name!r} created in {directory}", file=out)
+    key = os.path.join(directory, "ca.key")
+    print(f"  {key}  its private key: keep it on this host, readable by you only", file=out)
+    print(f"  {trust}  the trust directory: copy it to every worker and client host", file=out)
+    print(f"next: gridctl certs server {args.dir} --host SERVER-NAME [--host SERVER-IP ...]", file=out)
+    return EXIT_OK
+
+
+def cmd_certs_server(args, out: TextIO, err: TextIO) -> int:
+    """``gridctl certs server DIR --host NAME``: a server certificate, and the endpoints that use it."""
+    hosts = [h.strip() for h in args.hosts if h.strip()]
+    if not hosts:
+        print("gridctl: error: --host needs a DNS name or an IP address", file=err)
+        return EXIT_USAGE
+    directory = os.path.abspath(args.dir)
+    try:
+        cert = tls.make_server_cert(directory, os.path.join(directory, "servers", hosts[0]), hosts, days=args.days)
+    except FileNotFoundError as e:
+        print(f"gridctl: error: no CA in {directory} ({e.filename}): run gridctl certs init first", file=err)
+        return EXIT_USAGE
+    except (OSError, ValueError) as e:
+        print(f"gridctl: error: {e}", file=err)
+        return EXIT_USAGE
+    trust = tls.escape_endpoint_value(os.path.join(directory, "trust"))
+    print(f"server certificate for {', '.join(cert.names)}, valid until {cert.not_after:%Y-%m-%d}", file=out)
+    print(f"  server:  twistd gridd --listen {cert.listen_spec(args.port)}", file=out)
+    print(f"  workers: twistd gridworker --server tls:{hosts[0]}:{args.port}:trustRoots={trust}", file=out)
+    print(f"  clients: gridctl --server tls:{hosts[0]}:{args.port}:trustRoots={trust} ...", file=out)
+    print("(copy the trust directory to each worker and client host and give its path there)", file=out)
     return EXIT_OK

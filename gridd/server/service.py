@@ -17,7 +17,9 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-__all__ = ["GriddService", "is_loopback_listen"]
+from gridd.store.base import SchemaTooNew, StoreUnavailable
+
+__all__ = ["GriddService", "is_loopback_listen", "is_plain_tcp"]
 
 log = Logger()
 
@@ -39,6 +41,11 @@ def is_loopback_listen(spec: str) -> bool:
         return ipaddress.ip_address(interface.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def is_plain_tcp(spec: str) -> bool:
+    """True if an endpoint string listens with unencrypted TCP (``tcp:``, ``tcp6:``)."""
+    return _endpoint_fields(spec)[0].strip().lower() in ("tcp", "tcp6")
 
 
 def _endpoint_fields(spec: str) -> list[str]:
@@ -80,6 +87,21 @@ class GriddService(service.Service):
         self.started = defer.Deferred()
 
     def startService(self):
+        # A store that cannot be opened (unreachable, wrong credentials, an
+        # unwritable path, a schema newer than this code) ends start-up here,
+        # before the reactor runs and anything listens: one critical line
+        # saying why, and exit status 1. twistd offers no way to exit
+        # non-zero once its reactor runs (Twisted issues #4762, #11335), and
+        # ends on its own start-up errors with SystemExit too. (The line is
+        # logged rather than put in SystemExit: twistd -n logs stderr, which
+        # would print it twice.)
+        check = getattr(self.store, "check", None)
+        if check is not None:
+            try:
+                check()
+            except (StoreUnavailable, SchemaTooNew) as error:
+                log.critical("gridd: {error}", error=error)
+                raise SystemExit(1) from None
         super().startService()
         d = defer.Deferred.fromCoroutine(self._start())
         d.addErrback(self._start_failed)
@@ -108,7 +130,10 @@ class GriddService(service.Service):
         self.started.callback(ports)
 
     def _start_failed(self, failure):
-        log.failure("gridd could not start", failure)
+        if failure.check(StoreUnavailable, SchemaTooNew):
+            log.critical("gridd: {error}", error=failure.value)
+        else:
+            log.failure("gridd could not start", failure)
         if not self.started.called:
             self.started.errback(failure)
             self.started.addErrback(lambda _: None)

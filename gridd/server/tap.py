@@ -18,9 +18,10 @@ from twisted.python import usage
 from gridd import config, wire
 from gridd.dispatcher import Dispatcher
 from gridd.server.auth import SharedSecret, load_or_create_secret
-from gridd.server.protocol import ServerFactory
-from gridd.server.service import GriddService, is_loopback_listen
+from gridd.server.protocol import Limits, ServerFactory
+from gridd.server.service import GriddService, is_loopback_listen, is_plain_tcp
 from gridd.store import open_store
+from gridd.store.base import check_store_uri
 
 __all__ = ["Options", "makeService"]
 
@@ -38,7 +39,15 @@ class Options(usage.Options):
     )
     optParameters = [
         ["data", "d", str(config.default_data_dir()), "Data directory for the database and the secret ($GRIDD_DATA)."],
-        ["db", None, None, "Store URI: sqlite:PATH (default: sqlite:DATA/gridd.db) or memory: (nothing kept)."],
+        [
+            "db",
+            None,
+            None,
+            "Store URI: sqlite:PATH (default: sqlite:DATA/gridd.db), memory: (nothing kept), or "
+            "mysql://USER@HOST:PORT/DB for MariaDB/MySQL, with the password in the file that "
+            "?password_file=PATH names or in $GRIDD_DB_PASSWORD, never in the URI (docs/mariadb.md).",
+            check_store_uri,
+        ],
         ["secret-file", None, None, "File with the shared secret peers present (default: DATA/secret, created)."],
         ["beat", None, 2.0, "Heartbeat interval in seconds announced to peers.", float],
         ["deadline", None, None, "Seconds of silence after which a peer is dropped (default: 3 x beat).", float],
@@ -48,10 +57,23 @@ class Options(usage.Options):
         ["reattach-grace", None, None, "Seconds leases await workers after a restart [max(30, 2 x deadline)].", float],
         ["handshake-timeout", None, 10.0, "Seconds a new connection has to complete its HELLO.", float],
         ["max-line", None, wire.DEFAULT_MAX_LINE, "Maximum line length in bytes.", int],
+        # Per-connection limits (protocols/PROTOCOL.md section 12).
+        ["max-outstanding", None, Limits.max_outstanding, "Requests per connection awaiting their reply.", int],
+        ["max-rate", None, Limits.rate, "Lines per second a connection may send (sustained).", float],
+        ["rate-burst", None, Limits.burst, "Lines a connection may send in a burst beyond --max-rate.", int],
+        ["max-output", None, Limits.max_output, "Bytes waiting for a peer that does not read before it is cut.", int],
         ["port-file", None, None, "Write the listening addresses here as JSON once listening (for scripts)."],
         # The operators' SSH manhole (gridd.server.manhole).
         ["manhole", None, None, "Operators' SSH manhole endpoint; a bare port N is tcp:N:interface=127.0.0.1 [off]."],
         ["manhole-keys", None, None, "Operators' SSH public keys (authorized_keys) [DATA/manhole_authorized_keys]."],
+    ]
+    optFlags = [
+        [
+            "allow-plain-tcp",
+            None,
+            "Allow tcp: listeners beyond loopback (unencrypted: anyone on the network reads the secret "
+            "and the jobs). Without it gridd refuses to start with one; use ssl: endpoints instead.",
+        ],
     ]
 
     def __init__(self):
@@ -59,7 +81,8 @@ class Options(usage.Options):
         self["listen"] = []
 
     def opt_listen(self, spec):
-        """Endpoint to listen on (repeatable), e.g. tcp:7700:interface=127.0.0.1 [default]."""
+        """Endpoint to listen on (repeatable): tcp:7700:interface=127.0.0.1 [default], or TLS with
+        ssl:7701:privateKey=KEY.pem:certKey=CERT.pem (gridctl certs makes them)."""
         self["listen"].append(spec)
 
     def postOptions(self):
@@ -74,8 +97,16 @@ class Options(usage.Options):
             raise usage.UsageError("--handshake-timeout and --default-timeout must be positive")
         if self["max-line"] < wire.PRE_HELLO_MAX_LINE:
             raise usage.UsageError(f"--max-line must be at least {wire.PRE_HELLO_MAX_LINE}")
+        if min(self["max-outstanding"], self["max-rate"], self["rate-burst"], self["max-output"]) <= 0:
+            raise usage.UsageError("--max-outstanding, --max-rate, --rate-burst and --max-output must be positive")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        for spec in self["listen"]:
+            if is_plain_tcp(spec) and not is_loopback_listen(spec) and not self["allow-plain-tcp"]:
+                raise usage.UsageError(
+                    f"refusing to listen with plain TCP beyond loopback ({spec}): use an ssl: endpoint "
+                    "(gridctl certs makes the certificates), or pass --allow-plain-tcp if this is intended"
+                )
         if self["db"] is None:
             self["db"] = "sqlite:" + os.path.join(self["data"], "gridd.db")
         if self["secret-file"] is None:
@@ -114,11 +145,18 @@ def makeService(options, reactor=None) -> service.MultiService:
         reactor,
         max_line=options["max-line"],
         handshake_timeout=options["handshake-timeout"],
+        limits=Limits(
+            max_outstanding=options["max-outstanding"],
+            rate=options["max-rate"],
+            burst=options["rate-burst"],
+            max_output=options["max-output"],
+        ),
     )
     # 3. Listeners, started by GriddService once the store is loaded.
     listeners = service.MultiService()
     for spec in options["listen"]:
         if not is_loopback_listen(spec) and not spec.startswith("ssl:"):
+            # A tcp: listener gets here only with --allow-plain-tcp (Options refuses it otherwise).
             log.warn(
                 "WARNING: {spec} listens beyond loopback without TLS: anyone on the network can "
                 "read the shared secret and all job data. Use ssl: endpoints for anything but a demo.",

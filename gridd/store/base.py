@@ -41,6 +41,8 @@ __all__ = [
     "ActiveJob",
     "IStore",
     "SchemaTooNew",
+    "StoreUnavailable",
+    "check_store_uri",
     "open_store",
 ]
 
@@ -67,6 +69,21 @@ class SchemaTooNew(Exception):
             f"database schema version {found} is newer than this gridd knows "
             f"({known}); run a gridd at least as new as the one that migrated it"
         )
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be opened: no database there, or not one it may use.
+
+    Raised by ``start()`` (and by an SQL store's ``check()``) when the
+    database is unreachable, refuses the credentials, does not exist or
+    cannot be written. The message is one line meant for the operator, and
+    names the store without its password.
+    """
+
+    def __init__(self, store: str, reason: str):
+        self.store = store
+        self.reason = reason
+        super().__init__(f"cannot open the store {store}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -131,7 +148,11 @@ class IStore(Protocol):
     """
 
     def start(self):
-        """Open, create or migrate the schema. Fails on a schema newer than the code."""
+        """Open, create or migrate the schema.
+
+        Fails with ``SchemaTooNew`` on a schema newer than the code, and with
+        ``StoreUnavailable`` on a database it cannot open or use.
+        """
 
     def stop(self):
         """Commit every write already accepted, then close."""
@@ -246,16 +267,38 @@ class IStore(Protocol):
 def open_store(uri: str, reactor=None) -> IStore:
     """Build (not start) the store an URI names.
 
-    ``sqlite:PATH`` (or a bare path ending in .db/.sqlite) and ``memory:``
-    are known; MySQL arrives with its own issue.
+    - ``sqlite:PATH`` (or a bare path ending in .db/.sqlite/.sqlite3): the
+      embedded store;
+    - ``mysql://USER@HOST[:PORT]/DB`` or ``mysql://USER@unix:/SOCKET/PATH/DB``:
+      MariaDB or MySQL. The password comes from the file named by
+      ``?password_file=PATH`` or else from ``$GRIDD_DB_PASSWORD``, and is read
+      when the store starts. A password in the URI itself is refused: command
+      lines are visible to every user of the host (``ps``) and end up in logs;
+    - ``memory:``: nothing kept.
+
+    Raises ``ValueError`` for an URI it cannot use.
     """
     if uri == "memory:":
         from gridd.store.memory import MemoryStore
 
         return MemoryStore()
+    if uri.startswith("mysql:"):
+        from gridd.store.mysql import MySQLStore, parse_mysql_uri
+
+        return MySQLStore(parse_mysql_uri(uri), reactor=reactor)
     if uri.startswith("sqlite:") or uri.endswith((".db", ".sqlite", ".sqlite3")):
         from gridd.store.sqlite import SQLiteStore
 
         path = uri[len("sqlite:") :] if uri.startswith("sqlite:") else uri
         return SQLiteStore(path, reactor=reactor)
-    raise ValueError(f"unknown store URI {uri!r}: expected sqlite:PATH or memory:")
+    raise ValueError(f"unknown store URI {uri!r}: expected sqlite:PATH, mysql://USER@HOST:PORT/DB or memory:")
+
+
+def check_store_uri(uri: str) -> str:
+    """Return ``uri`` if ``open_store`` can use it, else raise ``ValueError`` saying why.
+
+    A ``usage.Options`` coerce function: a wrong ``--db`` is then a usage
+    error at once. Builds the store and drops it; nothing is opened.
+    """
+    open_store(uri)
+    return uri

@@ -483,7 +483,8 @@ class WorkerCore:
             holding.unsend(results)
             holding.forget(records if records else [r["i"] for r in results])
             self._flush(holding)
-        elif isinstance(error, (errors.Unavailable, errors.ShuttingDown)):
+        elif isinstance(error, (errors.Unavailable, errors.ShuttingDown, errors.TooMany)):
+            # Nothing was changed; try again a little later (too_many: a connection limit, PROTOCOL.md 12).
             holding.unsend(results)
             if holding.retry_call is None or not holding.retry_call.active():
                 holding.retry_call = self.clock.callLater(RETRY_DELAY, self._flush, holding)

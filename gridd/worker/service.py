@@ -25,12 +25,12 @@ from typing import Any
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from gridd import tls
 from gridd.worker.core import WorkerCore
 from gridd.worker.protocol import WorkerFactory
 from gridd.worker.runner import InlineThreads, PoolThreads
@@ -170,14 +170,16 @@ def make_worker_service(
 ) -> WorkerService:
     """Build (without starting) a worker's service tree.
 
-    ``servers`` are endpoint strings (or endpoints), tried in turn. ``threads``
-    replaces the thread pool (``InlineThreads()`` in tests).
+    ``servers`` are endpoint strings (or endpoints), tried in turn; strings go
+    through :func:`gridd.tls.client_endpoint` (``ssl:`` is refused, ``tls:``
+    checks the server's name strictly). ``threads`` replaces the thread pool
+    (``InlineThreads()`` in tests).
     """
     endpoints = []
     for server in servers:
         if isinstance(server, str):
             warn_if_plaintext(server)
-            server = clientFromString(reactor, server)
+            server = tls.client_endpoint(reactor, server)
         endpoints.append(server)
     endpoint = endpoints[0] if len(endpoints) == 1 else RoundRobinEndpoint(endpoints)
 

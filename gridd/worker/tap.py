@@ -11,7 +11,7 @@ import socket
 
 from twisted.python import usage
 
-from gridd import config
+from gridd import config, tls
 from gridd.jobtypes import load_job_types
 from gridd.worker.service import make_worker_service
 
@@ -85,6 +85,11 @@ class Options(usage.Options):
     def postOptions(self):
         if not self["servers"]:
             self["servers"] = [config.DEFAULT_SERVER]
+        for spec in self["servers"]:
+            try:
+                tls.check_client_spec(spec)
+            except ValueError as e:
+                raise usage.UsageError(f"--server {spec}: {e}") from None
         if self["slots"] < 0:
             raise usage.UsageError("--slots must be 0 or more")
         if self["memory"] < 0:

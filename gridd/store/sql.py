@@ -1,0 +1,582 @@
+"""What the SQL stores share: the Deferred API, group commit and every query.
+
+``SQLStore`` turns each ``IStore`` call into a thread function (``thd_*``)
+run on an adbapi ``ConnectionPool``: writes through a ``GroupCommitter``, so
+that writes arriving together share one transaction, each in its own
+savepoint; reads straight on the pool. The ``thd_*`` functions take the
+transaction, return plain data and never touch the reactor.
+
+The SQL is written once, in qmark style (``?``), for SQLite and MySQL alike.
+Whatever differs between the databases lives in one dialect class per
+database (``gridd.store.sqlite.SQLiteDialect``,
+``gridd.store.mysql.MySQLDialect``): the statement that opens a write
+transaction, how a read gets a consistent view, whether DDL is
+transactional, the driver's parameter style, and which driver errors mean
+"the database cannot serve just now".
+
+Fencing and once-only results are checked in SQL inside each write's
+savepoint, not only by the dispatcher: a lease is checked by an ``UPDATE ...
+WHERE lease = ?`` and a result is taken by an ``UPDATE ... WHERE accepted_at
+IS NULL``, so a write that races another one loses cleanly. Both rely on the
+row count being the number of rows *matched*, which is SQLite's and, with
+the ``FOUND_ROWS`` client flag, MySQL's.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import ClassVar
+
+from twisted.enterprise.adbapi import ConnectionPool
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+
+from gridd.errors import (
+    DuplicateResult,
+    Incomplete,
+    InvalidState,
+    StaleLease,
+    Unavailable,
+    UnknownJob,
+    UnknownRecord,
+)
+from gridd.store.base import (
+    ACTIVE_STATES,
+    JOB_STATES,
+    SETTABLE_STATES,
+    ActiveJob,
+    SchemaTooNew,
+    StoreUnavailable,
+)
+from gridd.store.groupcommit import GroupCommitter
+
+__all__ = ["SQLStore", "load_migrations", "known_version"]
+
+log = Logger()
+
+
+class SQLStore:
+    """``gridd.store.base.IStore`` on an SQL database through adbapi.
+
+    A subclass names its ``dialect`` and says how to reach its database:
+    ``describe()`` (for messages, never with a password), ``_open_pool()``
+    and ``_preflight()``.
+
+    The dialect provides ``name`` (also the migrations folder), ``begin``
+    (opens a write transaction), ``read_begin`` (statements that open a read
+    transaction), ``transactional_ddl``, ``migration_lock`` and
+    ``migration_unlock`` (statements, or None), ``is_unavailable(error)``
+    and ``is_driver_error(error)``.
+    """
+
+    dialect: ClassVar[type]
+
+    def __init__(self, reactor=None):
+        self._reactor = reactor
+        # start() makes the pool: building a store (in a service tree under
+        # test, say) must not start threads.
+        self._pool: ConnectionPool | None = None
+        #: The ``GroupCommitter`` once started; its counters are for metrics.
+        self.committer: GroupCommitter | None = None
+        #: Set while the database fails calls, so an outage is logged once.
+        self._outage: str | None = None
+
+    def describe(self) -> str:
+        """The store as an operator names it, without secrets."""
+        raise NotImplementedError
+
+    def _open_pool(self) -> ConnectionPool:
+        """Build the connection pool (in the reactor thread; it connects lazily)."""
+        raise NotImplementedError
+
+    def _preflight(self) -> int:
+        """Connect once, synchronously, and return the schema version found (0 if none)."""
+        raise NotImplementedError
+
+    # -- lifecycle -------------------------------------------------------
+
+    def check(self) -> None:
+        """Synchronously check that the database can be opened and is not too new.
+
+        For a daemon's start-up, before its reactor runs, so that a wrong
+        ``--db`` is one clear line and a non-zero exit. Raises
+        ``StoreUnavailable`` or ``SchemaTooNew``; it blocks for a connection
+        attempt at most.
+        """
+        try:
+            found = self._preflight()
+        except StoreUnavailable:
+            raise
+        except Exception as error:
+            if isinstance(error, OSError) or self.dialect.is_driver_error(error):
+                raise StoreUnavailable(self.describe(), _reason(error)) from error
+            raise
+        known = known_version(self.dialect.name)
+        if found > known:
+            raise SchemaTooNew(found, known)
+
+    def start(self) -> Deferred:
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        try:
+            pool = self._open_pool()
+        except OSError as error:
+            raise StoreUnavailable(self.describe(), _reason(error)) from error
+        try:
+            applied = await pool.runInteraction(thd_migrate, self.dialect, load_migrations(self.dialect.name))
+        except BaseException as error:
+            pool.close()
+            if self.dialect.is_driver_error(error):
+                raise StoreUnavailable(self.describe(), _reason(error)) from error
+            raise
+        if applied:
+            log.info("migrated {store} to schema {version}", store=self.describe(), version=applied[-1])
+        self._pool = pool
+        self.committer = GroupCommitter(pool, begin=self.dialect.begin)
+
+    def stop(self) -> Deferred:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await self.committer.flush()
+            pool.close()
+
+    # -- writes ----------------------------------------------------------
+    # Caller values are encoded to JSON here, in the reactor thread, so that
+    # what is written is the value at the time of the call.
+
+    def submit(self, specs, now):
+        try:
+            jobs = [_encode_job(spec) for spec in specs]
+        except (TypeError, ValueError):
+            return fail()
+        return self._write(thd_submit, jobs, now)
+
+    def grant(self, job_id, lease, worker, attempt, now):
+        return self._write(thd_grant, job_id, lease, worker, attempt, now)
+
+    def add_results(self, job_id, lease, results, now):
+        try:
+            encoded = _encode_results(results)
+        except (TypeError, ValueError):
+            return fail()
+        return self._write(thd_add_results, job_id, lease, encoded, now)
+
+    def complete(self, job_id, lease, results, now):
+        try:
+            encoded = _encode_results(results)
+        except (TypeError, ValueError):
+            return fail()
+        return self._write(thd_complete, job_id, lease, encoded, now)
+
+    def release(self, job_id, lease, state, now, *, reason, error=None, not_before=None, attempts=None):
+        if state not in SETTABLE_STATES:
+            return fail(ValueError(f"cannot release a job to {state!r}"))
+        detail = {"to": state, "reason": reason, "error": error}
+        return self._write(thd_release, job_id, lease, state, now, detail, not_before, attempts)
+
+    def set_state(self, job_id, allowed, state, now, *, reason, reset_attempts=False):
+        if state not in SETTABLE_STATES:
+            return fail(ValueError(f"cannot set a job to {state!r}"))
+        return self._write(thd_set_state, job_id, tuple(allowed), state, now, reason, reset_attempts)
+
+    # -- reads -----------------------------------------------------------
+
+    def load_active(self, job_ids=None):
+        return self._read(thd_load_active, job_ids)
+
+    def get_job(self, job_id):
+        return self._read(thd_get_job, job_id)
+
+    def list_jobs(self, state=None, type=None, after=0, limit=100):
+        return self._read(thd_list_jobs, state, type, after, limit)
+
+    def get_results(self, job_id, after=-1, limit=1000):
+        return self._read(thd_get_results, job_id, after, limit)
+
+    def counts(self):
+        return self._read(thd_counts)
+
+    # -- plumbing --------------------------------------------------------
+
+    def _write(self, thd_fn, *args) -> Deferred:
+        if self._pool is None:
+            return fail(Unavailable("the store is not running"))
+        return self.committer.write(thd_fn, *args).addCallbacks(self._served, self._unavailable)
+
+    def _read(self, thd_fn, *args) -> Deferred:
+        # Reads skip the committer. On SQLite's one connection they queue
+        # behind the transactions already started; on MySQL they run on a
+        # connection of their own and see every write acknowledged so far.
+        if self._pool is None:
+            return fail(Unavailable("the store is not running"))
+        d = self._pool.runInteraction(_thd_read, self.dialect.read_begin, thd_fn, *args)
+        return d.addCallbacks(self._served, self._unavailable)
+
+    def _served(self, result):
+        if self._outage is not None:
+            self._outage = None
+            log.info("store {store} serves again", store=self.describe())
+        return result
+
+    def _unavailable(self, failure):
+        """Turn a database that cannot serve now into ``Unavailable``, which clients retry.
+
+        The first such failure of an outage is logged as a warning with its
+        cause; the next call that succeeds logs the end of it.
+        """
+        if not self.dialect.is_unavailable(failure.value):
+            return failure
+        reason = _reason(failure.value)
+        if self._outage is None:
+            self._outage = reason
+            log.warn(
+                "store {store} cannot serve: {reason}; requests fail as 'unavailable' until it is back",
+                store=self.describe(),
+                reason=reason,
+            )
+        raise Unavailable(f"database unavailable: {reason}") from failure.value
+
+
+def _thd_read(txn, begin: tuple[str, ...], thd_fn, *args):
+    """Run a read after the dialect's statements that give it a consistent view."""
+    for statement in begin:
+        txn.execute(statement)
+    return thd_fn(txn, *args)
+
+
+def _reason(error: BaseException) -> str:
+    """A driver error as one line: ``(1045) Access denied ...`` or the error's text."""
+    if isinstance(error, OSError):
+        return str(error)
+    args = getattr(error, "args", ())
+    if len(args) == 2 and isinstance(args[0], int):
+        return f"({args[0]}) {args[1]}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _dump(value) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _encode_job(spec):
+    row = (
+        spec.name,
+        spec.type,
+        spec.priority,
+        _dump(spec.requires),
+        _dump(spec.params),
+        len(spec.records),
+        spec.retries,
+        spec.timeout,
+        spec.submitter,
+    )
+    return row, [_dump(data) for data in spec.records]
+
+
+def _encode_results(results):
+    """(index, output JSON or None, error) per result; an error result has no output."""
+    return [(r.index, None if r.error is not None else _dump(r.output), r.error) for r in results]
+
+
+# -- migrations ----------------------------------------------------------
+
+
+def load_migrations(dialect: str) -> list[tuple[int, str]]:
+    """The migration scripts shipped for ``dialect`` as (version, script), oldest first.
+
+    They are ``gridd/store/migrations/<dialect>/NNN_what.sql``, version NNN.
+    """
+    folder = resources.files("gridd.store") / "migrations" / dialect
+    return sorted(
+        (int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8"))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql")
+    )
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script: ``;`` ends a statement, ``--`` starts a comment line.
+
+    Drivers run one statement per ``execute``, and sqlite3's ``executescript``
+    would commit the migration transaction half way.
+    """
+    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
+    return [statement.strip() for statement in code.split(";") if statement.strip()]
+
+
+def known_version(dialect: str) -> int:
+    """The newest schema version this code ships for ``dialect``."""
+    return load_migrations(dialect)[-1][0]
+
+
+def thd_migrate(txn, dialect, migrations: list[tuple[int, str]]) -> list[int]:
+    """Apply the migrations the database lacks; return their versions.
+
+    ``schema_version`` has a row per applied migration. Raises ``SchemaTooNew``
+    if the database is past the last of ``migrations``, before changing
+    anything.
+
+    Where DDL is transactional (SQLite) every migration runs in one
+    transaction: all or nothing. Where it is not (MySQL commits before and
+    after each DDL statement), migrations are applied one file at a time,
+    each file's ``schema_version`` row committed right after it, under the
+    dialect's ``migration_lock`` so that two servers starting together do not
+    both migrate; a file interrupted halfway is run again from its start, so
+    such files are written to be re-runnable (``CREATE TABLE IF NOT EXISTS``).
+    """
+    if dialect.migration_lock is not None:
+        txn.execute(dialect.migration_lock)
+        if txn.fetchone()[0] != 1:
+            raise Unavailable("another gridd is migrating this database; try again")
+    try:
+        txn.execute(dialect.begin)
+        txn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL PRIMARY KEY)")
+        txn.execute("SELECT MAX(version) FROM schema_version")
+        current = txn.fetchone()[0] or 0
+        known = migrations[-1][0]
+        if current > known:
+            raise SchemaTooNew(current, known)
+        applied = []
+        for version, script in migrations:
+            if version > current:
+                for statement in _statements(script):
+                    txn.execute(statement)
+                txn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                if not dialect.transactional_ddl:
+                    txn.execute("COMMIT")
+                applied.append(version)
+        return applied
+    finally:
+        if dialect.migration_unlock is not None:
+            txn.execute(dialect.migration_unlock)
+
+
+# -- writes, in the pool's thread -----------------------------------------
+
+
+def thd_submit(txn, jobs, now) -> list[int]:
+    """Insert jobs with their records and a ``submitted`` event each; return their ids.
+
+    Jobs go in one INSERT each because ``lastrowid`` is the portable way to
+    learn an id and ``executemany`` sets none; the records, the bulk, go in
+    with ``executemany``.
+    """
+    ids = []
+    for row, records in jobs:
+        txn.execute(
+            "INSERT INTO jobs (name, type, priority, requires, params, total, retries, timeout, submitter,"
+            " state, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+            (*row, now, now),
+        )
+        job_id = txn.lastrowid
+        txn.executemany(
+            "INSERT INTO records (job_id, idx, data) VALUES (?, ?, ?)",
+            [(job_id, index, data) for index, data in enumerate(records)],
+        )
+        ids.append(job_id)
+    txn.executemany("INSERT INTO job_events (job_id, at, event) VALUES (?, ?, 'submitted')", [(i, now) for i in ids])
+    return ids
+
+
+def thd_grant(txn, job_id, lease, worker, attempt, now) -> None:
+    txn.execute(
+        "UPDATE jobs SET state = 'running', lease = ?, worker = ?, attempts = ?, not_before = NULL, updated = ?"
+        " WHERE id = ? AND state = 'queued'",
+        (lease, worker, attempt, now, job_id),
+    )
+    if txn.rowcount == 0:
+        state = _thd_state(txn, job_id)
+        raise InvalidState(f"job {job_id} is {state}, not queued", state=state)
+    _thd_event(txn, job_id, now, "leased", attempt, lease, worker)
+
+
+def thd_add_results(txn, job_id, lease, results, now) -> int:
+    return _thd_accept(txn, job_id, lease, results, now)[1]
+
+
+def thd_complete(txn, job_id, lease, results, now) -> None:
+    total, accepted, attempt, worker = _thd_accept(txn, job_id, lease, results, now)
+    if accepted < total:
+        raise Incomplete(f"job {job_id} lacks {total - accepted} results", missing=total - accepted)
+    txn.execute("UPDATE jobs SET state = 'done', lease = NULL, worker = NULL WHERE id = ?", (job_id,))
+    _thd_event(txn, job_id, now, "completed", attempt, lease, worker)
+
+
+def thd_release(txn, job_id, lease, state, now, detail, not_before, attempts) -> None:
+    _, _, attempt, worker = _thd_fence(txn, job_id, lease, now)
+    txn.execute(
+        "UPDATE jobs SET state = ?, lease = NULL, worker = NULL, not_before = ?, attempts = ? WHERE id = ?",
+        (state, not_before, attempt if attempts is None else attempts, job_id),
+    )
+    _thd_event(txn, job_id, now, "released", attempt, lease, worker, detail)
+
+
+def thd_set_state(txn, job_id, allowed, state, now, reason, reset_attempts) -> None:
+    # Touching the row first locks it where the database has row locks
+    # (MySQL), so the checks below still hold at commit. (SQLite's BEGIN
+    # IMMEDIATE already keeps every other writer out.)
+    txn.execute("UPDATE jobs SET updated = ? WHERE id = ?", (now, job_id))
+    if txn.rowcount == 0:
+        raise UnknownJob(f"no job {job_id}")
+    txn.execute("SELECT state, lease, attempts FROM jobs WHERE id = ?", (job_id,))
+    current, lease, attempts = txn.fetchone()
+    if current not in allowed or lease is not None:
+        raise InvalidState(f"job {job_id} is {current}", state=current)
+    txn.execute(
+        "UPDATE jobs SET state = ?, attempts = ?, not_before = NULL WHERE id = ?",
+        (state, 0 if reset_attempts else attempts, job_id),
+    )
+    _thd_event(txn, job_id, now, "state", detail={"from": current, "to": state, "reason": reason})
+
+
+def _thd_fence(txn, job_id, lease, now) -> tuple[int, int, int, str]:
+    """Check that ``lease`` is the job's current lease; return its total, accepted, attempts, worker.
+
+    The check is an UPDATE, which also locks the job's row where the database
+    has row locks, so that no other writer can end the lease before this
+    write commits.
+    """
+    txn.execute("UPDATE jobs SET updated = ? WHERE id = ? AND lease = ?", (now, job_id, lease))
+    if txn.rowcount == 0:
+        _thd_state(txn, job_id)  # UnknownJob if there is no such job
+        raise StaleLease(f"lease {lease!r} is not the current lease of job {job_id}")
+    txn.execute("SELECT total, accepted, attempts, worker FROM jobs WHERE id = ?", (job_id,))
+    return txn.fetchone()
+
+
+def _thd_accept(txn, job_id, lease, results, now) -> tuple[int, int, int, str]:
+    """Accept ``results`` under ``lease``, all or none; return the job's total, accepted, attempts, worker."""
+    total, accepted, attempt, worker = _thd_fence(txn, job_id, lease, now)
+    unknown = sorted({index for index, _, _ in results if not 0 <= index < total})
+    if unknown:
+        raise UnknownRecord(f"job {job_id} has no records {unknown}", records=unknown)
+    duplicates = set()
+    for index, output, error in results:
+        txn.execute(
+            "UPDATE records SET output = ?, error = ?, accepted_at = ?, lease = ?, worker = ?"
+            " WHERE job_id = ? AND idx = ? AND accepted_at IS NULL",
+            (output, error, now, lease, worker, job_id, index),
+        )
+        if txn.rowcount == 0:
+            duplicates.add(index)
+    if duplicates:
+        raise DuplicateResult(f"job {job_id} already has results {sorted(duplicates)}", records=sorted(duplicates))
+    txn.execute("UPDATE jobs SET accepted = accepted + ? WHERE id = ?", (len(results), job_id))
+    return total, accepted + len(results), attempt, worker
+
+
+def _thd_state(txn, job_id) -> str:
+    """Return the job's state; raise ``UnknownJob`` if there is no such job."""
+    txn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,))
+    row = txn.fetchone()
+    if row is None:
+        raise UnknownJob(f"no job {job_id}")
+    return row[0]
+
+
+def _thd_event(txn, job_id, now, event, attempt=None, lease=None, worker=None, detail=None) -> None:
+    txn.execute(
+        "INSERT INTO job_events (job_id, at, event, attempt, lease, worker, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (job_id, now, event, attempt, lease, worker, None if detail is None else _dump(detail)),
+    )
+
+
+# -- reads, in the pool's thread ------------------------------------------
+
+#: ACTIVE_STATES as an SQL list, for ``state IN ...``.
+_ACTIVE = "(" + ", ".join(f"'{state}'" for state in ACTIVE_STATES) + ")"
+
+
+def thd_load_active(txn, job_ids) -> list[ActiveJob]:
+    where, args = f"jobs.state IN {_ACTIVE}", ()
+    if job_ids is not None:
+        if not job_ids:
+            return []  # MySQL has no empty "IN ()"
+        where += f" AND jobs.id IN ({', '.join('?' * len(job_ids))})"
+        args = tuple(job_ids)
+    txn.execute(
+        "SELECT id, type, priority, requires, params, total, state, attempts, retries, timeout, lease, worker,"
+        f" not_before, name, submitter, created FROM jobs WHERE {where} ORDER BY id",
+        args,
+    )
+    jobs = {}
+    for row in _thd_dicts(txn):
+        row.update(requires=json.loads(row["requires"]), params=json.loads(row["params"]))
+        jobs[row["id"]] = ActiveJob(**row, pending={})
+    txn.execute(
+        "SELECT records.job_id, records.idx, records.data FROM records JOIN jobs ON jobs.id = records.job_id"
+        f" WHERE {where} AND records.accepted_at IS NULL ORDER BY records.job_id, records.idx",
+        args,
+    )
+    for job_id, index, data in txn.fetchall():
+        jobs[job_id].pending[index] = json.loads(data)
+    return list(jobs.values())
+
+
+def thd_get_job(txn, job_id) -> dict:
+    txn.execute(
+        "SELECT id, name, type, state, priority, requires, params, total, accepted, attempts, retries, timeout,"
+        " lease, worker, not_before, submitter, created, updated FROM jobs WHERE id = ?",
+        (job_id,),
+    )
+    rows = _thd_dicts(txn)
+    if not rows:
+        raise UnknownJob(f"no job {job_id}")
+    job = rows[0]
+    job.update(requires=json.loads(job["requires"]), params=json.loads(job["params"]))
+    txn.execute("SELECT COUNT(*) FROM records WHERE job_id = ? AND error IS NOT NULL", (job_id,))
+    job["failed_records"] = txn.fetchone()[0]
+    txn.execute(
+        "SELECT at, event, attempt, lease, worker, detail FROM job_events WHERE job_id = ? ORDER BY id", (job_id,)
+    )
+    job["history"] = _thd_dicts(txn)
+    for event in job["history"]:
+        if event["detail"] is not None:
+            event["detail"] = json.loads(event["detail"])
+    return job
+
+
+def thd_list_jobs(txn, state, type, after, limit) -> list[dict]:
+    where, args = ["id > ?"], [after]
+    if state is not None:
+        where.append("state = ?")
+        args.append(state)
+    if type is not None:
+        where.append("type = ?")
+        args.append(type)
+    txn.execute(
+        "SELECT id, name, type, state, priority, total, accepted, attempts, worker, created, updated FROM jobs"
+        f" WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+        (*args, limit),
+    )
+    return _thd_dicts(txn)
+
+
+def thd_get_results(txn, job_id, after, limit) -> list[dict]:
+    _thd_state(txn, job_id)  # UnknownJob if there is no such job
+    txn.execute(
+        "SELECT idx, output, error, worker, lease FROM records"
+        " WHERE job_id = ? AND idx > ? AND accepted_at IS NOT NULL ORDER BY idx LIMIT ?",
+        (job_id, after, limit),
+    )
+    return [
+        ({"i": index, "error": error} if error is not None else {"i": index, "out": json.loads(output)})
+        | {"worker": worker, "lease": lease}
+        for index, output, error, worker, lease in txn.fetchall()
+    ]
+
+
+def thd_counts(txn) -> dict[str, int]:
+    txn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+    return dict.fromkeys(JOB_STATES, 0) | dict(txn.fetchall())
+
+
+def _thd_dicts(txn) -> list[dict]:
+    """The rows of the last query as dicts keyed by column name."""
+    names = [column[0] for column in txn.description]
+    return [dict(zip(names, row, strict=True)) for row in txn.fetchall()]

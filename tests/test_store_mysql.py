@@ -1,0 +1,460 @@
+"""What only the MySQL store has: URIs and passwords, migrations, restarts, retries.
+
+Every test that needs a server runs on the session's throwaway MariaDB
+(``tests/mariadb.py``), on a database of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pymysql
+import pytest
+import pytest_twisted
+from twisted.internet.defer import DeferredList
+from twisted.logger import globalLogPublisher
+
+from gridd.errors import Unavailable
+from gridd.launch import ROOT
+from gridd.store.base import JobSpec, RecordResult, SchemaTooNew, StoreUnavailable, open_store
+from gridd.store.mysql import MySQLDialect, MySQLParams, MySQLStore, parse_mysql_uri
+from gridd.store.sql import known_version, load_migrations
+
+T0 = 1_000_000.0
+
+pytestmark = pytest.mark.mysql
+
+
+@pytest.fixture
+def params(mariadb):
+    """Connection parameters of a fresh, empty database, dropped after the test."""
+    with mariadb.database() as params:
+        yield params
+
+
+@pytest_twisted.async_yield_fixture
+async def store(params):
+    """A started MySQL store on a fresh database, stopped after the test."""
+    store = MySQLStore(params)
+    await store.start()
+    yield store
+    await store.stop()
+
+
+@pytest.fixture
+def log_events():
+    """Every log event emitted during the test."""
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def spec(records=2) -> JobSpec:
+    return JobSpec(type="noop", records=[{"n": n} for n in range(records)])
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then let go)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- URIs and passwords -------------------------------------------------------
+
+
+def test_parse_uri_tcp():
+    """A TCP URI names user, host, port, database and an optional password file."""
+    assert parse_mysql_uri("mysql://gridd@db.example:3307/grid?password_file=/etc/gridd/db") == MySQLParams(
+        "gridd", "grid", host="db.example", port=3307, password_file="/etc/gridd/db"
+    )
+    assert parse_mysql_uri("mysql://gridd@10.0.0.5/grid") == MySQLParams("gridd", "grid", host="10.0.0.5", port=3306)
+
+
+def test_parse_uri_unix_socket():
+    """``unix:`` names a socket path; the database is its last path segment."""
+    params = parse_mysql_uri("mysql://gridd@unix:/run/mysqld/mysqld.sock/grid")
+    assert (params.unix_socket, params.database) == ("/run/mysqld/mysqld.sock", "grid")
+    assert params.describe() == "mysql://gridd@unix:/run/mysqld/mysqld.sock/grid"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "mysql://gridd:secret@127.0.0.1:3306/grid",
+        "mysql://gridd:@127.0.0.1/grid",
+    ],
+)
+def test_parse_uri_password_refused(uri):
+    """A password in the URI is refused, and the error says where to put it instead."""
+    with pytest.raises(ValueError, match="password_file") as caught:
+        open_store(uri)
+    assert "secret" not in str(caught.value)
+
+
+def test_tap_db_uri_with_password_usage_error():
+    """twistd gridd --db with a password in the URI is a usage error before anything starts."""
+    from twisted.python import usage
+
+    from gridd.server.tap import Options
+
+    with pytest.raises(usage.UsageError, match="password_file"):
+        Options().parseOptions(["--db", "mysql://gridd:secret@127.0.0.1/grid"])
+    assert Options().parseOptions(["--db", "mysql://gridd@127.0.0.1/grid"]) is None
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["mysql://127.0.0.1/grid", "mysql://gridd@127.0.0.1/", "mysql://gridd@127.0.0.1/a/b", "mysql://u@h/db?ssl=1"],
+)
+def test_parse_uri_malformed_value_error(uri):
+    """An URI without a user or a database, or with unknown options, is a ValueError."""
+    with pytest.raises(ValueError):
+        parse_mysql_uri(uri)
+
+
+def test_migrations_same_versions_as_sqlite():
+    """SQLite's and MySQL's migration folders hold the same version numbers."""
+    versions = [version for version, _ in load_migrations("mysql")]
+    assert versions == [version for version, _ in load_migrations("sqlite")]
+    assert versions == list(range(1, len(versions) + 1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_from_environment(mariadb, params, monkeypatch):
+    """Without a password file the password comes from $GRIDD_DB_PASSWORD."""
+    monkeypatch.setenv("GRIDD_DB_PASSWORD", mariadb.password)
+    store = open_store(f"mysql://{params.user}@{params.host}:{params.port}/{params.database}")
+    await store.start()
+    try:
+        assert len(await store.submit([spec()], T0)) == 1
+    finally:
+        await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_socket_store_works(mariadb, params):
+    """A store reaches the server over its UNIX socket."""
+    uri = f"mysql://{params.user}@unix:{mariadb.socket}/{params.database}?password_file={params.password_file}"
+    store = open_store(uri)
+    await store.start()
+    try:
+        [job_id] = await store.submit([spec()], T0)
+        assert (await store.get_job(job_id))["state"] == "queued"
+    finally:
+        await store.stop()
+
+
+# -- start-up errors ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ("password", "(1045) Access denied"),
+        ("port", "(2003) Can't connect"),
+        ("database", "(1049) Unknown database"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_start_bad_database_store_unavailable(params, tmp_path, change, code):
+    """A wrong password, port or database name fails check() and start() with one line naming store and cause."""
+    if change == "password":
+        (tmp_path / "wrong").write_text("not-the-password\n")
+        params = dataclasses.replace(params, password_file=str(tmp_path / "wrong"))
+    elif change == "port":
+        params = dataclasses.replace(params, port=closed_port())
+    else:
+        params = dataclasses.replace(params, database="gridd_nosuchdb")
+    store = MySQLStore(params)
+    with pytest.raises(StoreUnavailable) as checked:
+        store.check()
+    with pytest.raises(StoreUnavailable) as started:
+        await store.start()
+    for caught in (checked, started):
+        message = str(caught.value)
+        assert message.startswith(f"cannot open the store {params.describe()}: {code}")
+        assert "\n" not in message
+    with pytest.raises(Unavailable):
+        await store.counts()
+    await store.stop()
+
+
+def test_check_missing_password_file_store_unavailable(params, tmp_path):
+    """A password file that cannot be read is a StoreUnavailable naming the file."""
+    store = MySQLStore(dataclasses.replace(params, password_file=str(tmp_path / "missing")))
+    with pytest.raises(StoreUnavailable, match="missing"):
+        store.check()
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_newer_schema_refuses(mariadb, params):
+    """A database migrated past what the code knows refuses to start, and is left as it was."""
+    first = MySQLStore(params)
+    await first.start()
+    await first.stop()
+    known = known_version("mysql")
+    mariadb.query(params.database, "INSERT INTO schema_version (version) VALUES (%s)", known + 1)
+
+    newer = MySQLStore(params)
+    with pytest.raises(SchemaTooNew):
+        newer.check()
+    with pytest.raises(SchemaTooNew) as caught:
+        await newer.start()
+    assert (caught.value.found, caught.value.known) == (known + 1, known)
+    with pytest.raises(Unavailable):
+        await newer.counts()
+    await newer.stop()
+    assert mariadb.query(params.database, "SELECT MAX(version) FROM schema_version") == [(known + 1,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_migrations_recorded_once(mariadb, params):
+    """start() records each migration it applies, and a second start applies none."""
+    versions = [(version,) for version, _ in load_migrations("mysql")]
+    for _ in range(2):
+        store = MySQLStore(params)
+        store.check()
+        await store.start()
+        await store.stop()
+        assert mariadb.query(params.database, "SELECT version FROM schema_version ORDER BY version") == versions
+    [(charset,)] = mariadb.query(
+        params.database,
+        "SELECT table_collation FROM information_schema.tables WHERE table_schema = %s AND table_name = 'jobs'",
+        params.database,
+    )
+    assert charset == "utf8mb4_bin"
+
+
+@pytest.mark.parametrize("db", ["mysql", "sqlite"])
+def test_twistd_bad_store_exits_nonzero(tmp_path, db):
+    """twistd gridd with a store it cannot open exits non-zero with one line saying why, no traceback."""
+    if db == "mysql":
+        uri = f"mysql://u@127.0.0.1:{closed_port()}/gridd"
+        expected = f"gridd: cannot open the store {uri}: (2003) Can't connect"
+    else:
+        (tmp_path / "file").write_text("")
+        uri = f"sqlite:{tmp_path / 'file' / 'gridd.db'}"
+        expected = f"gridd: cannot open the store {uri}: "
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "gridd"]
+    argv += ["--data", str(tmp_path / "data"), "--db", uri, "--listen", "tcp:0:interface=127.0.0.1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert done.returncode == 1
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output
+    [line] = [line for line in output.splitlines() if "cannot open the store" in line]
+    assert "#critical] " + expected in line
+
+
+# -- an outage ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_mid_use_no_lost_or_duplicated_work(mariadb, params, store, log_events):
+    """A server restart fails the writes during it as Unavailable; nothing acknowledged is lost or doubled.
+
+    Writes after the restart succeed at once, without an error logged: each
+    pooled connection is pinged, and replaced, before it is used.
+    """
+    acknowledged = set(await store.submit([spec(), spec()], T0))
+    running = min(acknowledged)
+    await store.grant(running, "L1", "w1", 1, T0 + 1)
+    assert await store.add_results(running, "L1", [RecordResult(0, "zero")], T0 + 2) == 1
+
+    mariadb.stop()
+    try:
+        during = [
+            store.submit([spec()], T0 + 3),
+            store.add_results(running, "L1", [RecordResult(1, "one")], T0 + 3),
+            store.counts(),
+        ]
+        for ok, failure in await DeferredList(during, consumeErrors=True):
+            assert not ok and failure.check(Unavailable)
+    finally:
+        mariadb.start()
+
+    # Several writes at once: each pooled connection meets the restart.
+    results = await DeferredList([store.submit([spec()], T0 + 4) for _ in range(5)], fireOnOneErrback=True)
+    acknowledged.update(job_id for _, [job_id] in results)
+    assert await store.add_results(running, "L1", [RecordResult(1, "one")], T0 + 5) == 2
+    assert (await store.counts())["queued"] == len(acknowledged) - 1
+
+    assert mariadb.query(params.database, "SELECT id FROM jobs ORDER BY id") == [(i,) for i in sorted(acknowledged)]
+    assert mariadb.query(
+        params.database, "SELECT idx, output FROM records WHERE job_id = %s AND accepted_at IS NOT NULL", running
+    ) == [(0, '"zero"'), (1, '"one"')]
+    warnings = [e for e in log_events if "cannot serve" in e.get("log_format", "")]
+    assert len(warnings) == 1  # one warning for the outage, saying why
+    assert any("serves again" in e.get("log_format", "") for e in log_events)
+
+
+# -- retries --------------------------------------------------------------------
+
+
+def _thd_signal(txn, calls, failures, code):
+    """Count a call; fail the first ``failures`` calls with MySQL error ``code``, as the server would."""
+    calls.append(code)
+    txn.execute("INSERT INTO job_events (job_id, at, event) SELECT MIN(id), 0, 'probe' FROM jobs")
+    if len(calls) <= failures:
+        txn.execute(f"SIGNAL SQLSTATE '40001' SET MYSQL_ERRNO = {code}, MESSAGE_TEXT = 'injected'")
+    return len(calls)
+
+
+@pytest.mark.parametrize("code", [1213, 1205, 2013])
+@pytest_twisted.ensureDeferred
+async def test_retry_transient_error_applies_once(mariadb, params, store, code):
+    """A deadlock, lock wait timeout or lost connection reruns the whole batch, which then applies once."""
+    [job_id] = await store.submit([spec()], T0)
+    calls = []
+    neighbour = store.submit([spec()], T0)  # starts a transaction; the next two share the one after
+    probe = store._write(_thd_signal, calls, 1, code)
+    other = store.add_results(job_id, "nope", [], T0)
+    await neighbour
+    assert await probe == 2
+    with pytest.raises(Exception, match="lease"):
+        await other
+    assert calls == [code, code]
+    assert mariadb.query(params.database, "SELECT COUNT(*) FROM job_events WHERE event = 'probe'") == [(1,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_bounded_then_unavailable(mariadb, params, store, monkeypatch):
+    """A deadlock that keeps coming is retried a bounded number of times, then the writes fail as Unavailable."""
+    monkeypatch.setattr(MySQLDialect, "retry_delays", (0.01, 0.01))
+    await store.submit([spec()], T0)
+    calls = []
+    with pytest.raises(Unavailable, match="1213"):
+        await store._write(_thd_signal, calls, 99, 1213)
+    assert len(calls) == 3
+    assert mariadb.query(params.database, "SELECT COUNT(*) FROM job_events WHERE event = 'probe'") == [(0,)]
+    assert len(await store.submit([spec()], T0)) == 1
+
+
+def _kill(root_socket: str, connection_id: int) -> None:
+    """Have the server kill a client's connection, as a crash or a network cut would end it."""
+    with contextlib.closing(pymysql.connect(unix_socket=root_socket, user="root", ssl_disabled=True)) as root:
+        root.cursor().execute(f"KILL CONNECTION {int(connection_id)}")
+
+
+def _thd_probe(txn, calls, root_socket=None):
+    """Count a call and insert a probe event; on the first call, lose the connection halfway if asked."""
+    calls.append(1)
+    txn.execute("INSERT INTO job_events (job_id, at, event) SELECT MIN(id), 0, 'probe' FROM jobs")
+    if root_socket is not None and len(calls) == 1:
+        txn.execute("SELECT CONNECTION_ID()")
+        [(connection_id,)] = txn.fetchall()
+        _kill(root_socket, connection_id)
+        txn.execute("SELECT 1")  # 2013: lost connection to MySQL server during query
+    return len(calls)
+
+
+@pytest_twisted.ensureDeferred
+async def test_lost_connection_mid_transaction_retried_once_applied(mariadb, params, store):
+    """A connection lost before COMMIT leaves nothing committed: the batch runs again and applies once."""
+    await store.submit([spec()], T0)
+    calls = []
+    assert await store._write(_thd_probe, calls, mariadb.socket) == 2
+    assert mariadb.query(params.database, "SELECT COUNT(*) FROM job_events WHERE event = 'probe'") == [(1,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_commit_lost_connection_unavailable_not_retried(mariadb, params, store, monkeypatch):
+    """A COMMIT whose connection is lost fails as Unavailable and is not run again; the next write works."""
+    from gridd.store import mysql
+
+    armed = []
+    commit = mysql._MySQLConnection.commit
+
+    def commit_on_killed_connection(self):
+        if armed:
+            armed.clear()
+            _kill(mariadb.socket, self._connection.thread_id())
+        commit(self)
+
+    def thd_arm(txn, calls):
+        armed.append(True)
+        return _thd_probe(txn, calls)
+
+    monkeypatch.setattr(mysql._MySQLConnection, "commit", commit_on_killed_connection)
+    await store.submit([spec()], T0)
+    calls = []
+    with pytest.raises(Unavailable, match="during COMMIT"):
+        await store._write(thd_arm, calls)
+    assert calls == [1]
+    # Here the server had not committed: nothing applied, nothing applied twice.
+    assert mariadb.query(params.database, "SELECT COUNT(*) FROM job_events WHERE event = 'probe'") == [(0,)]
+    assert len(await store.submit([spec()], T0)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_found_rows_same_value_update_not_stale(store):
+    """An update that leaves a row as it was still counts as matched: same-time writes are not stale."""
+    [job_id] = await store.submit([spec(3)], T0)
+    await store.grant(job_id, "L1", "w1", 1, T0)
+    assert await store.add_results(job_id, "L1", [RecordResult(0, 0)], T0) == 1
+    assert await store.add_results(job_id, "L1", [RecordResult(1, 1)], T0) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_lease_compare_exact(store):
+    """Leases compare byte for byte (binary collation), as in SQLite: another case is another lease."""
+    [job_id] = await store.submit([spec()], T0)
+    await store.grant(job_id, "Lease-a", "w1", 1, T0)
+    with pytest.raises(Exception, match="not the current lease"):
+        await store.add_results(job_id, "LEASE-A", [RecordResult(0, 0)], T0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_consistent_during_concurrent_writes(store):
+    """load_active sees jobs and their records from one moment while submits commit around it."""
+    await store.submit([spec(50)], T0)
+    writes = [store.submit([spec(50)], T0) for _ in range(20)]
+    reads = [store.load_active() for _ in range(20)]
+    for active in await DeferredList(reads, fireOnOneErrback=True):
+        for job in active[1]:
+            assert len(job.pending) == 50
+    await DeferredList(writes, fireOnOneErrback=True)
+
+
+# -- the whole server on MariaDB -----------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest_twisted.ensureDeferred
+async def test_e2e_grid_on_mariadb_database_restart_loses_nothing(mariadb, params, tmp_path):
+    """twistd gridd on MariaDB runs a batch through a database restart: every record's result once."""
+    from twisted.internet import reactor, threads
+
+    from gridd.client import connect
+    from gridd.launch import WAIT, LocalGrid
+
+    grid = LocalGrid(reactor, tmp_path)
+    uri = f"mysql://{params.user}@{params.host}:{params.port}/{params.database}?password_file={params.password_file}"
+    try:
+        await grid.start_server("--db", uri)
+        await grid.start_worker("w1", 4)
+        client = await connect(reactor, grid.endpoint, grid.secret, name="e2e")
+        specs = [
+            {"type": "sleep", "records": [f"{j}-{r}" for r in range(5)], "params": {"seconds": 0.02}} for j in range(40)
+        ]
+        ids = await client.submit(specs)
+        done = client.wait(ids)
+        await threads.deferToThread(mariadb.stop)
+        await threads.deferToThread(mariadb.start)
+        await done.addTimeout(WAIT, reactor)
+        await client.close()
+    finally:
+        await grid.stop_all()
+    rows = mariadb.query(params.database, "SELECT state, COUNT(*) FROM jobs GROUP BY state")
+    assert rows == [("done", 40)]
+    assert mariadb.query(
+        params.database, "SELECT COUNT(*), COUNT(DISTINCT job_id, idx) FROM records WHERE accepted_at IS NOT NULL"
+    ) == [(200, 200)]
