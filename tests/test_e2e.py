@@ -158,7 +158,9 @@ async def test_e2e_server_killed_and_restarted_loses_nothing(reactor, grid):
     await grid.server.when_ended()
     done_before = {job for job, s in watcher.status.items() if s["state"] == "done"}
     await client.closed
-    server = await grid.start_server()
+    # A lease granted just before the kill, whose JOB never left, waits out the
+    # reattach grace before it is re-queued: keep that short here.
+    server = await grid.start_server("--reattach-grace", "5")
     for n in (1, 2, 3):
         await server.wait_for(rf"worker w{n} connected")
     # Workers came back holding leases the restarted server still honours.
