@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from gridd import errors, wire
@@ -261,9 +261,13 @@ class Dispatcher:
         backoff_max: float = 300.0,
         reattach_grace: float | None = None,
         max_line: int = wire.DEFAULT_MAX_LINE,
+        sync_interval: float | None = None,
         new_lease: Callable[[], str] = lambda: secrets.token_hex(8),
     ):
         self.store = store
+        #: Seconds between looks at what other servers on the same store did
+        #: (None: this server is alone on its store).
+        self.sync_interval = sync_interval
         self.max_line = max_line
         self.clock = clock
         self.beat = beat
@@ -284,6 +288,12 @@ class Dispatcher:
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._in_dispatch = False
         self._stopped = False
+        self._housekeeping: task.LoopingCall | None = None
+        #: Leases the store says are ours that no job here holds, at the last look.
+        self._orphans: set[tuple[int, str]] = set()
+        self._syncing: task.LoopingCall | None = None
+        #: The last (state, accepted) seen of watched jobs that other servers run.
+        self._watched_elsewhere: dict[int, tuple[str, int]] = {}
         #: Jobs submitted, records accepted, and jobs ended done/failed/cancelled, for operators.
         self.rates = RateCounter(clock)
 
@@ -291,28 +301,44 @@ class Dispatcher:
     # lifecycle
 
     async def start(self):
-        """Load the store's active jobs: queue them, and await their workers' return."""
+        """Announce this server in the store and load the jobs waiting to run.
+
+        Running jobs are not loaded: their leases belong to whichever server
+        granted them (an earlier run of this one, say). A worker that comes
+        back holding one takes it over here (``worker_hello``); leases of a
+        server that is gone end ``reattach_grace`` seconds after its deadline
+        (``_housekeep``).
+        """
         now = self.clock.seconds()
+        await self.store.beat(now, self.deadline)
         for active in await self.store.load_active():
-            job = self._job_from_store(active)
-            self.jobs[job.id] = job
-            if job.state == "queued":
-                self._make_runnable(job, now)
-            elif job.state == "running":
-                # Its worker may still be alive and reconnect: keep the lease
-                # for the grace period (PROTOCOL.md 6.2).
-                job.timer = self.clock.callLater(self.reattach_grace, self._orphan_expired, job, job.lease)
+            if active.state != "running":
+                job = self._job_from_store(active)
+                self.jobs[job.id] = job
+                if job.state == "queued":
+                    self._make_runnable(job, now)
+        self._housekeeping = task.LoopingCall(self._housekeep)
+        self._housekeeping.clock = self.clock
+        self._housekeeping.start(self.beat, now=False).addErrback(log.failure, "housekeeping stopped")
+        if self.sync_interval:
+            self._syncing = task.LoopingCall(self._sync)
+            self._syncing.clock = self.clock
+            self._syncing.start(self.sync_interval, now=False).addErrback(log.failure, "sync stopped")
         log.info(
-            "dispatcher loaded {n} active jobs ({q} queued, {r} awaiting their workers)",
+            "dispatcher {server} loaded {n} jobs ({q} runnable now){shared}",
+            server=self.store.server_id,
             n=len(self.jobs),
             q=len(self._queue),
-            r=sum(1 for j in self.jobs.values() if j.state == "running"),
+            shared=f", syncing with other servers every {self.sync_interval:g} s" if self.sync_interval else "",
         )
 
     def stop(self):
         """Cancel every timer; the dispatcher hands out nothing more."""
         self._stopped = True
         self.dispatching = False
+        for loop in (self._housekeeping, self._syncing):
+            if loop is not None and loop.running:
+                loop.stop()
         for job in self.jobs.values():
             self._cancel_timer(job)
         for worker in self.workers.values():
@@ -356,6 +382,32 @@ class Dispatcher:
                 old.conn.drop("superseded by a new connection")
         if self._stopped:
             raise errors.ShuttingDown()
+        kept, lost, taken = [], [], []
+        for lease, job_id in holding.items():
+            job = self.jobs.get(job_id)
+            if job is not None and job.lease == lease and job.worker is None:
+                taken.append(job)
+            elif job is not None and job.lease is not None:
+                lost.append({"job": job_id, "lease": lease, "reason": self._ended.get(lease, "superseded")})
+            else:
+                # Not a lease this server holds: perhaps another server's (the
+                # worker failed over) or an earlier run's of this one.
+                try:
+                    active = await self.store.take_lease(job_id, lease, name, self.clock.seconds())
+                except errors.StaleLease:
+                    lost.append({"job": job_id, "lease": lease, "reason": self._ended.get(lease, "expired")})
+                    continue
+                except errors.UnknownJob:
+                    lost.append({"job": job_id, "lease": lease, "reason": "unknown"})
+                    continue
+                job = self.jobs.pop(job_id, None)
+                if job is not None:  # it sat in our queue, stale: the store knows better
+                    self._forget(job)
+                job = self._job_from_store(active)
+                self.jobs[job_id] = job
+                taken.append(job)
+        if self._stopped:
+            raise errors.ShuttingDown()
         now = self.clock.seconds()
         types = hello.get("types", {})
         worker = Worker(
@@ -370,15 +422,10 @@ class Dispatcher:
             connected_at=now,
             last_seen=now,
         )
-        kept, lost = [], []
-        for lease, job_id in holding.items():
-            job = self.jobs.get(job_id)
-            if job is not None and job.lease == lease and job.worker is None:
-                self._cancel_timer(job)
-                self._bind(worker, job)
-                kept.append({"job": job_id, "lease": lease, "todo": sorted(job.pending)})
-            else:
-                lost.append({"job": job_id, "lease": lease, "reason": self._ended.get(lease, "unknown")})
+        for job in taken:
+            self._cancel_timer(job)
+            self._bind(worker, job)
+            kept.append({"job": job.id, "lease": job.lease, "todo": sorted(job.pending)})
         self.workers[name] = worker
         self._worker_by_conn[conn] = worker
         worker.deadline_call = self.clock.callLater(self.deadline, self._worker_silent, worker)
@@ -438,11 +485,105 @@ class Dispatcher:
             job, "timeout", error=f"run-time limit of {job.timeout:g} s exceeded", revoke=True, backoff=True
         )
 
-    def _orphan_expired(self, job: Job, lease: str):
-        job.timer = None
-        if job.lease == lease and job.worker is None:
-            log.info("job {job}: lease {lease} not reattached after restart, re-queued", job=job.id, lease=lease)
-            self._end_lease_soon(job, "expired", error="worker did not return after a server restart")
+    async def _housekeep(self):
+        """Every beat: say this server is alive; end the leases of servers that are gone."""
+        now = self.clock.seconds()
+        try:
+            await self.store.beat(now, self.deadline)
+            ended = await self.store.expire_servers(now, self.reattach_grace)
+        except Exception as e:
+            log.warn("housekeeping: the store failed ({e}); trying again in {beat} s", e=e, beat=self.beat)
+            return
+        if ended:
+            log.info("leases of gone servers ended, jobs re-queued or failed: {ids}", ids=ended)
+            await self._reload(*ended)
+
+    async def _sync(self):
+        """In a shared store: take in what other servers did since the last look.
+
+        Three things change behind this server's back: jobs submitted or
+        re-queued elsewhere become runnable; an operator elsewhere ends a
+        lease this server granted, or a worker takes its lease to another
+        server; jobs a client here watches progress on other servers.
+        """
+        try:
+            await self._sync_runnable()
+            await self._sync_leases()
+            await self._sync_watched()
+        except Exception as e:
+            log.warn("sync with the shared store failed ({e}); trying again in {s} s", e=e, s=self.sync_interval)
+
+    async def _sync_runnable(self):
+        ids = await self.store.runnable(self.clock.seconds(), 1000)
+        await self._reload(*(i for i in ids if i not in self.jobs))
+
+    async def _sync_leases(self):
+        # Only leases whose grant had committed before the read began, and
+        # that no DONE/FAIL/RETURN of ours is ending, can be judged by it.
+        settled = [(j, j.lease) for j in self.jobs.values() if j.lease and not j.claiming and not j.closing]
+        owned = await self.store.own_leases()
+        await self._end_orphans(owned)
+        gone = [(j, lease) for j, lease in settled if j.lease == lease and not j.closing and owned.get(j.id) != lease]
+        if not gone:
+            return
+        states = {s["job"]: s["state"] for s in await self.store.job_states([j.id for j, _ in gone])}
+        for job, lease in gone:
+            if job.lease != lease:
+                continue
+            reason = {"cancelled": "cancelled", "paused": "paused", "queued": "requeued"}.get(
+                states.get(job.id), "superseded"
+            )
+            log.info("job {job}: lease {lease} ended elsewhere ({reason})", job=job.id, lease=lease, reason=reason)
+            if job.worker is not None:
+                job.worker.conn.send("REVOKE", {"job": job.id, "lease": lease, "reason": reason})
+            self._detach(job, reason)
+            self._forget(job)
+        self._dispatch()
+
+    async def _end_orphans(self, owned: dict[int, str]):
+        """End leases the store says are ours but no job here holds.
+
+        A grant whose commit was reported failed though it happened (a
+        connection lost during COMMIT) leaves one. A lease must look orphaned
+        on two looks in a row before it is ended, so that one whose holder is
+        still being set up here (a takeover being committed) is left alone.
+        """
+        known = {j.lease for j in self.jobs.values() if j.lease}
+        orphans = {
+            (job_id, lease) for job_id, lease in owned.items() if lease not in known and lease not in self._ended
+        }
+        confirmed, self._orphans = orphans & self._orphans, orphans
+        for job_id, lease in sorted(confirmed):
+            log.warn(
+                "job {job}: lease {lease} is ours in the store but held by no worker; re-queued",
+                job=job_id,
+                lease=lease,
+            )
+            try:
+                await self.store.release(job_id, lease, "queued", self.clock.seconds(), reason="orphaned")
+            except errors.GriddError:
+                continue
+            await self._reload(job_id)
+
+    async def _sync_watched(self):
+        watched = set()
+        for ids in self._watchers.values():
+            if ids is not None:
+                watched |= ids
+        # Only a job leased here is followed in memory; any other may move on
+        # another server (even one queued here: another server may claim it).
+        self._watched_elsewhere = {i: seen for i, seen in self._watched_elsewhere.items() if i in watched}
+        elsewhere = sorted(i for i in watched if i not in self.jobs or self.jobs[i].lease is None)[:1000]
+        if not elsewhere:
+            return
+        for status in await self.store.job_states(elsewhere):
+            job = self.jobs.get(status["job"])
+            if job is not None and job.lease is None and status["state"] != job.state:
+                self._forget(job)  # our copy is stale: it runs, or ended, elsewhere
+            key = (status["state"], status["accepted"])
+            if self._watched_elsewhere.get(status["job"]) != key:
+                self._watched_elsewhere[status["job"]] = key
+                self._send_event(status)
 
     def _backoff_over(self, job: Job):
         job.timer = None
@@ -529,9 +670,13 @@ class Dispatcher:
 
     async def _commit_results(self, job: Job, records: list[RecordResult], write) -> int:
         indices = {r.index for r in records}
+        lease = job.lease
         job.in_flight |= indices
         try:
-            accepted = await write(job.id, job.lease, records, self.clock.seconds())
+            accepted = await write(job.id, lease, records, self.clock.seconds())
+        except errors.StaleLease:
+            self._ended_elsewhere(job, lease)
+            raise
         finally:
             job.in_flight -= indices
         for i in indices:
@@ -555,6 +700,9 @@ class Dispatcher:
                 not_before=not_before,
                 attempts=attempts,
             )
+        except errors.StaleLease:
+            self._ended_elsewhere(job, lease)
+            raise
         except BaseException:
             self._closing_failed(job, lease)
             raise
@@ -562,6 +710,14 @@ class Dispatcher:
         job.attempts = attempts
         self._enter(job, state, not_before)
         return state, not_before
+
+    def _ended_elsewhere(self, job: Job, lease: str):
+        """The store says ``lease`` is over though we hold it: another server ended or took it."""
+        if job.lease == lease:
+            log.info("job {job}: lease {lease} was ended elsewhere", job=job.id, lease=lease)
+            self._detach(job, "superseded")
+            self._forget(job)
+            self._dispatch()
 
     def _closing_failed(self, job: Job, lease: str):
         """A DONE/FAIL/RETURN did not commit: the lease goes on, unless its worker left meanwhile."""
@@ -758,14 +914,21 @@ class Dispatcher:
         # No lease: the job rests (queued, paused, terminal), or its lease's
         # end is being committed; the store, which sees that commit first,
         # decides.
-        await self.store.set_state(
-            job_id,
-            tuple(s for s in allowed if s != "running"),
-            target,
-            self.clock.seconds(),
-            reason=reason,
-            reset_attempts=reset_attempts,
-        )
+        try:
+            await self.store.set_state(
+                job_id,
+                tuple(s for s in allowed if s != "running"),
+                target,
+                self.clock.seconds(),
+                reason=reason,
+                reset_attempts=reset_attempts,
+            )
+        except errors.InvalidState as e:
+            if e.extra.get("state") != "running" or "running" not in allowed:
+                raise
+            # Running under another server's lease: end it in the store; that
+            # server revokes its worker's lease when it next syncs.
+            await self.store.end_lease(job_id, target, self.clock.seconds(), reason=reason)
         job = self.jobs.get(job_id)  # the world moved while we waited
         if job is None:
             await self._reload(job_id)  # a terminal job came back (requeue)
@@ -778,17 +941,23 @@ class Dispatcher:
             self._enter(job, target, None)
         return {"state": target}
 
-    async def _reload(self, job_id: int):
-        """Take the store's view of one job (after a requeue, or a disagreement)."""
-        for active in await self.store.load_active(job_ids=[job_id]):
+    async def _reload(self, *job_ids: int):
+        """Take the store's view of these jobs: keep those that wait to run here.
+
+        For a requeue, a disagreement with the store, another server's
+        re-queued or new jobs, and leases of gone servers.
+        """
+        if not job_ids:
+            return
+        for active in await self.store.load_active(job_ids=list(job_ids)):
+            if active.state == "running" or active.id in self.jobs:
+                continue  # someone's lease; or it arrived while we read
             job = self._job_from_store(active)
             self.jobs[job.id] = job
             if job.state == "queued":
                 self._make_runnable(job, self.clock.seconds())
-            elif job.state == "running":
-                job.timer = self.clock.callLater(self.reattach_grace, self._orphan_expired, job, job.lease)
             self._notify(job)
-            self._dispatch()
+        self._dispatch()
 
     # ------------------------------------------------------------------
     # transitions
@@ -1010,12 +1179,18 @@ class Dispatcher:
         if job.lease != lease:
             return
         self._detach(job, "unclaimed")
+        # Not a lease that ended: one that (as far as we know) never began. If
+        # its grant did commit after all, _end_orphans finds it in the store.
+        self._ended.pop(lease, None)
         if failure.check(errors.InvalidState, errors.UnknownJob):
             # Someone else has it now (another server sharing the store): not ours to run.
             log.info("job {job}: claimed elsewhere ({f.value})", job=job.id, f=failure)
             self._forget(job)
         else:
-            log.failure("job {job}: could not record lease {lease}", failure, job=job.id, lease=lease)
+            if failure.check(errors.Unavailable):
+                log.warn("job {job}: could not record lease {lease}: {f.value}", job=job.id, lease=lease, f=failure)
+            else:
+                log.failure("job {job}: could not record lease {lease}", failure, job=job.id, lease=lease)
             job.attempts -= 1
             job.state = "queued"
             self._make_runnable(job, self.clock.seconds(), self.clock.seconds() + self.backoff_base)
@@ -1026,6 +1201,9 @@ class Dispatcher:
             return
         body = job.event_body()
         body.update(extra)
+        self._send_event(body)
+
+    def _send_event(self, body: dict):
         for conn, ids in self._watchers.items():
-            if ids is None or job.id in ids:
+            if ids is None or body["job"] in ids:
                 conn.send("EVENT", body)

@@ -162,6 +162,7 @@ class LocalGrid:
         PORT, say) and ``connect`` the ``tcp:127.0.0.1:PORT`` that workers and clients use."""
         self.reactor = reactor
         self.tmp = tmp_path
+        self.tmp.mkdir(parents=True, exist_ok=True)
         self.data = tmp_path / "data"
         self.beat = beat
         self.port = port or free_port()

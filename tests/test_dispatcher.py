@@ -52,9 +52,11 @@ def run(awaitable):
 class Grid:
     """A dispatcher with its clock and store, plus helpers to drive it."""
 
-    def __init__(self, store=None, lease_prefix="L", **kwargs):
-        self.clock = task.Clock()
-        self.clock.advance(1000)
+    def __init__(self, store=None, lease_prefix="L", clock=None, **kwargs):
+        if clock is None:
+            clock = task.Clock()
+            clock.advance(1000)
+        self.clock = clock
         self.store = store or MemoryStore()
         counter = itertools.count(1)
         kwargs.setdefault("beat", 2.0)
@@ -411,27 +413,148 @@ def test_disconnect_worker_by_operator_requeues_without_using_an_attempt():
 
 
 def test_restart_reattaches_held_lease_and_ends_the_rest():
-    """After a restart a worker that comes back within the grace keeps its lease; others expire."""
-    store = MemoryStore()
+    """After a restart a worker that comes back within the grace keeps its lease; the others expire."""
+    store = MemoryStore(server_id="first-run")
     g = Grid(store)
     w = g.worker("w1", slots=2)
     [a, b] = g.submit({"records": ["x", "y"]}, {"records": ["z"]})
     ja, jb = w.take("JOB")
     run(g.d.result(w, a, ja["lease"], [{"i": 0, "out": 1}]))
     g.d.stop()
-    # The server restarts on the same store.
-    g2 = Grid(store, lease_prefix="R", reattach_grace=4.0)
+    # The server restarts on the same store, as a new server.
+    g2 = Grid(store.sibling("second-run"), lease_prefix="R", reattach_grace=4.0, clock=g.clock)
     w_again = g2.worker("w1", slots=2, holding=[{"job": a, "lease": ja["lease"]}])
     assert w_again.hello_reply["kept"] == [{"job": a, "lease": ja["lease"], "todo": [1]}]
     assert not w_again.take("JOB")
-    for _ in range(2):  # the grace passes while the worker keeps beating
-        g2.clock.advance(g2.d.reattach_grace / 2)
+    # b was not reattached: once the first run's deadline and the grace have
+    # passed, its lease ends and it comes back as a new attempt.
+    while g2.clock.seconds() < 1000 + g.d.deadline + g2.d.reattach_grace + g2.d.beat:
+        g2.clock.advance(1.0)
         g2.d.seen(w_again)
-    # b was not reattached: it expired and came back as a new attempt.
     [again] = w_again.take("JOB")
     assert (again["job"], again["attempt"]) == (b, 2)
     run(g2.d.done(w_again, a, ja["lease"], [{"i": 1, "out": 2}]))
     assert g2.state(a)["state"] == "done"
+    g2.d.stop()
+
+
+class TwoServers:
+    """Dispatchers A and B on one clock and one shared store, syncing every half second."""
+
+    def __init__(self, **kwargs):
+        store = MemoryStore(server_id="A")
+        self.a = Grid(store, lease_prefix="A", sync_interval=0.5, **kwargs)
+        self.b = Grid(store.sibling("B"), lease_prefix="B", sync_interval=0.5, clock=self.a.clock, **kwargs)
+        self.clock = self.a.clock
+
+    def advance(self, seconds, *alive):
+        """Let time pass in half-second steps while the workers in ``alive`` keep beating."""
+        for _ in range(int(seconds / 0.5)):
+            self.clock.advance(0.5)
+            for grid, conn in alive:
+                grid.d.seen(conn)
+
+
+def test_two_servers_job_submitted_on_one_runs_on_the_others_worker():
+    """A job submitted on server A reaches the idle worker of server B at B's next sync."""
+    two = TwoServers()
+    w = two.b.worker("on-b")
+    [job_id] = two.a.submit()
+    assert not w.take("JOB")
+    two.advance(0.5, (two.b, w))
+    [job] = w.take("JOB")
+    assert job["job"] == job_id
+    assert two.a.state(job_id)["worker"] == "on-b"
+
+
+def test_two_servers_each_job_is_leased_once():
+    """With workers on both servers, every job is granted exactly once across them."""
+    two = TwoServers()
+    wa, wb = two.a.worker("wa", slots=3), two.b.worker("wb", slots=3)
+    ids = two.a.submit(*[{} for _ in range(4)]) + two.b.submit(*[{} for _ in range(4)])
+    two.advance(1.0, (two.a, wa), (two.b, wb))
+    got = [j["job"] for j in wa.take("JOB")] + [j["job"] for j in wb.take("JOB")]
+    assert sorted(got) == sorted(set(got))
+    assert len(got) == 6
+    assert set(got) <= set(ids)
+
+
+def test_worker_fails_over_and_its_lease_is_taken_over():
+    """A worker whose server went away reattaches its lease on the other server and finishes there."""
+    two = TwoServers()
+    w = two.a.worker("w1")
+    [job_id] = two.a.submit(records=["x", "y"])
+    [job] = w.take("JOB")
+    run(two.a.d.result(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    two.a.d.stop()  # A dies
+    moved = two.b.worker("w1", holding=[{"job": job_id, "lease": job["lease"]}])
+    assert moved.hello_reply["kept"] == [{"job": job_id, "lease": job["lease"], "todo": [1]}]
+    run(two.b.d.done(moved, job_id, job["lease"], [{"i": 1, "out": 2}]))
+    view = two.b.state(job_id)
+    assert (view["state"], view["accepted"]) == ("done", 2)
+    assert [h["event"] for h in view["history"]].count("reattached") == 1
+
+
+def test_gone_servers_leases_end_on_the_survivor():
+    """Leases of a server that stopped beating end after its deadline and the grace; the survivor runs the job."""
+    two = TwoServers(reattach_grace=2.0)
+    wa = two.a.worker("wa")
+    [job_id] = two.a.submit()
+    [job] = wa.take("JOB")
+    two.a.d.stop()  # A dies with the lease; its worker never comes back
+    wb = two.b.worker("wb")
+    two.advance(two.a.d.deadline + 2.0 + two.b.d.beat + 0.5, (two.b, wb))
+    [again] = wb.take("JOB")
+    assert (again["job"], again["attempt"]) == (job_id, 2)
+    released = [h for h in two.b.state(job_id)["history"] if h["event"] == "released"]
+    assert released[-1]["detail"]["reason"] == "server lost"
+
+
+def test_operator_on_one_server_cancels_a_job_running_on_the_other():
+    """Cancelling on B a job A's worker runs ends it in the store; A revokes its worker's lease at its sync."""
+    two = TwoServers()
+    wa = two.a.worker("wa")
+    [job_id] = two.a.submit()
+    [job] = wa.take("JOB")
+    assert run(two.b.d.cancel(job_id)) == {"state": "cancelled"}
+    two.advance(0.5, (two.a, wa))
+    assert wa.take("REVOKE") == [{"job": job_id, "lease": job["lease"], "reason": "cancelled"}]
+    assert not two.a.d.workers["wa"].leases
+    with pytest.raises(errors.StaleLease):
+        run(two.a.d.done(wa, job_id, job["lease"], [{"i": 0, "out": 1}]))
+
+
+def test_watch_on_one_server_follows_a_job_the_other_runs():
+    """A client watching on B is told of progress made by A's worker."""
+    two = TwoServers()
+    watcher = FakeConnection()
+    wa = two.a.worker("wa")
+    [job_id] = two.a.submit(records=[1, 2])
+    [job] = wa.take("JOB")
+    run(two.b.d.watch(watcher, [job_id]))
+    run(two.a.d.result(wa, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    two.advance(0.5, (two.a, wa))
+    run(two.a.d.done(wa, job_id, job["lease"], [{"i": 1, "out": 1}]))
+    two.advance(0.5, (two.a, wa))
+    events = [(e["state"], e["accepted"]) for e in watcher.take("EVENT")]
+    assert events == [("running", 1), ("done", 2)]
+
+
+def test_orphaned_lease_in_the_store_is_requeued():
+    """A lease the store says is this server's but no worker holds (a grant whose outcome was lost) is re-queued."""
+    g = Grid(MemoryStore(server_id="A"), sync_interval=0.5)
+    run(g.d.set_dispatching(False))
+    [job_id] = g.submit()
+    run(g.store.grant(job_id, "ghost", "w-never", 1, g.clock.seconds()))
+    w = g.worker()
+    run(g.d.set_dispatching(True))
+    g.clock.advance(0.5)
+    g.d.seen(w)
+    assert not w.take("JOB"), "re-queued after a single look"
+    g.clock.advance(0.5)
+    g.d.seen(w)
+    [job] = w.take("JOB")
+    assert job["job"] == job_id
 
 
 def test_reconnect_with_lost_lease_is_told_why():

@@ -169,7 +169,7 @@ def test_manhole_never_listens_when_the_server_fails_to_start(tmp_path, monkeypa
         def start(self):
             return defer.fail(errors.Unavailable("disk full"))
 
-    monkeypatch.setattr(tap, "open_store", lambda uri, reactor=None: BrokenStore())
+    monkeypatch.setattr(tap, "open_store", lambda uri, reactor=None, server_id=None: BrokenStore())
     reactor = MemoryReactorClock()
     keys_file = tmp_path / "ops.keys"
     keys_file.write_bytes(new_public_key() + b"\n")

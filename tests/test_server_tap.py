@@ -197,12 +197,12 @@ class GatedStore:
 def test_gridd_service_listens_only_after_store_and_dispatcher_started(tmp_path, monkeypatch):
     """Starting the tree opens the store, then loads the dispatcher, and only then listens."""
     store = GatedStore()
-    monkeypatch.setattr(tap, "open_store", lambda uri, reactor=None: store)
+    monkeypatch.setattr(tap, "open_store", lambda uri, reactor=None, server_id=None: store)
     top, server, reactor = build(tmp_path)
     top.startService()
     assert store.calls == ["start"] and reactor.tcpServers == []
     store.start_gate.callback(None)
-    assert store.calls == ["start", "load_active"] and reactor.tcpServers == []
+    assert store.calls == ["start", "beat", "load_active"] and reactor.tcpServers == []
     assert not server.started.called
     store.load_gate.callback(None)
     assert reactor.tcpServers == [(7700, server.factory, 50, "127.0.0.1")]
@@ -250,7 +250,7 @@ def test_gridd_service_memory_store_starts_and_writes_port_file(tmp_path, logged
 def test_gridd_service_stopped_while_store_starts_never_listens(tmp_path, monkeypatch):
     """A tree stopped before its store finished opening never listens, and stops the store it opened."""
     store = GatedStore()
-    monkeypatch.setattr(tap, "open_store", lambda uri, reactor=None: store)
+    monkeypatch.setattr(tap, "open_store", lambda uri, reactor=None, server_id=None: store)
     top, server, reactor = build(tmp_path)
     top.startService()
     stopped = top.stopService()
@@ -381,7 +381,7 @@ def test_options_connection_limits(tmp_path):
 
 
 def test_make_service_warns_loudly_for_non_loopback_tcp(tmp_path, logged):
-    """A plain TCP listener beyond loopback, allowed explicitly, logs a warning naming it; a loopback or UNIX one does not."""
+    """An allowed plain TCP listener beyond loopback logs a warning naming it; a loopback or UNIX one does not."""
     build(tmp_path, "--db", "memory:", "--listen", "tcp:7700:interface=127.0.0.1", "--listen", "unix:/tmp/x.sock")
     assert _warnings(logged) == []
     build(tmp_path, "--db", "memory:", "--listen", "tcp:7700", "--allow-plain-tcp")

@@ -2,7 +2,11 @@
 
 The ``store`` fixture yields a started store of each kind: memory, SQLite,
 and MySQL on the session's throwaway MariaDB server (``tests/mariadb.py``).
-Another kind joins by adding a parameter and a branch there, and nothing else.
+The ``two`` fixture yields two started stores of one kind on the same data,
+as two servers on one database: ``MemoryStore.sibling``, a second
+``SQLiteStore`` on the same file, a second ``MySQLStore`` on the same
+database. Another kind joins by adding a parameter and a branch in
+``_make_store``, and nothing else.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import contextlib
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import DeferredList
 
 from gridd.errors import (
     DuplicateResult,
@@ -21,27 +26,51 @@ from gridd.errors import (
     UnknownJob,
     UnknownRecord,
 )
-from gridd.store.base import ACTIVE_STATES, JOB_STATES, SETTABLE_STATES, JobSpec, RecordResult
+from gridd.store.base import ACTIVE_STATES, JOB_STATES, SETTABLE_STATES, JobSpec, RecordResult, open_store
 from gridd.store.memory import MemoryStore
 from gridd.store.mysql import MySQLStore
 from gridd.store.sqlite import SQLiteStore
 
 T0 = 1_000_000.0
 
+KINDS = ["memory", "sqlite", pytest.param("mysql", marks=pytest.mark.mysql)]
 
-@pytest_twisted.async_yield_fixture(params=["memory", "sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+
+def _make_store(request, cleanup, tmp_path, server_id=None, like=None):
+    """A store of the kind ``request.param`` names; with ``like``, another on the same data."""
+    if request.param == "memory":
+        return MemoryStore(server_id) if like is None else like.sibling(server_id)
+    if request.param == "sqlite":
+        return SQLiteStore(str(tmp_path / "gridd.db"), server_id=server_id)
+    if request.param == "mysql":
+        params = (
+            like.params if like is not None else cleanup.enter_context(request.getfixturevalue("mariadb").database())
+        )
+        return MySQLStore(params, server_id=server_id)
+    raise AssertionError(request.param)
+
+
+@pytest_twisted.async_yield_fixture(params=KINDS)
 async def store(request, tmp_path):
     """A started store of each kind, stopped after the test; MySQL's on a fresh database."""
     with contextlib.ExitStack() as cleanup:
-        if request.param == "memory":
-            store = MemoryStore()
-        elif request.param == "sqlite":
-            store = SQLiteStore(str(tmp_path / "gridd.db"))
-        elif request.param == "mysql":
-            store = MySQLStore(cleanup.enter_context(request.getfixturevalue("mariadb").database()))
+        store = _make_store(request, cleanup, tmp_path)
         await store.start()
         yield store
         await store.stop()
+
+
+@pytest_twisted.async_yield_fixture(params=KINDS)
+async def two(request, tmp_path):
+    """Two started stores on the same data, servers "A" and "B", stopped after the test."""
+    with contextlib.ExitStack() as cleanup:
+        a = _make_store(request, cleanup, tmp_path, "A")
+        await a.start()
+        b = _make_store(request, cleanup, tmp_path, "B", like=a)
+        await b.start()
+        yield a, b
+        await b.stop()
+        await a.stop()
 
 
 def spec(records=3, **fields) -> JobSpec:
@@ -628,3 +657,472 @@ async def test_stop_refuses_later_calls(store):
     with pytest.raises(Unavailable):
         await store.counts()
     await store.stop()
+
+
+# -- several servers on one database -------------------------------------------
+
+
+async def server_rows(store) -> dict[str, tuple[float, float]]:
+    """The servers the store knows: id -> (last beat, deadline)."""
+    if isinstance(store, MemoryStore):
+        return dict(store._data.servers)
+
+    def thd_servers(txn):
+        txn.execute("SELECT id, last_beat, deadline FROM servers ORDER BY id")
+        return {server: (beat, deadline) for server, beat, deadline in txn.fetchall()}
+
+    return await store._read(thd_servers)
+
+
+def test_server_id_given_or_unique(tmp_path):
+    """A store writes as the server id it was given, or as a new one unique to it."""
+    assert MemoryStore("A").server_id == "A"
+    assert open_store("memory:", server_id="A").server_id == "A"
+    assert open_store(f"sqlite:{tmp_path / 'gridd.db'}", server_id="B").server_id == "B"
+    assert open_store("mysql://u@127.0.0.1/gridd", server_id="C").server_id == "C"
+    ids = {MemoryStore().server_id, MemoryStore().server_id, SQLiteStore(str(tmp_path / "x.db")).server_id}
+    assert len(ids) == 3 and all(isinstance(i, str) and i for i in ids)
+    assert MemoryStore("A").sibling("B").server_id == "B"
+    for bad in ("", "x" * 256):
+        with pytest.raises(ValueError):
+            MemoryStore(bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sibling_started_on_its_own():
+    """A memory sibling shares the data but is started and stopped on its own."""
+    a = MemoryStore("A")
+    await a.start()
+    b = a.sibling("B")
+    with pytest.raises(Unavailable):
+        await b.counts()
+    await b.start()
+    [job_id] = await a.submit([spec()], T0)
+    assert (await b.get_job(job_id))["state"] == "queued"
+    await b.stop()
+    assert (await a.counts())["queued"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_grant_records_owner(two):
+    """A grant makes the granting server the lease's owner: its own_leases lists it, the other's does not."""
+    a, b = two
+    job_id = await leased_job(a)
+    assert await a.own_leases() == {job_id: "L1"}
+    assert await b.own_leases() == {}
+
+
+@pytest.mark.parametrize("write", ["add_results", "complete", "release"])
+@pytest_twisted.ensureDeferred
+async def test_other_server_write_stale(two, write):
+    """Another server's write under a lease it does not own raises StaleLease and changes nothing."""
+    a, b = two
+    job_id = await leased_job(a, records=1)
+    before = await snapshot(a, job_id)
+    with pytest.raises(StaleLease):
+        if write == "add_results":
+            await b.add_results(job_id, "L1", ok(0), T0 + 2)
+        elif write == "complete":
+            await b.complete(job_id, "L1", ok(0), T0 + 2)
+        else:
+            await b.release(job_id, "L1", "queued", T0 + 2, reason="worker lost")
+    assert await snapshot(a, job_id) == before
+    assert await a.complete(job_id, "L1", ok(0), T0 + 3) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_take_lease_moves_owner(two):
+    """Taking a lease over makes this server its owner: the old owner is stale, the new one writes."""
+    a, b = two
+    job_id = await leased_job(a, records=3)
+    await a.add_results(job_id, "L1", ok(0), T0 + 2)
+    running = await a.get_job(job_id)
+    active = await b.take_lease(job_id, "L1", "w2", T0 + 3)
+    assert (active.id, active.state, active.lease, active.worker, active.attempts) == (job_id, "running", "L1", "w2", 1)
+    assert active.pending == {1: {"n": 1}, 2: {"n": 2}}
+    assert await b.get_job(job_id) == running | {
+        "worker": "w2",
+        "updated": T0 + 3,
+        "history": running["history"] + [event(T0 + 3, "reattached", 1, "L1", "w2", {"from": "A"})],
+    }
+    assert (await a.own_leases(), await b.own_leases()) == ({}, {job_id: "L1"})
+    before = await snapshot(a, job_id)
+    with pytest.raises(StaleLease):
+        await a.add_results(job_id, "L1", ok(1), T0 + 4)
+    with pytest.raises(StaleLease):
+        await a.release(job_id, "L1", "queued", T0 + 4, reason="worker lost")
+    assert await snapshot(a, job_id) == before
+    assert await b.add_results(job_id, "L1", ok(1), T0 + 5) == 2
+    await b.complete(job_id, "L1", ok(2), T0 + 6)
+    assert [(r["i"], r["worker"]) for r in await a.get_results(job_id)] == [(0, "w1"), (1, "w2"), (2, "w2")]
+    assert await b.own_leases() == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_take_lease_back_from_taker(two):
+    """A lease taken over can be taken back: ownership follows the last taker."""
+    a, b = two
+    job_id = await leased_job(a)
+    await b.take_lease(job_id, "L1", "w1", T0 + 2)
+    await a.take_lease(job_id, "L1", "w1", T0 + 3)
+    assert (await a.get_job(job_id))["history"][-1]["detail"] == {"from": "B"}
+    assert await a.add_results(job_id, "L1", ok(0), T0 + 4) == 1
+    with pytest.raises(StaleLease):
+        await b.add_results(job_id, "L1", ok(1), T0 + 4)
+
+
+@pytest_twisted.ensureDeferred
+async def test_take_lease_wrong_or_ended_stale(two):
+    """Taking over a lease that is not the job's current one raises StaleLease and changes nothing."""
+    a, b = two
+    job_id = await leased_job(a)
+    before = await snapshot(a, job_id)
+    with pytest.raises(StaleLease):
+        await b.take_lease(job_id, "L0", "w2", T0 + 2)
+    assert await snapshot(a, job_id) == before
+    await a.release(job_id, "L1", "queued", T0 + 3, reason="worker lost")
+    before = await snapshot(a, job_id)
+    for lease in ("L1", None):
+        with pytest.raises(StaleLease):
+            await b.take_lease(job_id, lease, "w2", T0 + 4)
+    assert await snapshot(a, job_id) == before
+    with pytest.raises(UnknownJob):
+        await b.take_lease(999, "L1", "w2", T0 + 4)
+
+
+@pytest_twisted.ensureDeferred
+async def test_expire_servers_after_deadline_and_grace(two):
+    """A server silent past its deadline and the grace loses its leases: re-queued, or failed without attempts left."""
+    a, b = two
+    await a.beat(T0, 10)
+    await b.beat(T0, 10)
+    ids = await a.submit([spec(2), spec(1, retries=0), spec(1, retries=2)], T0)
+    retried, exhausted, other = ids
+    await a.grant(retried, "L1", "w1", 1, T0 + 1)
+    await a.add_results(retried, "L1", ok(0), T0 + 2)
+    await a.grant(exhausted, "L2", "w1", 1, T0 + 1)
+    await b.grant(other, "L3", "w2", 1, T0 + 1)
+    await a.beat(T0 + 20, 10)  # the last beat: gone once now > T0 + 30, expired once now > T0 + 35
+    await b.beat(T0 + 35, 10)
+    assert await b.expire_servers(T0 + 35, 5) == []
+    assert (await a.get_job(retried))["state"] == "running"
+    assert set(await server_rows(a)) == {"A", "B"}
+
+    before = {job_id: await a.get_job(job_id) for job_id in ids}
+    assert await b.expire_servers(T0 + 36, 5) == [retried, exhausted]
+    for job_id, to in ((retried, "queued"), (exhausted, "failed")):
+        detail = {"to": to, "reason": "server lost", "error": "server A lost"}
+        assert await a.get_job(job_id) == before[job_id] | {
+            "state": to,
+            "lease": None,
+            "worker": None,
+            "updated": T0 + 36,
+            "history": before[job_id]["history"]
+            + [event(T0 + 36, "released", 1, before[job_id]["lease"], "w1", detail)],
+        }
+    assert await a.get_job(other) == before[other]
+    assert list(await server_rows(a)) == ["B"]
+    [active] = await b.load_active(job_ids=[retried])
+    assert (active.state, active.not_before, active.pending) == ("queued", None, {1: {"n": 1}})
+    # The gone server's leases are stale, and it owns nothing any more.
+    with pytest.raises(StaleLease):
+        await a.add_results(retried, "L1", ok(1), T0 + 37)
+    assert await a.own_leases() == {}
+    assert await b.expire_servers(T0 + 37, 5) == []
+    assert await b.runnable(T0 + 37, 10) == [retried]
+
+
+@pytest_twisted.ensureDeferred
+async def test_expire_servers_beat_keeps_alive(two):
+    """Each beat moves a server's deadline: a server that beats is never expired."""
+    a, b = two
+    await a.beat(T0, 10)
+    job_id = await leased_job(a)
+    for t in range(1, 6):
+        await a.beat(T0 + 10 * t, 10)
+        assert await b.expire_servers(T0 + 10 * t + 15, 5) == []
+    assert await server_rows(a) == {"A": (T0 + 50, 10)}
+    assert await b.expire_servers(T0 + 66, 5) == [job_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_expire_servers_never_self(two):
+    """A server never expires itself, however late its own last beat."""
+    a, _ = two
+    await a.beat(T0, 10)
+    job_id = await leased_job(a)
+    assert await a.expire_servers(T0 + 1000, 5) == []
+    assert (await a.get_job(job_id))["state"] == "running"
+    assert list(await server_rows(a)) == ["A"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_expire_servers_owner_without_row(two):
+    """An owner that never beat (or whose row is gone) counts as gone grace seconds after it last changed the job."""
+    a, b = two
+    job_id = await leased_job(a)  # granted at T0 + 1, without a beat
+    await a.add_results(job_id, "L1", ok(0), T0 + 10)
+    assert await b.expire_servers(T0 + 15, 5) == []
+    assert await b.expire_servers(T0 + 16, 5) == [job_id]
+    assert (await b.get_job(job_id))["history"][-1]["detail"] == {
+        "to": "queued",
+        "reason": "server lost",
+        "error": "server A lost",
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_expire_servers_concurrent_each_job_once(two):
+    """Two servers expiring the same gone server at once end each of its jobs once between them."""
+    a, b = two
+    await a.beat(T0, 10)
+    ids = await a.submit([spec(1) for _ in range(20)], T0)
+    for job_id in ids:
+        await a.grant(job_id, f"L{job_id}", "w1", 1, T0 + 1)
+    c = _sibling_of(b, "C")
+    await c.start()
+    try:
+        ended = await DeferredList(
+            [b.expire_servers(T0 + 100, 5), c.expire_servers(T0 + 100, 5)], fireOnOneErrback=True
+        )
+    finally:
+        await c.stop()
+    first, second = (result for _, result in ended)
+    assert sorted(first + second) == ids
+    for job_id in ids:
+        job = await b.get_job(job_id)
+        assert [e["event"] for e in job["history"]] == ["submitted", "leased", "released"]
+
+
+def _sibling_of(store, server_id):
+    """Another store object on ``store``'s data, writing as ``server_id``."""
+    if isinstance(store, MemoryStore):
+        return store.sibling(server_id)
+    if isinstance(store, SQLiteStore):
+        return SQLiteStore(store.path, server_id=server_id)
+    return MySQLStore(store.params, server_id=server_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_runnable_priority_then_id(two):
+    """Runnable jobs come highest priority first, then oldest first, up to the limit."""
+    a, b = two
+    ids = await a.submit([spec(1, priority=p) for p in (0, 5, 1, 5, 0, 9)], T0)
+    p0, p5, p1, p5b, p0b, p9 = ids
+    await a.grant(p9, "L9", "w1", 1, T0 + 1)  # running: not runnable
+    await a.set_state(p1, ("queued",), "paused", T0 + 1, reason="operator pause")
+    assert await b.runnable(T0 + 2, 10) == [p5, p5b, p0, p0b]
+    assert await b.runnable(T0 + 2, 2) == [p5, p5b]
+    assert await a.runnable(T0 + 2, 0) == []
+    await a.release(p9, "L9", "queued", T0 + 3, reason="handler error", not_before=T0 + 60)
+    assert await b.runnable(T0 + 59, 10) == [p5, p5b, p0, p0b]
+    assert await b.runnable(T0 + 60, 10) == [p9, p5, p5b, p0, p0b]
+
+
+@pytest_twisted.ensureDeferred
+async def test_own_leases_running_only(two):
+    """own_leases names exactly the running jobs this server granted or took over."""
+    a, b = two
+    j1, j2, j3, j4 = await a.submit([spec(1) for _ in range(4)], T0)
+    await a.grant(j1, "L1", "w1", 1, T0 + 1)
+    await a.grant(j2, "L2", "w1", 1, T0 + 1)
+    await b.grant(j3, "L3", "w2", 1, T0 + 1)
+    await a.grant(j4, "L4", "w1", 1, T0 + 1)
+    await a.complete(j2, "L2", ok(0), T0 + 2)
+    await a.release(j4, "L4", "queued", T0 + 2, reason="worker lost")
+    assert await a.own_leases() == {j1: "L1"}
+    assert await b.own_leases() == {j3: "L3"}
+    await b.take_lease(j1, "L1", "w2", T0 + 3)
+    assert await a.own_leases() == {}
+    assert await b.own_leases() == {j1: "L1", j3: "L3"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_states_existing_by_id(store):
+    """job_states answers for the ids that exist, by id, with state and progress."""
+    a, b = await store.submit([spec(3), spec(2)], T0)
+    await store.grant(b, "L1", "w1", 1, T0 + 1)
+    await store.add_results(b, "L1", ok(1), T0 + 2)
+    assert await store.job_states([999, b, a, b]) == [
+        {"job": a, "state": "queued", "accepted": 0, "total": 3},
+        {"job": b, "state": "running", "accepted": 1, "total": 2},
+    ]
+    assert await store.job_states([]) == []
+    many = await store.submit([spec(0) for _ in range(1200)], T0)
+    assert [s["job"] for s in await store.job_states(many)] == many
+
+
+@pytest.mark.parametrize(("state", "attempts"), [("queued", 0), ("paused", 1), ("cancelled", 1)])
+@pytest_twisted.ensureDeferred
+async def test_end_lease_any_owner(two, state, attempts):
+    """Any server ends a running lease as an operator's move: the lease's attempt not counted, a requeue resets."""
+    a, b = two
+    job_id = await leased_job(a)
+    await a.release(job_id, "L1", "queued", T0 + 2, reason="worker lost")
+    await a.grant(job_id, "L2", "w1", 2, T0 + 3)
+    await a.add_results(job_id, "L2", ok(0), T0 + 4)
+    running = await a.get_job(job_id)
+    reason = {"queued": "requeued", "paused": "paused", "cancelled": "cancelled"}[state]
+    await b.end_lease(job_id, state, T0 + 5, reason=reason)
+    assert await a.get_job(job_id) == running | {
+        "state": state,
+        "attempts": attempts,
+        "lease": None,
+        "worker": None,
+        "updated": T0 + 5,
+        "history": running["history"] + [event(T0 + 5, "released", 2, "L2", "w1", {"to": state, "reason": reason})],
+    }
+    assert await a.own_leases() == {}
+    with pytest.raises(StaleLease):
+        await a.add_results(job_id, "L2", ok(1), T0 + 6)
+    assert await b.runnable(T0 + 6, 10) == ([job_id] if state == "queued" else [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_end_lease_own_lease(store):
+    """A server may end a lease it owns itself the same way."""
+    job_id = await leased_job(store)
+    await store.end_lease(job_id, "paused", T0 + 2, reason="paused")
+    job = await store.get_job(job_id)
+    assert (job["state"], job["attempts"], job["lease"]) == ("paused", 0, None)
+    assert await store.own_leases() == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_end_lease_not_running_invalid_state(store):
+    """Ending the lease of a job that holds none raises InvalidState naming its state, and changes nothing."""
+    [job_id] = await store.submit([spec()], T0)
+    before = await snapshot(store, job_id)
+    with pytest.raises(InvalidState) as caught:
+        await store.end_lease(job_id, "cancelled", T0 + 1, reason="cancelled")
+    assert caught.value.extra == {"state": "queued"}
+    assert await snapshot(store, job_id) == before
+    with pytest.raises(UnknownJob):
+        await store.end_lease(999, "cancelled", T0 + 1, reason="cancelled")
+
+
+@pytest.mark.parametrize("state", ["failed", "done", "running"])
+@pytest_twisted.ensureDeferred
+async def test_end_lease_other_state_value_error(store, state):
+    """end_lease moves a job only to queued, paused or cancelled; another state raises ValueError."""
+    job_id = await leased_job(store)
+    before = await snapshot(store, job_id)
+    with pytest.raises(ValueError):
+        await store.end_lease(job_id, state, T0 + 2, reason="bug")
+    assert await snapshot(store, job_id) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_multi_server_calls_stopped_unavailable(store):
+    """The multi-server calls, like the others, answer Unavailable once the store is stopped."""
+    await store.stop()
+    for call in (
+        store.beat(T0, 10),
+        store.expire_servers(T0, 5),
+        store.take_lease(1, "L1", "w1", T0),
+        store.runnable(T0, 10),
+        store.own_leases(),
+        store.job_states([1]),
+        store.end_lease(1, "queued", T0, reason="requeued"),
+    ):
+        with pytest.raises(Unavailable):
+            await call
+
+
+# -- migration 2 (SQL stores) ----------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def sql_stores(request, tmp_path):
+    """Make SQL stores of one kind on one fresh database: ``make(server_id)``."""
+    with contextlib.ExitStack() as cleanup:
+        if request.param == "sqlite":
+            path = str(tmp_path / "gridd.db")
+            yield lambda server_id: SQLiteStore(path, server_id=server_id)
+        else:
+            params = cleanup.enter_context(request.getfixturevalue("mariadb").database())
+            yield lambda server_id: MySQLStore(params, server_id=server_id)
+
+
+def _thd_run_as_schema_1(txn, job_id, lease, now):
+    """Lease a job as gridd with schema 1 did: no owner."""
+    txn.execute(
+        "UPDATE jobs SET state = 'running', lease = ?, worker = 'w1', attempts = 1, updated = ? WHERE id = ?",
+        (lease, now, job_id),
+    )
+    txn.execute(
+        "INSERT INTO job_events (job_id, at, event, attempt, lease, worker) VALUES (?, ?, 'leased', 1, ?, 'w1')",
+        (job_id, now, lease),
+    )
+
+
+def _thd_schema_version(txn):
+    txn.execute("SELECT MAX(version) FROM schema_version")
+    return txn.fetchone()[0]
+
+
+async def schema_1_database(make, monkeypatch, running=2) -> list[int]:
+    """Make the database one at schema 1 with three jobs, the first ``running`` of them leased; return their ids."""
+    from gridd.store import sql
+
+    load = sql.load_migrations
+    monkeypatch.setattr(sql, "load_migrations", lambda dialect: load(dialect)[:1])
+    old = make("old")
+    await old.start()
+    try:
+        assert await old._read(_thd_schema_version) == 1
+        ids = await old.submit([spec(2), spec(2), spec(2)], T0)
+        for n, job_id in enumerate(ids[:running]):
+            await old._write(_thd_run_as_schema_1, job_id, f"L{job_id}", T0 + 4 + n)
+    finally:
+        await old.stop()
+        monkeypatch.setattr(sql, "load_migrations", load)
+    return ids
+
+
+@pytest_twisted.ensureDeferred
+async def test_migrate_2_running_jobs_taken_over_or_expired(sql_stores, monkeypatch):
+    """Jobs running at the upgrade belong to "(before 2)": their workers may take them over, the rest expire."""
+    taken, left, queued = await schema_1_database(sql_stores, monkeypatch)
+    store = sql_stores("A")
+    await store.start()
+    try:
+        assert await store._read(_thd_schema_version) == 2
+        # The pseudo-server last beat when it last touched a job (T0 + 5), with no deadline.
+        assert await server_rows(store) == {"(before 2)": (T0 + 5, 0)}
+        assert await store.own_leases() == {}
+        with pytest.raises(StaleLease):
+            await store.add_results(taken, f"L{taken}", ok(0), T0 + 6)
+        await store.beat(T0 + 6, 10)
+        active = await store.take_lease(taken, f"L{taken}", "w1", T0 + 7)
+        assert (active.state, active.lease, active.pending) == ("running", f"L{taken}", {0: {"n": 0}, 1: {"n": 1}})
+        assert (await store.get_job(taken))["history"][-1]["detail"] == {"from": "(before 2)"}
+        assert await store.add_results(taken, f"L{taken}", ok(0), T0 + 8) == 1
+        assert await store.expire_servers(T0 + 35, 30) == []
+        await store.beat(T0 + 36, 10)
+        assert await store.expire_servers(T0 + 36, 30) == [left]
+        job = await store.get_job(left)
+        assert (job["state"], job["lease"], job["attempts"]) == ("queued", None, 1)
+        assert job["history"][-1]["detail"] == {
+            "to": "queued",
+            "reason": "server lost",
+            "error": "server (before 2) lost",
+        }
+        assert list(await server_rows(store)) == ["A"]
+        assert await store.own_leases() == {taken: f"L{taken}"}
+        assert await store.runnable(T0 + 36, 10) == [left, queued]
+    finally:
+        await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_migrate_2_nothing_running_no_pseudo_server(sql_stores, monkeypatch):
+    """Without a running job the upgrade adds no server row, and a new database has none either."""
+    await schema_1_database(sql_stores, monkeypatch, running=0)
+    store = sql_stores("A")
+    await store.start()
+    try:
+        assert await server_rows(store) == {}
+        assert await store.expire_servers(T0 + 1000, 5) == []
+    finally:
+        await store.stop()

@@ -424,6 +424,174 @@ async def test_read_consistent_during_concurrent_writes(store):
     await DeferredList(writes, fireOnOneErrback=True)
 
 
+# -- several servers on one database ---------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_migrate_2_after_interrupted_ddl(mariadb, params, monkeypatch, log_events):
+    """Migration 2 interrupted after some of its DDL runs again from its top and ends as a fresh database."""
+    from gridd.store import sql
+
+    load = sql.load_migrations
+    monkeypatch.setattr(sql, "load_migrations", lambda dialect: load(dialect)[:1])
+    old = MySQLStore(params)
+    await old.start()
+    await old.stop()
+    monkeypatch.setattr(sql, "load_migrations", load)
+    # What a start killed after the file's DDL statements, before its data moves, leaves behind.
+    from gridd.store.sql import _statements
+
+    script = dict(load_migrations("mysql"))[2]
+    ddl = [statement for statement in _statements(script) if statement.startswith(("CREATE", "ALTER"))]
+    assert len(ddl) == 2
+    for statement in ddl:
+        mariadb.query(params.database, statement)
+    store = MySQLStore(params)
+    await store.start()
+    await store.stop()
+    assert mariadb.query(params.database, "SELECT MAX(version) FROM schema_version") == [(2,)]
+    assert [e["version"] for e in log_events if "already applied" in e.get("log_format", "")] == [2]
+    with mariadb.database() as fresh:
+        store = MySQLStore(fresh)
+        await store.start()
+        await store.stop()
+        for table in ("jobs", "servers"):
+            [(_, want)] = mariadb.query(fresh.database, f"SHOW CREATE TABLE {table}")
+            [(_, got)] = mariadb.query(params.database, f"SHOW CREATE TABLE {table}")
+            assert got.replace(params.database, "DB") == want.replace(fresh.database, "DB")
+
+
+@pytest_twisted.ensureDeferred
+async def test_runnable_query_uses_descending_index(mariadb, params):
+    """runnable reads the queue through jobs_runnable in its own order, without a sort."""
+    store = MySQLStore(params)
+    await store.start()
+    await store.submit([JobSpec(type="noop", records=[], priority=n % 3) for n in range(50)], T0)
+    await store.stop()
+    [row] = mariadb.query(
+        params.database,
+        "EXPLAIN SELECT id FROM jobs WHERE state = 'queued' AND (not_before IS NULL OR not_before <= 5)"
+        " ORDER BY priority DESC, id LIMIT 10",
+    )
+    key, extra = row[5], row[9] or ""
+    assert key == "jobs_runnable" and "filesort" not in extra
+
+
+async def _gone_and_orphaned(params, jobs):
+    """Jobs leased by "G", a server that beat once, and by "H", which never beat; return the ids of each."""
+    owned = {}
+    for server_id in ("G", "H"):
+        store = MySQLStore(params, server_id=server_id)
+        await store.start()
+        try:
+            if server_id == "G":
+                await store.beat(T0, 10)
+            ids = await store.submit([spec(1) for _ in range(jobs)], T0)
+            await DeferredList([store.grant(i, f"L{i}", "w", 1, T0 + 1) for i in ids], fireOnOneErrback=True)
+            owned[server_id] = ids
+        finally:
+            await store.stop()
+    return owned["G"], owned["H"]
+
+
+def _released_once(mariadb, params, ids):
+    rows = mariadb.query(
+        params.database,
+        "SELECT job_id, COUNT(*) FROM job_events WHERE event = 'released' GROUP BY job_id ORDER BY job_id",
+    )
+    assert rows == [(i, 1) for i in sorted(ids)]
+    assert mariadb.query(params.database, "SELECT state, COUNT(*) FROM jobs GROUP BY state") == [("queued", len(ids))]
+
+
+@pytest.fixture
+def a_and_b(params):
+    """Two MySQL stores on one database, servers "A" and "B" (not started)."""
+    return MySQLStore(params, server_id="A"), MySQLStore(params, server_id="B")
+
+
+@pytest.mark.parametrize("skip_locked", [MySQLDialect.skip_locked, " FOR UPDATE", ""])
+@pytest_twisted.ensureDeferred
+async def test_expire_servers_concurrent_stores_end_each_job_once(mariadb, params, a_and_b, monkeypatch, skip_locked):
+    """Two servers expiring at once, again and again, end each job of a gone server and of a rowless owner once.
+
+    With the shipped ``FOR UPDATE SKIP LOCKED``, and also with a claim that
+    waits or one that locks nothing: the DELETE of the server's row and the
+    per-row UPDATE conditions alone keep it to once.
+    """
+    monkeypatch.setattr(MySQLDialect, "skip_locked", skip_locked)
+    gone, orphaned = await _gone_and_orphaned(params, 60)
+    a, b = a_and_b
+    await a.start()
+    await b.start()
+    try:
+        calls = [store.expire_servers(T0 + 100, 5) for _ in range(3) for store in (a, b)]
+        ended = [ids for _, ids in await DeferredList(calls, fireOnOneErrback=True)]
+    finally:
+        await a.stop()
+        await b.stop()
+    everything = [job_id for ids in ended for job_id in ids]
+    assert sorted(everything) == sorted(gone + orphaned)
+    _released_once(mariadb, params, gone + orphaned)
+    assert mariadb.query(params.database, "SELECT id FROM servers") == []
+
+
+class _PausingTransaction:
+    """A transaction that stops after the statement containing ``marker`` until ``resume`` is set."""
+
+    def __init__(self, txn, marker, paused, resume):
+        self._txn, self._marker, self._paused, self._resume = txn, marker, paused, resume
+
+    def execute(self, sql, args=None):
+        result = self._txn.execute(sql, args)
+        if self._marker in sql:
+            self._paused.set()
+            assert self._resume.wait(10), "never resumed"
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self._txn, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_expire_servers_interleaved_each_job_once(mariadb, params, a_and_b, monkeypatch):
+    """B reads what to end, A ends the orphans and commits, then B goes on: B ends only what A could not claim.
+
+    B has claimed the gone server's row (locked, skipped by A); the orphans
+    it read are A's by the time it updates them, and its UPDATEs match
+    nothing.
+    """
+    import threading
+
+    from twisted.internet import threads
+
+    from gridd.store import sql
+
+    gone, orphaned = await _gone_and_orphaned(params, 10)
+    paused, resume = threading.Event(), threading.Event()
+    real = sql.thd_expire_servers
+
+    def thd_expire_pausing_b(txn, server, *args):
+        if server == "B":
+            txn = _PausingTransaction(txn, "NOT EXISTS", paused, resume)
+        return real(txn, server, *args)
+
+    monkeypatch.setattr(sql, "thd_expire_servers", thd_expire_pausing_b)
+    a, b = a_and_b
+    await a.start()
+    await b.start()
+    try:
+        by_b = b.expire_servers(T0 + 100, 5)
+        assert await threads.deferToThread(paused.wait, 10)
+        assert await a.expire_servers(T0 + 100, 5) == orphaned
+        resume.set()
+        assert await by_b == gone
+    finally:
+        resume.set()
+        await a.stop()
+        await b.stop()
+    _released_once(mariadb, params, gone + orphaned)
+
+
 # -- the whole server on MariaDB -----------------------------------------------
 
 

@@ -11,6 +11,7 @@ from twisted.internet.defer import DeferredList
 
 from gridd.errors import StaleLease, Unavailable
 from gridd.store.base import JobSpec, RecordResult, SchemaTooNew, StoreUnavailable
+from gridd.store.sql import _statements
 from gridd.store.sqlite import SQLiteDialect, SQLiteStore, load_migrations
 
 T0 = 1_000_000.0
@@ -50,7 +51,8 @@ async def test_reopen_sees_committed_work(tmp_path):
     job, results = await first.get_job(job_id), await first.get_results(job_id)
     await first.stop()
 
-    second = SQLiteStore(path)
+    # The same server started again (its --server-id kept) still owns its leases.
+    second = SQLiteStore(path, server_id=first.server_id)
     await second.start()
     try:
         assert await second.get_job(job_id) == job
@@ -204,3 +206,46 @@ async def test_check_unusable_path_store_unavailable(tmp_path, case):
     with pytest.raises(Unavailable):
         await store.counts()
     await store.stop()
+
+
+# -- several servers on one file ------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_stores_one_file_write_together(tmp_path):
+    """Two stores on one file write at the same time: one waits for the other's lock, both commit everything."""
+    path = str(tmp_path / "gridd.db")
+    a, b = SQLiteStore(path, server_id="A"), SQLiteStore(path, server_id="B")
+    await a.start()
+    await b.start()
+    try:
+        writes = [store.submit([spec(2)], T0) for _ in range(100) for store in (a, b)]
+        writes += [a.beat(T0, 10), b.beat(T0, 10)]
+        results = await DeferredList(writes, fireOnOneErrback=True)
+        ids = [job_id for _, answer in results[:-2] for job_id in answer]
+        assert len(set(ids)) == 200
+        grants = [
+            store.grant(job_id, f"L{job_id}", "w", 1, T0 + 1) for job_id, store in zip(ids, (a, b) * 100, strict=True)
+        ]
+        await DeferredList(grants, fireOnOneErrback=True)
+        assert len(await a.own_leases()) == len(await b.own_leases()) == 100
+        assert query(path, "SELECT server, COUNT(*) FROM jobs GROUP BY server ORDER BY server") == [
+            ("A", 100),
+            ("B", 100),
+        ]
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+def test_runnable_query_uses_descending_index(tmp_path):
+    """runnable reads the queue through jobs_runnable in its own order, without a sort."""
+    conn = sqlite3.connect(":memory:")
+    for _, script in load_migrations("sqlite"):
+        for statement in _statements(script):
+            conn.execute(statement)
+    plan = conn.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE state = 'queued' AND (not_before IS NULL OR not_before <= 5)"
+        " ORDER BY priority DESC, id LIMIT 10"
+    ).fetchall()
+    assert [row[-1] for row in plan] == ["SEARCH jobs USING INDEX jobs_runnable (state=?)"]

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from gridd.dispatcher import Dispatcher
 from gridd.server.auth import SharedSecret
-from gridd.server.protocol import ServerFactory
+from gridd.server.protocol import Limits, ServerFactory
 from gridd.store.memory import MemoryStore
 
 TRANSCRIPTS = Path(__file__).resolve().parent.parent / "protocols" / "transcripts"
@@ -99,6 +99,11 @@ class Server:
             self.clock,
             max_line=int(options.get("max_line", 1_048_576)),
             handshake_timeout=float(options.get("handshake_timeout", 10.0)),
+            limits=Limits(
+                max_outstanding=int(options.get("max_outstanding", Limits.max_outstanding)),
+                rate=float(options.get("max_rate", Limits.rate)),
+                burst=int(options.get("rate_burst", Limits.burst)),
+            ),
         )
         self.connections: dict[str, Connection] = {}
         self.ports = itertools.count(40001)

@@ -180,15 +180,15 @@ class ServerProtocol(LineOnlyReceiver):
             idle.reset(self.factory.dispatcher.deadline)
         tokens = self._bucket.take()
         if tokens < -self.limits.burst:
-            self._refuse(self._too_many_lines("cut off"), None, close=True)
+            self._refuse(self._too_many_lines(" for too long; closing"), None, close=True)
             return
         try:
             msg = wire.parse_line(line)
         except errors.GriddError as e:
-            self._refuse(self._too_many_lines("refused") if tokens < 0 else e, e.rid)
+            self._refuse(self._too_many_lines("; slow down") if tokens < 0 else e, e.rid)
             return
         if tokens < 0:
-            self._refuse(self._too_many_lines("refused"), msg.rid)
+            self._refuse(self._too_many_lines("; slow down"), msg.rid)
             return
         if msg.rid is not None and self._outstanding >= self.limits.max_outstanding:
             limit = self.limits.max_outstanding
@@ -206,7 +206,7 @@ class ServerProtocol(LineOnlyReceiver):
     def _too_many_lines(self, what: str) -> errors.TooMany:
         rate = self.limits.rate
         limit = int(rate) if float(rate).is_integer() else rate
-        return errors.TooMany(f"more than {rate:g} lines per second: {what}", limit=limit)
+        return errors.TooMany(f"more than {rate:g} lines per second{what}", limit=limit)
 
     def lineLengthExceeded(self, line):
         self._refuse(errors.LineTooLong(max_line=self.MAX_LENGTH), None)

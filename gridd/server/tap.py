@@ -63,6 +63,9 @@ class Options(usage.Options):
         ["rate-burst", None, Limits.burst, "Lines a connection may send in a burst beyond --max-rate.", int],
         ["max-output", None, Limits.max_output, "Bytes waiting for a peer that does not read before it is cut.", int],
         ["port-file", None, None, "Write the listening addresses here as JSON once listening (for scripts)."],
+        # Several servers on one MySQL/MariaDB database (docs/mariadb.md).
+        ["server-id", None, None, "This server's name in the shared store [host-pid-random, new each start]."],
+        ["sync-interval", None, 0.5, "With mysql://, seconds between looks at what other servers did.", float],
         # The operators' SSH manhole (gridd.server.manhole).
         ["manhole", None, None, "Operators' SSH manhole endpoint; a bare port N is tcp:N:interface=127.0.0.1 [off]."],
         ["manhole-keys", None, None, "Operators' SSH public keys (authorized_keys) [DATA/manhole_authorized_keys]."],
@@ -99,6 +102,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--max-line must be at least {wire.PRE_HELLO_MAX_LINE}")
         if min(self["max-outstanding"], self["max-rate"], self["rate-burst"], self["max-output"]) <= 0:
             raise usage.UsageError("--max-outstanding, --max-rate, --rate-burst and --max-output must be positive")
+        if self["sync-interval"] <= 0:
+            raise usage.UsageError("--sync-interval must be positive")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for spec in self["listen"]:
@@ -125,7 +130,9 @@ def makeService(options, reactor=None) -> service.MultiService:
     top = service.MultiService()
 
     # 1. Durable state and the scheduler over it.
-    store = open_store(options["db"], reactor=reactor)
+    store = open_store(options["db"], reactor=reactor, server_id=options["server-id"])
+    # Only a MySQL/MariaDB store can be shared by several servers.
+    shared = options["db"].startswith("mysql:")
     dispatcher = Dispatcher(
         store,
         reactor,
@@ -136,6 +143,7 @@ def makeService(options, reactor=None) -> service.MultiService:
         backoff_max=options["backoff-max"],
         reattach_grace=options["reattach-grace"],
         max_line=options["max-line"],
+        sync_interval=options["sync-interval"] if shared else None,
     )
     # 2. Who may connect, and the wire adapter.
     authenticator = SharedSecret(load_or_create_secret(options["secret-file"]))

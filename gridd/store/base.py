@@ -28,6 +28,9 @@ implementation.
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +39,7 @@ __all__ = [
     "ACTIVE_STATES",
     "TERMINAL_STATES",
     "SETTABLE_STATES",
+    "END_LEASE_STATES",
     "JobSpec",
     "RecordResult",
     "ActiveJob",
@@ -44,6 +48,7 @@ __all__ = [
     "StoreUnavailable",
     "check_store_uri",
     "open_store",
+    "server_id_for",
 ]
 
 #: Every state a job can be in; see protocols/PROTOCOL.md, "Job lifecycle".
@@ -53,6 +58,9 @@ TERMINAL_STATES = ("done", "failed", "cancelled")
 #: The states ``release`` and ``set_state`` may move a job to: a job becomes
 #: running only through ``grant`` and done only through ``complete``.
 SETTABLE_STATES = ("queued", "paused", "failed", "cancelled")
+#: The states ``end_lease`` may move a running job to: an operator's
+#: requeue, pause or cancel.
+END_LEASE_STATES = ("queued", "paused", "cancelled")
 
 
 class SchemaTooNew(Exception):
@@ -263,8 +271,96 @@ class IStore(Protocol):
     def counts(self):
         """Fire with ``{state: number of jobs}`` for every state in JOB_STATES."""
 
+    # -- several servers on one database --------------------------------
+    #
+    # Every store object belongs to one server: ``server_id`` (a string,
+    # unique per running server process, set before ``start``). ``grant``
+    # records it as the lease's owner, and the lease-fenced writes
+    # (``add_results``, ``complete``, ``release``) check the owner as well as
+    # the token: a lease another server took over is stale here
+    # (``StaleLease``). A store with one server behaves as before.
 
-def open_store(uri: str, reactor=None) -> IStore:
+    server_id: str
+
+    def beat(self, now: float, deadline: float):
+        """Record that this server is alive (upsert its row in ``servers``).
+
+        ``deadline``: seconds after ``now`` past which, without another
+        beat, the server counts as gone.
+        """
+
+    def expire_servers(self, now: float, grace: float):
+        """End the leases of every other server gone for more than ``grace`` seconds.
+
+        A server is gone once ``now`` > its last beat + its deadline. Each of
+        its running jobs ends as if its worker were lost: re-queued at once
+        (``not_before`` NULL) if it has attempts left (attempts < 1 +
+        retries), else ``failed``; history event ``released`` with detail
+        ``{"to", "reason": "server lost", "error": "server S lost"}``. The
+        gone server's row is deleted. Fires with the ids of the jobs it
+        ended. Several servers may run this at once; each job ends once.
+
+        A running job whose owner has no row at all (it never beat, or it
+        granted after its row was deleted and then died) ends the same way
+        once ``now`` > the job's ``updated`` + ``grace``: its owner counts as
+        gone with its last beat then and no deadline.
+        """
+
+    def take_lease(self, job_id: int, lease: str, worker: str, now: float):
+        """Make this server the owner of a running job's lease (a worker reattaching here).
+
+        Fires with the job as ``ActiveJob`` (its ``pending`` records are the
+        ones still without a result). Raises ``UnknownJob``, or
+        ``StaleLease`` if ``lease`` is not the job's current lease. History
+        event ``reattached`` (attempt, lease, worker, detail ``{"from": old
+        server}``).
+        """
+
+    def runnable(self, now: float, limit: int):
+        """Fire with the ids of up to ``limit`` queued jobs runnable at ``now``.
+
+        Runnable: ``not_before`` NULL or <= ``now``. Highest priority first,
+        then lowest id. (A server learns from it what others submitted or
+        re-queued.)
+        """
+
+    def own_leases(self):
+        """Fire with ``{job_id: lease}`` for every running job this server owns."""
+
+    def job_states(self, job_ids: list[int]):
+        """Fire with ``{"job", "state", "accepted", "total"}`` for those ids that exist, by id."""
+
+    def end_lease(self, job_id: int, state: str, now: float, *, reason: str):
+        """End a running job's lease whoever owns it: an operator on another server acts.
+
+        Moves a running job to ``state`` (queued with attempts reset to 0 for
+        a requeue — ``reason`` "requeued" —, paused or cancelled; the lease's
+        attempt is not counted: attempts - 1), clearing lease, worker and
+        owner; history event ``released`` (detail ``{"to", "reason"}``).
+        Raises ``UnknownJob``, or ``InvalidState`` if the job is not running;
+        ``state`` must be one of ``END_LEASE_STATES``.
+        """
+
+
+#: The longest server id a store keeps (MySQL's ``VARCHAR(255)``).
+MAX_SERVER_ID = 255
+
+
+def server_id_for(server_id: str | None) -> str:
+    """``server_id`` checked, or a new unique one: ``HOST-PID-RANDOM``.
+
+    The random part keeps two runs of one process id apart (a restart in a
+    container that always gets PID 1, say). Raises ``ValueError`` for an
+    empty id or one longer than ``MAX_SERVER_ID``.
+    """
+    if server_id is None:
+        return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"[-MAX_SERVER_ID:]
+    if not isinstance(server_id, str) or not 0 < len(server_id) <= MAX_SERVER_ID:
+        raise ValueError(f"a server id is a string of 1 to {MAX_SERVER_ID} characters, not {server_id!r}")
+    return server_id
+
+
+def open_store(uri: str, reactor=None, server_id: str | None = None) -> IStore:
     """Build (not start) the store an URI names.
 
     - ``sqlite:PATH`` (or a bare path ending in .db/.sqlite/.sqlite3): the
@@ -276,21 +372,24 @@ def open_store(uri: str, reactor=None) -> IStore:
       lines are visible to every user of the host (``ps``) and end up in logs;
     - ``memory:``: nothing kept.
 
+    ``server_id`` names the server the store object belongs to (see
+    ``IStore.server_id``); None makes a new unique one.
+
     Raises ``ValueError`` for an URI it cannot use.
     """
     if uri == "memory:":
         from gridd.store.memory import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(server_id=server_id)
     if uri.startswith("mysql:"):
         from gridd.store.mysql import MySQLStore, parse_mysql_uri
 
-        return MySQLStore(parse_mysql_uri(uri), reactor=reactor)
+        return MySQLStore(parse_mysql_uri(uri), reactor=reactor, server_id=server_id)
     if uri.startswith("sqlite:") or uri.endswith((".db", ".sqlite", ".sqlite3")):
         from gridd.store.sqlite import SQLiteStore
 
         path = uri[len("sqlite:") :] if uri.startswith("sqlite:") else uri
-        return SQLiteStore(path, reactor=reactor)
+        return SQLiteStore(path, reactor=reactor, server_id=server_id)
     raise ValueError(f"unknown store URI {uri!r}: expected sqlite:PATH, mysql://USER@HOST:PORT/DB or memory:")
 
 

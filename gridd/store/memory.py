@@ -10,6 +10,10 @@ the same assertions on it and on SQLite:
 - values are kept as JSON text, as a database keeps them, so a caller never
   shares an object with the store and non-JSON values fail the same way.
 
+Several servers on one database are several ``MemoryStore`` objects on one
+``_Data``: ``sibling(server_id)`` makes another store object over the same
+jobs and servers, as a second server on the same MySQL database would be.
+
 Nothing survives the process.
 """
 
@@ -31,7 +35,14 @@ from gridd.errors import (
     UnknownJob,
     UnknownRecord,
 )
-from gridd.store.base import ACTIVE_STATES, JOB_STATES, SETTABLE_STATES, ActiveJob
+from gridd.store.base import (
+    ACTIVE_STATES,
+    END_LEASE_STATES,
+    JOB_STATES,
+    SETTABLE_STATES,
+    ActiveJob,
+    server_id_for,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -74,6 +85,8 @@ class _Job:
     attempts: int = 0
     lease: str | None = None
     worker: str | None = None
+    #: The server that owns the lease, exactly while the job is running.
+    server: str | None = None
     not_before: float | None = None
     #: Events as get_job shows them, with ``detail`` as JSON text.
     history: list[dict] = field(default_factory=list)
@@ -83,6 +96,16 @@ class _Job:
         self.history.append(
             {"at": at, "event": event, "attempt": attempt, "lease": lease, "worker": worker, "detail": encoded}
         )
+
+
+@dataclass
+class _Data:
+    """What a database would hold, shared by sibling store objects."""
+
+    jobs: dict[int, _Job] = field(default_factory=dict)
+    last_id: int = 0
+    #: server id -> (last beat, deadline)
+    servers: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def _answer(method):
@@ -100,10 +123,22 @@ def _answer(method):
 class MemoryStore:
     """``gridd.store.base.IStore`` in a dict."""
 
-    def __init__(self):
-        self._jobs: dict[int, _Job] = {}
-        self._last_id = 0
+    def __init__(self, server_id: str | None = None):
+        #: The server this store object writes as (``IStore.server_id``).
+        self.server_id = server_id_for(server_id)
+        self._data = _Data()
+        self._jobs = self._data.jobs
         self._running = False
+
+    def sibling(self, server_id: str) -> MemoryStore:
+        """Another store object on the same data, as another server on the same database.
+
+        It writes as ``server_id`` and is started and stopped on its own.
+        """
+        other = MemoryStore(server_id)
+        other._data = self._data
+        other._jobs = self._data.jobs
+        return other
 
     def start(self):
         self._running = True
@@ -125,9 +160,9 @@ class MemoryStore:
         ]
         ids = []
         for spec, requires, params, records in encoded:
-            self._last_id += 1
+            self._data.last_id += 1
             job = _Job(
-                id=self._last_id,
+                id=self._data.last_id,
                 name=spec.name,
                 type=spec.type,
                 priority=spec.priority,
@@ -151,7 +186,7 @@ class MemoryStore:
         if job.state != "queued":
             raise InvalidState(f"job {job_id} is {job.state}, not queued", state=job.state)
         job.state, job.lease, job.worker, job.attempts = "running", lease, worker, attempt
-        job.not_before, job.updated = None, now
+        job.server, job.not_before, job.updated = self.server_id, None, now
         job.add_event(now, "leased", attempt, lease, worker)
 
     @_answer
@@ -169,7 +204,7 @@ class MemoryStore:
             raise Incomplete(f"job {job_id} lacks {missing} results", missing=missing)
         self._accept(job, accepted, now)
         job.add_event(now, "completed", job.attempts, lease, job.worker)
-        job.state, job.lease, job.worker = "done", None, None
+        job.state, job.lease, job.worker, job.server = "done", None, None, None
 
     @_answer
     def release(self, job_id, lease, state, now, *, reason, error=None, not_before=None, attempts=None):
@@ -177,7 +212,8 @@ class MemoryStore:
             raise ValueError(f"cannot release a job to {state!r}")
         job = self._leased(job_id, lease)
         job.add_event(now, "released", job.attempts, lease, job.worker, {"to": state, "reason": reason, "error": error})
-        job.state, job.lease, job.worker, job.not_before, job.updated = state, None, None, not_before, now
+        job.state, job.not_before, job.updated = state, not_before, now
+        job.lease = job.worker = job.server = None
         if attempts is not None:
             job.attempts = attempts
 
@@ -193,30 +229,87 @@ class MemoryStore:
         if reset_attempts:
             job.attempts = 0
 
+    @_answer
+    def beat(self, now, deadline):
+        self._data.servers[self.server_id] = (now, deadline)
+
+    @_answer
+    def expire_servers(self, now, grace):
+        servers = self._data.servers
+        gone = {
+            server
+            for server, (last_beat, deadline) in servers.items()
+            if server != self.server_id and now > last_beat + deadline + grace
+        }
+        for server in gone:
+            del servers[server]
+        ended = []
+        for job in sorted(self._jobs.values(), key=lambda job: job.id):
+            if job.state != "running" or job.server == self.server_id:
+                continue
+            # An owner without a row counts as gone grace seconds after it
+            # last changed the job; see gridd.store.sql.thd_expire_servers.
+            if job.server in gone or (job.server not in servers and now > job.updated + grace):
+                state = "queued" if job.attempts < 1 + job.retries else "failed"
+                detail = {"to": state, "reason": "server lost", "error": f"server {job.server} lost"}
+                job.add_event(now, "released", job.attempts, job.lease, job.worker, detail)
+                job.state, job.not_before, job.updated = state, None, now
+                job.lease = job.worker = job.server = None
+                ended.append(job.id)
+        return ended
+
+    @_answer
+    def take_lease(self, job_id, lease, worker, now):
+        job = self._job(job_id)
+        if lease is None or job.lease != lease:
+            raise StaleLease(f"lease {lease!r} is not the current lease of job {job_id}")
+        job.add_event(now, "reattached", job.attempts, lease, worker, {"from": job.server})
+        job.server, job.worker, job.updated = self.server_id, worker, now
+        return self._active(job)
+
+    @_answer
+    def end_lease(self, job_id, state, now, *, reason):
+        if state not in END_LEASE_STATES:
+            raise ValueError(f"cannot end a lease to {state!r}")
+        job = self._job(job_id)
+        if job.state != "running":
+            raise InvalidState(f"job {job_id} is {job.state}, not running", state=job.state)
+        job.add_event(now, "released", job.attempts, job.lease, job.worker, {"to": state, "reason": reason})
+        job.state, job.not_before, job.updated = state, None, now
+        job.attempts = 0 if state == "queued" else max(job.attempts - 1, 0)
+        job.lease = job.worker = job.server = None
+
     # -- reads -----------------------------------------------------------
+
+    @_answer
+    def runnable(self, now, limit):
+        ready = [
+            job
+            for job in self._jobs.values()
+            if job.state == "queued" and (job.not_before is None or job.not_before <= now)
+        ]
+        ready.sort(key=lambda job: (-job.priority, job.id))
+        return [job.id for job in ready[:limit]]
+
+    @_answer
+    def own_leases(self):
+        return {
+            job.id: job.lease
+            for job in sorted(self._jobs.values(), key=lambda job: job.id)
+            if job.state == "running" and job.server == self.server_id
+        }
+
+    @_answer
+    def job_states(self, job_ids):
+        return [
+            {"job": job.id, "state": job.state, "accepted": job.accepted, "total": len(job.records)}
+            for job in (self._jobs[job_id] for job_id in sorted(set(job_ids)) if job_id in self._jobs)
+        ]
 
     @_answer
     def load_active(self, job_ids=None):
         return [
-            ActiveJob(
-                id=job.id,
-                type=job.type,
-                priority=job.priority,
-                requires=_load(job.requires),
-                params=_load(job.params),
-                total=len(job.records),
-                state=job.state,
-                attempts=job.attempts,
-                retries=job.retries,
-                timeout=job.timeout,
-                lease=job.lease,
-                worker=job.worker,
-                not_before=job.not_before,
-                name=job.name,
-                submitter=job.submitter,
-                created=job.created,
-                pending={i: _load(r.data) for i, r in enumerate(job.records) if r.accepted_at is None},
-            )
+            self._active(job)
             for job in self._jobs.values()
             if job.state in ACTIVE_STATES and (job_ids is None or job.id in job_ids)
         ]
@@ -271,9 +364,31 @@ class MemoryStore:
         except KeyError:
             raise UnknownJob(f"no job {job_id}") from None
 
+    def _active(self, job) -> ActiveJob:
+        """The job as ``load_active`` gives it."""
+        return ActiveJob(
+            id=job.id,
+            type=job.type,
+            priority=job.priority,
+            requires=_load(job.requires),
+            params=_load(job.params),
+            total=len(job.records),
+            state=job.state,
+            attempts=job.attempts,
+            retries=job.retries,
+            timeout=job.timeout,
+            lease=job.lease,
+            worker=job.worker,
+            not_before=job.not_before,
+            name=job.name,
+            submitter=job.submitter,
+            created=job.created,
+            pending={i: _load(r.data) for i, r in enumerate(job.records) if r.accepted_at is None},
+        )
+
     def _leased(self, job_id, lease) -> _Job:
         job = self._job(job_id)
-        if lease is None or job.lease != lease:
+        if lease is None or job.lease != lease or job.server != self.server_id:
             raise StaleLease(f"lease {lease!r} is not the current lease of job {job_id}")
         return job
 

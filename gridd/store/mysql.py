@@ -38,6 +38,10 @@ ER_LOCK_DEADLOCK = 1213
 CR_CONN_HOST_ERROR = 2003
 CR_SERVER_GONE_ERROR = 2006
 CR_SERVER_LOST = 2013
+ER_TABLE_EXISTS_ERROR = 1050
+ER_DUP_FIELDNAME = 1060
+ER_DUP_KEYNAME = 1061
+ER_CANT_DROP_FIELD_OR_KEY = 1091
 
 
 class CommitOutcomeUnknown(Exception):
@@ -142,7 +146,14 @@ class MySQLDialect:
       loses its connection is never retried: ``CommitOutcomeUnknown``.
     - DDL commits implicitly: migrations run one file at a time under a
       named lock (``GET_LOCK``), each file's ``schema_version`` row committed
-      after it (see ``gridd.store.sql.thd_migrate``).
+      after it (see ``gridd.store.sql.thd_migrate``). A file interrupted
+      halfway runs again from its top; MySQL 8 has no ``ADD COLUMN IF NOT
+      EXISTS``, so a DDL statement failing because its change is already
+      there (duplicate column, index or table; nothing left to drop) is
+      skipped: ``is_ddl_done``.
+    - Claiming rows: ``SELECT ... FOR UPDATE SKIP LOCKED`` (MariaDB 10.6+,
+      MySQL 8) hands each row to one of several servers claiming at once,
+      without making the others wait (``skip_locked``).
     - Errors of the server or the connection (pymysql's ``OperationalError``
       and ``InterfaceError``) mean the database cannot serve:
       ``Unavailable``. Others (``ProgrammingError``, ``IntegrityError``) are
@@ -152,7 +163,10 @@ class MySQLDialect:
     name = "mysql"
     begin = "START TRANSACTION"
     read_begin = ("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ", "START TRANSACTION READ ONLY")
+    skip_locked = " FOR UPDATE SKIP LOCKED"
     transactional_ddl = False
+    #: Errors of a DDL statement whose change is already in the database.
+    ddl_done_codes = frozenset({ER_TABLE_EXISTS_ERROR, ER_DUP_FIELDNAME, ER_DUP_KEYNAME, ER_CANT_DROP_FIELD_OR_KEY})
     migration_lock = "SELECT GET_LOCK(CONCAT('gridd_migrate.', DATABASE()), 30)"
     migration_unlock = "SELECT RELEASE_LOCK(CONCAT('gridd_migrate.', DATABASE()))"
     #: Statements run on each new connection.
@@ -229,6 +243,12 @@ class MySQLDialect:
         import pymysql
 
         return isinstance(error, (pymysql.err.OperationalError, pymysql.err.InterfaceError, CommitOutcomeUnknown))
+
+    @classmethod
+    def is_ddl_done(cls, error: BaseException) -> bool:
+        import pymysql
+
+        return isinstance(error, pymysql.err.MySQLError) and _code(error) in cls.ddl_done_codes
 
     @classmethod
     def is_retryable(cls, error: BaseException) -> bool:
@@ -361,8 +381,8 @@ class MySQLStore(SQLStore):
 
     dialect = MySQLDialect
 
-    def __init__(self, params: MySQLParams, reactor=None):
-        super().__init__(reactor)
+    def __init__(self, params: MySQLParams, reactor=None, server_id: str | None = None):
+        super().__init__(reactor, server_id)
         self.params = params
 
     def describe(self) -> str:

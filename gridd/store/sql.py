@@ -16,10 +16,16 @@ transactional, the driver's parameter style, and which driver errors mean
 
 Fencing and once-only results are checked in SQL inside each write's
 savepoint, not only by the dispatcher: a lease is checked by an ``UPDATE ...
-WHERE lease = ?`` and a result is taken by an ``UPDATE ... WHERE accepted_at
-IS NULL``, so a write that races another one loses cleanly. Both rely on the
-row count being the number of rows *matched*, which is SQLite's and, with
-the ``FOUND_ROWS`` client flag, MySQL's.
+WHERE lease = ? AND server = ?`` and a result is taken by an ``UPDATE ...
+WHERE accepted_at IS NULL``, so a write that races another one loses
+cleanly. Both rely on the row count being the number of rows *matched*,
+which is SQLite's and, with the ``FOUND_ROWS`` client flag, MySQL's.
+
+Several servers on one database (``IStore``'s last section): each store
+object writes as its ``server_id``. Every change that ends or moves a lease
+is an ``UPDATE`` whose ``WHERE`` names what the writer saw (lease, owner,
+state), so of two servers racing for the same lease exactly one matches the
+row and the other changes nothing; see ``thd_expire_servers``.
 """
 
 from __future__ import annotations
@@ -43,11 +49,13 @@ from gridd.errors import (
 )
 from gridd.store.base import (
     ACTIVE_STATES,
+    END_LEASE_STATES,
     JOB_STATES,
     SETTABLE_STATES,
     ActiveJob,
     SchemaTooNew,
     StoreUnavailable,
+    server_id_for,
 )
 from gridd.store.groupcommit import GroupCommitter
 
@@ -66,13 +74,17 @@ class SQLStore:
     The dialect provides ``name`` (also the migrations folder), ``begin``
     (opens a write transaction), ``read_begin`` (statements that open a read
     transaction), ``transactional_ddl``, ``migration_lock`` and
-    ``migration_unlock`` (statements, or None), ``is_unavailable(error)``
-    and ``is_driver_error(error)``.
+    ``migration_unlock`` (statements, or None), ``skip_locked`` (what makes
+    a SELECT claim rows another transaction has not locked, or ""),
+    ``is_unavailable(error)``, ``is_driver_error(error)`` and
+    ``is_ddl_done(error)``.
     """
 
     dialect: ClassVar[type]
 
-    def __init__(self, reactor=None):
+    def __init__(self, reactor=None, server_id: str | None = None):
+        #: The server this store object writes as (``IStore.server_id``).
+        self.server_id = server_id_for(server_id)
         self._reactor = reactor
         # start() makes the pool: building a store (in a service tree under
         # test, say) must not start threads.
@@ -157,32 +169,46 @@ class SQLStore:
         return self._write(thd_submit, jobs, now)
 
     def grant(self, job_id, lease, worker, attempt, now):
-        return self._write(thd_grant, job_id, lease, worker, attempt, now)
+        return self._write(thd_grant, self.server_id, job_id, lease, worker, attempt, now)
 
     def add_results(self, job_id, lease, results, now):
         try:
             encoded = _encode_results(results)
         except (TypeError, ValueError):
             return fail()
-        return self._write(thd_add_results, job_id, lease, encoded, now)
+        return self._write(thd_add_results, self.server_id, job_id, lease, encoded, now)
 
     def complete(self, job_id, lease, results, now):
         try:
             encoded = _encode_results(results)
         except (TypeError, ValueError):
             return fail()
-        return self._write(thd_complete, job_id, lease, encoded, now)
+        return self._write(thd_complete, self.server_id, job_id, lease, encoded, now)
 
     def release(self, job_id, lease, state, now, *, reason, error=None, not_before=None, attempts=None):
         if state not in SETTABLE_STATES:
             return fail(ValueError(f"cannot release a job to {state!r}"))
         detail = {"to": state, "reason": reason, "error": error}
-        return self._write(thd_release, job_id, lease, state, now, detail, not_before, attempts)
+        return self._write(thd_release, self.server_id, job_id, lease, state, now, detail, not_before, attempts)
 
     def set_state(self, job_id, allowed, state, now, *, reason, reset_attempts=False):
         if state not in SETTABLE_STATES:
             return fail(ValueError(f"cannot set a job to {state!r}"))
         return self._write(thd_set_state, job_id, tuple(allowed), state, now, reason, reset_attempts)
+
+    def beat(self, now, deadline):
+        return self._write(thd_beat, self.server_id, now, deadline)
+
+    def expire_servers(self, now, grace):
+        return self._write(thd_expire_servers, self.server_id, now, grace, self.dialect.skip_locked)
+
+    def take_lease(self, job_id, lease, worker, now):
+        return self._write(thd_take_lease, self.server_id, job_id, lease, worker, now)
+
+    def end_lease(self, job_id, state, now, *, reason):
+        if state not in END_LEASE_STATES:
+            return fail(ValueError(f"cannot end a lease to {state!r}"))
+        return self._write(thd_end_lease, job_id, state, now, reason)
 
     # -- reads -----------------------------------------------------------
 
@@ -200,6 +226,15 @@ class SQLStore:
 
     def counts(self):
         return self._read(thd_counts)
+
+    def runnable(self, now, limit):
+        return self._read(thd_runnable, now, limit)
+
+    def own_leases(self):
+        return self._read(thd_own_leases, self.server_id)
+
+    def job_states(self, job_ids):
+        return self._read(thd_job_states, list(job_ids))
 
     # -- plumbing --------------------------------------------------------
 
@@ -327,7 +362,9 @@ def thd_migrate(txn, dialect, migrations: list[tuple[int, str]]) -> list[int]:
     each file's ``schema_version`` row committed right after it, under the
     dialect's ``migration_lock`` so that two servers starting together do not
     both migrate; a file interrupted halfway is run again from its start, so
-    such files are written to be re-runnable (``CREATE TABLE IF NOT EXISTS``).
+    such files are written to be re-runnable (``CREATE TABLE IF NOT EXISTS``),
+    and a DDL statement that fails because its change is already there (the
+    dialect's ``is_ddl_done``: a column, an index added before) is skipped.
     """
     if dialect.migration_lock is not None:
         txn.execute(dialect.migration_lock)
@@ -345,7 +382,12 @@ def thd_migrate(txn, dialect, migrations: list[tuple[int, str]]) -> list[int]:
         for version, script in migrations:
             if version > current:
                 for statement in _statements(script):
-                    txn.execute(statement)
+                    try:
+                        txn.execute(statement)
+                    except Exception as error:
+                        if dialect.transactional_ddl or not dialect.is_ddl_done(error):
+                            raise
+                        log.info("migration {version}: already applied: {error}", version=version, error=error)
                 txn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
                 if not dialect.transactional_ddl:
                     txn.execute("COMMIT")
@@ -383,11 +425,11 @@ def thd_submit(txn, jobs, now) -> list[int]:
     return ids
 
 
-def thd_grant(txn, job_id, lease, worker, attempt, now) -> None:
+def thd_grant(txn, server, job_id, lease, worker, attempt, now) -> None:
     txn.execute(
-        "UPDATE jobs SET state = 'running', lease = ?, worker = ?, attempts = ?, not_before = NULL, updated = ?"
-        " WHERE id = ? AND state = 'queued'",
-        (lease, worker, attempt, now, job_id),
+        "UPDATE jobs SET state = 'running', lease = ?, worker = ?, server = ?, attempts = ?, not_before = NULL,"
+        " updated = ? WHERE id = ? AND state = 'queued'",
+        (lease, worker, server, attempt, now, job_id),
     )
     if txn.rowcount == 0:
         state = _thd_state(txn, job_id)
@@ -395,22 +437,23 @@ def thd_grant(txn, job_id, lease, worker, attempt, now) -> None:
     _thd_event(txn, job_id, now, "leased", attempt, lease, worker)
 
 
-def thd_add_results(txn, job_id, lease, results, now) -> int:
-    return _thd_accept(txn, job_id, lease, results, now)[1]
+def thd_add_results(txn, server, job_id, lease, results, now) -> int:
+    return _thd_accept(txn, server, job_id, lease, results, now)[1]
 
 
-def thd_complete(txn, job_id, lease, results, now) -> None:
-    total, accepted, attempt, worker = _thd_accept(txn, job_id, lease, results, now)
+def thd_complete(txn, server, job_id, lease, results, now) -> None:
+    total, accepted, attempt, worker = _thd_accept(txn, server, job_id, lease, results, now)
     if accepted < total:
         raise Incomplete(f"job {job_id} lacks {total - accepted} results", missing=total - accepted)
-    txn.execute("UPDATE jobs SET state = 'done', lease = NULL, worker = NULL WHERE id = ?", (job_id,))
+    txn.execute("UPDATE jobs SET state = 'done', lease = NULL, worker = NULL, server = NULL WHERE id = ?", (job_id,))
     _thd_event(txn, job_id, now, "completed", attempt, lease, worker)
 
 
-def thd_release(txn, job_id, lease, state, now, detail, not_before, attempts) -> None:
-    _, _, attempt, worker = _thd_fence(txn, job_id, lease, now)
+def thd_release(txn, server, job_id, lease, state, now, detail, not_before, attempts) -> None:
+    _, _, attempt, worker = _thd_fence(txn, server, job_id, lease, now)
     txn.execute(
-        "UPDATE jobs SET state = ?, lease = NULL, worker = NULL, not_before = ?, attempts = ? WHERE id = ?",
+        "UPDATE jobs SET state = ?, lease = NULL, worker = NULL, server = NULL, not_before = ?, attempts = ?"
+        " WHERE id = ?",
         (state, not_before, attempt if attempts is None else attempts, job_id),
     )
     _thd_event(txn, job_id, now, "released", attempt, lease, worker, detail)
@@ -434,14 +477,124 @@ def thd_set_state(txn, job_id, allowed, state, now, reason, reset_attempts) -> N
     _thd_event(txn, job_id, now, "state", detail={"from": current, "to": state, "reason": reason})
 
 
-def _thd_fence(txn, job_id, lease, now) -> tuple[int, int, int, str]:
-    """Check that ``lease`` is the job's current lease; return its total, accepted, attempts, worker.
+def thd_beat(txn, server, now, deadline) -> None:
+    """Upsert the server's row. Only this server writes it, so no two upserts race."""
+    txn.execute("UPDATE servers SET last_beat = ?, deadline = ? WHERE id = ?", (now, deadline, server))
+    if txn.rowcount == 0:
+        txn.execute("INSERT INTO servers (id, last_beat, deadline) VALUES (?, ?, ?)", (server, now, deadline))
 
-    The check is an UPDATE, which also locks the job's row where the database
-    has row locks, so that no other writer can end the lease before this
-    write commits.
+
+#: What a lost lease's job becomes: attempts are counted at grant, so the
+#: lease that was lost used one.
+_LOST_TO = "CASE WHEN attempts < 1 + retries THEN 'queued' ELSE 'failed' END"
+
+
+def thd_expire_servers(txn, server, now, grace, skip_locked) -> list[int]:
+    """End the leases of the servers gone for more than ``grace``; return the jobs ended, by id.
+
+    Safe when several servers run it at once, on any database:
+
+    - A gone server's row is claimed by deleting it: ``SELECT ... FOR UPDATE
+      SKIP LOCKED`` (MySQL) hands each such row to one transaction only (the
+      others skip it instead of waiting), and the ``DELETE`` re-checks that
+      the row is still there and still gone (it may have beaten since).
+      SQLite runs one write transaction at a time: the second sees no row.
+    - Each job is then ended by an ``UPDATE ... WHERE id = ? AND server = ?
+      AND lease = ? AND state = 'running'`` naming what was read; a job that
+      changed meanwhile (taken over by a reattaching worker, released by its
+      owner, ended by another expiry) matches nothing and is left alone,
+      and its event is written only if the row matched. The new state is
+      computed from the row itself (``_LOST_TO``), and attempts and retries
+      cannot change while the lease is the one read, so the rule applies
+      once whichever server applies it.
+
+    Jobs can also be left with an owner that has no row: a server that was
+    thought gone (suspended, or its clock behind) granted a lease after its
+    row was deleted, and died before it beat again. Such an owner counts as
+    gone with its last beat the job's last change and no deadline, so these
+    jobs end too, ``grace`` seconds after they last changed, instead of
+    running forever.
     """
+    txn.execute(
+        f"SELECT id FROM servers WHERE id <> ? AND ? > last_beat + deadline + ? ORDER BY id{skip_locked}",
+        (server, now, grace),
+    )
+    gone = []
+    for (gone_id,) in txn.fetchall():
+        txn.execute("DELETE FROM servers WHERE id = ? AND ? > last_beat + deadline + ?", (gone_id, now, grace))
+        if txn.rowcount:
+            gone.append(gone_id)
+    candidates = []
+    for gone_id in gone:
+        txn.execute(
+            "SELECT id, lease, worker, server FROM jobs WHERE server = ? AND state = 'running' ORDER BY id",
+            (gone_id,),
+        )
+        candidates.extend(txn.fetchall())
+    txn.execute(
+        "SELECT id, lease, worker, server FROM jobs WHERE state = 'running' AND server <> ? AND ? > updated + ?"
+        " AND NOT EXISTS (SELECT 1 FROM servers WHERE servers.id = jobs.server) ORDER BY id",
+        (server, now, grace),
+    )
+    candidates.extend(txn.fetchall())
+    ended = []
+    for job_id, lease, worker, owner in sorted(set(candidates)):
+        txn.execute(
+            f"UPDATE jobs SET state = {_LOST_TO}, lease = NULL, worker = NULL, server = NULL, not_before = NULL,"
+            " updated = ? WHERE id = ? AND server = ? AND lease = ? AND state = 'running'",
+            (now, job_id, owner, lease),
+        )
+        if not txn.rowcount:
+            continue
+        txn.execute("SELECT state, attempts FROM jobs WHERE id = ?", (job_id,))
+        state, attempt = txn.fetchone()
+        detail = {"to": state, "reason": "server lost", "error": f"server {owner} lost"}
+        _thd_event(txn, job_id, now, "released", attempt, lease, worker, detail)
+        ended.append(job_id)
+    return ended
+
+
+def thd_take_lease(txn, server, job_id, lease, worker, now) -> ActiveJob:
+    """Make ``server`` the owner of the job's running lease; return the job."""
+    # The fence without the owner: any owner's lease may be taken over.
+    # The UPDATE locks the row (MySQL), so the owner read next is the one replaced.
     txn.execute("UPDATE jobs SET updated = ? WHERE id = ? AND lease = ?", (now, job_id, lease))
+    if txn.rowcount == 0:
+        _thd_state(txn, job_id)  # UnknownJob if there is no such job
+        raise StaleLease(f"lease {lease!r} is not the current lease of job {job_id}")
+    txn.execute("SELECT server, attempts FROM jobs WHERE id = ?", (job_id,))
+    previous, attempt = txn.fetchone()
+    txn.execute("UPDATE jobs SET server = ?, worker = ? WHERE id = ?", (server, worker, job_id))
+    _thd_event(txn, job_id, now, "reattached", attempt, lease, worker, {"from": previous})
+    [job] = thd_load_active(txn, [job_id])
+    return job
+
+
+def thd_end_lease(txn, job_id, state, now, reason) -> None:
+    """End a running job's lease, whoever owns it, as an operator's move."""
+    txn.execute("UPDATE jobs SET updated = ? WHERE id = ? AND state = 'running'", (now, job_id))
+    if txn.rowcount == 0:
+        current = _thd_state(txn, job_id)
+        raise InvalidState(f"job {job_id} is {current}, not running", state=current)
+    txn.execute("SELECT attempts, lease, worker FROM jobs WHERE id = ?", (job_id,))
+    attempt, lease, worker = txn.fetchone()
+    txn.execute(
+        "UPDATE jobs SET state = ?, lease = NULL, worker = NULL, server = NULL, not_before = NULL, attempts = ?"
+        " WHERE id = ?",
+        (state, 0 if state == "queued" else max(attempt - 1, 0), job_id),
+    )
+    _thd_event(txn, job_id, now, "released", attempt, lease, worker, {"to": state, "reason": reason})
+
+
+def _thd_fence(txn, server, job_id, lease, now) -> tuple[int, int, int, str]:
+    """Check that ``lease`` is the job's current lease and ``server`` its owner.
+
+    Return the job's total, accepted, attempts, worker. The check is an
+    UPDATE, which also locks the job's row where the database has row locks,
+    so that no other writer (another server taking the lease over, say) can
+    end or move the lease before this write commits.
+    """
+    txn.execute("UPDATE jobs SET updated = ? WHERE id = ? AND lease = ? AND server = ?", (now, job_id, lease, server))
     if txn.rowcount == 0:
         _thd_state(txn, job_id)  # UnknownJob if there is no such job
         raise StaleLease(f"lease {lease!r} is not the current lease of job {job_id}")
@@ -449,9 +602,9 @@ def _thd_fence(txn, job_id, lease, now) -> tuple[int, int, int, str]:
     return txn.fetchone()
 
 
-def _thd_accept(txn, job_id, lease, results, now) -> tuple[int, int, int, str]:
+def _thd_accept(txn, server, job_id, lease, results, now) -> tuple[int, int, int, str]:
     """Accept ``results`` under ``lease``, all or none; return the job's total, accepted, attempts, worker."""
-    total, accepted, attempt, worker = _thd_fence(txn, job_id, lease, now)
+    total, accepted, attempt, worker = _thd_fence(txn, server, job_id, lease, now)
     unknown = sorted({index for index, _, _ in results if not 0 <= index < total})
     if unknown:
         raise UnknownRecord(f"job {job_id} has no records {unknown}", records=unknown)
@@ -574,6 +727,42 @@ def thd_get_results(txn, job_id, after, limit) -> list[dict]:
 def thd_counts(txn) -> dict[str, int]:
     txn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
     return dict.fromkeys(JOB_STATES, 0) | dict(txn.fetchall())
+
+
+def thd_runnable(txn, now, limit) -> list[int]:
+    # Served by the index jobs_runnable (state, priority DESC, id) in its own
+    # order: see migrations/*/002_servers.sql.
+    txn.execute(
+        "SELECT id FROM jobs WHERE state = 'queued' AND (not_before IS NULL OR not_before <= ?)"
+        " ORDER BY priority DESC, id LIMIT ?",
+        (now, limit),
+    )
+    return [job_id for (job_id,) in txn.fetchall()]
+
+
+def thd_own_leases(txn, server) -> dict[int, str]:
+    txn.execute("SELECT id, lease FROM jobs WHERE server = ? AND state = 'running' ORDER BY id", (server,))
+    return dict(txn.fetchall())
+
+
+#: Ids per ``IN (...)``: SQLite builds before 3.32 allow 999 parameters.
+_IN_CHUNK = 500
+
+
+def thd_job_states(txn, job_ids) -> list[dict]:
+    ids = sorted(set(job_ids))
+    found = []
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        txn.execute(
+            f"SELECT id, state, accepted, total FROM jobs WHERE id IN ({', '.join('?' * len(chunk))}) ORDER BY id",
+            tuple(chunk),
+        )
+        found.extend(
+            {"job": job_id, "state": state, "accepted": accepted, "total": total}
+            for job_id, state, accepted, total in txn.fetchall()
+        )
+    return found
 
 
 def _thd_dicts(txn) -> list[dict]:

@@ -38,8 +38,13 @@ class SQLiteDialect:
     - ``busy_timeout``: another process holding the lock (an operator's
       ``sqlite3`` shell, a backup) is waited for this long, then the write
       fails as ``Unavailable``.
-    - Reads need nothing more: on the one connection they queue behind the
-      transactions already started, so they see every acknowledged write.
+    - Reads run in a deferred ``BEGIN`` ... ``COMMIT``: on the one connection
+      they queue behind the transactions already started, so they see every
+      acknowledged write, and the transaction makes the several SELECTs of
+      one read a single snapshot even when another process (a second store
+      on the same file) commits in between.
+    - No row locks: a write transaction holds the whole file, so claiming
+      rows needs no ``FOR UPDATE SKIP LOCKED`` (``skip_locked`` is empty).
     - DDL is transactional: all migrations run in one transaction.
     - Parameters are in qmark style (``?``), as the shared SQL is written.
     """
@@ -47,7 +52,8 @@ class SQLiteDialect:
     #: Also the name of the migrations folder.
     name = "sqlite"
     begin = "BEGIN IMMEDIATE"
-    read_begin = ()
+    read_begin = ("BEGIN",)
+    skip_locked = ""
     transactional_ddl = True
     migration_lock = None
     migration_unlock = None
@@ -102,14 +108,19 @@ class SQLiteDialect:
         code = getattr(error, "sqlite_errorcode", None)
         return isinstance(error, sqlite3.OperationalError) and code is not None and code & 0xFF in cls.unavailable_codes
 
+    @classmethod
+    def is_ddl_done(cls, error: BaseException) -> bool:
+        """Never asked: DDL is transactional, so a migration never runs twice."""
+        return False
+
 
 class SQLiteStore(SQLStore):
     """``gridd.store.base.IStore`` on an SQLite file, created with its folder if missing."""
 
     dialect = SQLiteDialect
 
-    def __init__(self, path: str, reactor=None):
-        super().__init__(reactor)
+    def __init__(self, path: str, reactor=None, server_id: str | None = None):
+        super().__init__(reactor, server_id)
         self.path = path
 
     def describe(self) -> str:
