@@ -17,16 +17,20 @@ from __future__ import annotations
 import atexit
 import operator
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
+from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import Logger
 from twisted.python.threadable import isInIOThread
 
 from gridd import errors, tls, wire
 from gridd.peer import ConnectionDropped, PeerProtocol
+
+log = Logger()
 
 __all__ = [
     "TERMINAL_STATES",
@@ -337,19 +341,58 @@ def split_submit(jobs: list[dict], max_line: int) -> Iterator[list[dict]]:
 
 
 def connect(
-    reactor, endpoint_string: str, token: str, name: str = "gridctl", handshake_timeout: float = 10.0
+    reactor,
+    endpoints: str | Sequence[str],
+    token: str,
+    name: str = "gridctl",
+    handshake_timeout: float = 10.0,
+    rounds: int = 3,
 ) -> Deferred[ClientProtocol]:
     """Connect to a server and fire with the :class:`ClientProtocol` once HELLO is accepted.
 
-    ``endpoint_string`` is a Twisted client endpoint (``tcp:HOST:PORT``,
-    ``tls:HOST:PORT:trustRoots=DIR``), built by :func:`gridd.tls.client_endpoint`:
-    ``ssl:`` fails with ValueError, and a server whose certificate does not
-    name HOST fails with ``ConnectionDropped``. A refused handshake fails with its
-    ``gridd.errors`` class; a server that never answers HELLO within
-    ``handshake_timeout`` seconds, or a connection lost before the answer,
-    fails with ``ConnectionDropped``.
+    ``endpoints`` is one Twisted client endpoint string (``tcp:HOST:PORT``,
+    ``tls:HOST:PORT:trustRoots=DIR``) or several, for several servers that
+    share one database: they are tried in order, and the whole list up to
+    ``rounds`` times with a growing pause (0.5 s, 1 s, ...) between rounds;
+    the first server that accepts the HELLO wins. Endpoints are built by
+    :func:`gridd.tls.client_endpoint`: ``ssl:`` fails with ValueError, and a
+    server whose certificate does not name HOST counts as unreachable.
+
+    A refused handshake (``auth_failed``, say) fails at once with its
+    ``gridd.errors`` class: another server would refuse it too. When no
+    server can be reached, the last reason fails the Deferred
+    (``ConnectionDropped`` for a server that never answered HELLO within
+    ``handshake_timeout`` seconds, or a connection error).
     """
-    return Deferred.fromCoroutine(_connect(reactor, endpoint_string, token, name, handshake_timeout))
+    if isinstance(endpoints, str):
+        endpoints = [endpoints]
+    return Deferred.fromCoroutine(_connect_any(reactor, list(endpoints), token, name, handshake_timeout, rounds))
+
+
+async def _connect_any(reactor, endpoints, token, name, handshake_timeout, rounds) -> ClientProtocol:
+    if not endpoints:
+        raise ValueError("no server endpoint given")
+    for spec in endpoints:  # a malformed endpoint fails before any attempt
+        try:
+            tls.client_endpoint(reactor, spec)
+        except ValueError as e:
+            raise ValueError(f"{spec!r}: {e}") from None
+    last: Exception | None = None
+    for attempt in range(rounds):
+        if attempt:
+            await deferLater(reactor, 0.5 * 2 ** (attempt - 1))
+        for spec in endpoints:
+            try:
+                return await _connect(reactor, spec, token, name, handshake_timeout)
+            except (errors.ShuttingDown, errors.Unavailable) as e:
+                last = e  # this server cannot serve now; another may
+            except errors.GriddError:
+                raise
+            except Exception as e:
+                last = e
+            if len(endpoints) > 1 or rounds > 1:
+                log.info("gridd server {spec} unreachable: {e}", spec=spec, e=last)
+    raise last
 
 
 async def _connect(reactor, endpoint_string, token, name, handshake_timeout) -> ClientProtocol:
@@ -439,7 +482,7 @@ class BlockingClient:
     ``reactor`` is for tests and embedding; the caller then runs it.
     """
 
-    def __init__(self, endpoint_string: str, token: str, name: str = "gridctl", *, reactor=None):
+    def __init__(self, endpoint_string: str | Sequence[str], token: str, name: str = "gridctl", *, reactor=None):
         if reactor is None:
             from twisted.internet import reactor
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -132,7 +132,7 @@ def test_connect_refused_hello_fails_with_gridd_error():
 def test_connect_silent_server_fails_with_connection_dropped():
     """A server that never answers HELLO is cut after the handshake timeout."""
     reactor = MemoryReactorClock()
-    d = connect(reactor, "tcp:127.0.0.1:7700", "s3cret", handshake_timeout=10)
+    d = connect(reactor, "tcp:127.0.0.1:7700", "s3cret", handshake_timeout=10, rounds=1)
     wrapper = reactor.tcpClients[0][2].buildProtocol(None)
     transport = StringTransport()
     wrapper.makeConnection(transport)
@@ -142,6 +142,40 @@ def test_connect_silent_server_fails_with_connection_dropped():
     assert transport.disconnected
     wrapper.connectionLost(Failure(ConnectionLost("aborted")))
     assert "no answer to HELLO within 10 s" in str(failure_of(d))
+
+
+def test_connect_fails_over_to_the_next_server():
+    """With several endpoints, a refused connection moves on to the next server, which is used."""
+    reactor = MemoryReactorClock()
+    d = connect(reactor, ["tcp:127.0.0.1:7700", "tcp:127.0.0.1:7701"], "s3cret")
+    [(_, port, factory, _, _)] = reactor.tcpClients
+    assert port == 7700
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError("refused")))
+    assert [c[1] for c in reactor.tcpClients] == [7700, 7701]
+    wrapper = reactor.tcpClients[1][2].buildProtocol(None)
+    transport = StringTransport()
+    wrapper.makeConnection(transport)
+    hello = wire.parse_line(transport.value().rstrip(b"\n"), wire.PEER_VERBS)
+    wrapper.dataReceived(wire.encode("OK", {"rid": hello.rid, "proto": 1, "beat": 2.0, "deadline": 6.0}))
+    protocol = result_of(d)
+    assert protocol.welcome["deadline"] == 6.0
+    protocol.transport.loseConnection()
+    wrapper.connectionLost(Failure(ConnectionLost("closed")))
+
+
+def test_connect_tries_every_server_for_some_rounds_then_gives_up():
+    """When no server answers, each is tried once per round, with a pause between rounds, then the last error."""
+    reactor = MemoryReactorClock()
+    d = connect(reactor, ["tcp:127.0.0.1:7700", "tcp:127.0.0.1:7701"], "s3cret", rounds=2)
+    for expected in (1, 2):
+        assert len(reactor.tcpClients) == expected
+        reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError("refused")))
+    assert not d.called
+    reactor.advance(0.5)
+    for _ in range(2):
+        reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError("refused")))
+    assert len(reactor.tcpClients) == 4
+    assert isinstance(failure_of(d), ConnectionRefusedError)
 
 
 # -- one line per method, one result per reply -------------------------------------------

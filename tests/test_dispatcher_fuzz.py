@@ -36,7 +36,6 @@ from tests.test_dispatcher import FakeConnection, run
 
 WORKER_TYPES = {"w0": ("noop",), "w1": ("noop", "other"), "w2": ("other",)}
 BEAT = 2.0
-DEADLINE = 3 * BEAT
 TERMINAL = ("done", "failed", "cancelled")
 
 

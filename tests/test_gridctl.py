@@ -175,11 +175,16 @@ def test_main_bad_arguments_exit_2(argv, complaint, monkeypatch, capsys):
 
 
 def test_parser_server_defaults_to_environment(monkeypatch):
-    """--server defaults to $GRIDD_SERVER, then to tcp:127.0.0.1:7700."""
+    """--server (repeatable) wins; else $GRIDD_SERVER, space-separated; else tcp:127.0.0.1:7700."""
+
+    def servers(*argv):
+        return gridctl.server_endpoints(gridctl.build_parser().parse_args([*argv, "stats"]))
+
     monkeypatch.delenv("GRIDD_SERVER", raising=False)
-    assert gridctl.build_parser().parse_args(["stats"]).server == "tcp:127.0.0.1:7700"
-    monkeypatch.setenv("GRIDD_SERVER", "tls:grid:7701:trustRoots=/etc/gridd/ca")
-    assert gridctl.build_parser().parse_args(["stats"]).server == "tls:grid:7701:trustRoots=/etc/gridd/ca"
+    assert servers() == ["tcp:127.0.0.1:7700"]
+    monkeypatch.setenv("GRIDD_SERVER", "tls:grid:7701:trustRoots=/etc/gridd/ca tls:grid2:7701:trustRoots=/etc/gridd/ca")
+    assert servers() == ["tls:grid:7701:trustRoots=/etc/gridd/ca", "tls:grid2:7701:trustRoots=/etc/gridd/ca"]
+    assert servers("--server", "tcp:a:1", "--server", "tcp:b:2") == ["tcp:a:1", "tcp:b:2"]
 
 
 # -- records and job specs --------------------------------------------------------------
@@ -245,7 +250,7 @@ def test_submit_prints_ids_one_per_line(tmp_path):
     assert outcome.lines() == ["1", "2"]
     [submit] = grid.server.requests("SUBMIT")
     assert [job["records"] for job in submit["jobs"]] == [[1, 2], [3]]
-    assert grid.connected_as == ("tcp:127.0.0.1:7700", "s3cret", "cron")
+    assert grid.connected_as == (["tcp:127.0.0.1:7700"], "s3cret", "cron")
 
 
 def test_submit_json_prints_json_lines(tmp_path):

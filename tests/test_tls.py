@@ -186,7 +186,7 @@ def test_ssl_client_spec_refused_everywhere(tmp_path):
     failures = []
     connect(reactor, "ssl:gridhost:7701", "token").addErrback(failures.append)
     [failure] = failures
-    assert failure.check(ValueError) and str(failure.value) == tls.SSL_CLIENT_REFUSED
+    assert failure.check(ValueError) and str(failure.value) == f"'ssl:gridhost:7701': {tls.SSL_CLIENT_REFUSED}"
     with pytest.raises(ValueError, match="ssl: client endpoints"):
         make_worker_service(reactor, ["SSL:gridhost:7701"], name="w", token="t", job_types={}, slots=1)
     assert (reactor.tcpClients, reactor.sslClients) == ([], [])

@@ -98,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--server",
         metavar="ENDPOINT",
-        default=os.environ.get("GRIDD_SERVER", config.DEFAULT_SERVER),
-        help="server endpoint, e.g. tcp:HOST:7700 or tls:HOST:7701:trustRoots=DIR"
-        f" (default: $GRIDD_SERVER or {config.DEFAULT_SERVER})",
+        action="append",
+        help="server endpoint, e.g. tcp:HOST:7700 or tls:HOST:7701:trustRoots=DIR; repeat it for"
+        " servers sharing one database, tried in turn (default: $GRIDD_SERVER, space-separated,"
+        f" or {config.DEFAULT_SERVER})",
     )
     parser.add_argument(
         "--secret-file",
@@ -247,11 +248,17 @@ def _reject_constant(name: str):
 # -- input, checked before connecting ---------------------------------------
 
 
+def server_endpoints(args: argparse.Namespace) -> list[str]:
+    """The servers to try, in order: every --server, else $GRIDD_SERVER (space-separated), else the default."""
+    return args.server or os.environ.get("GRIDD_SERVER", config.DEFAULT_SERVER).split()
+
+
 def prepare(args: argparse.Namespace, stdin: BinaryIO | None = None) -> None:
     """Read the secret and, for ``submit``, the records into ``args``; raise InputError.
 
     ``stdin`` is the binary stream ``-`` reads (default: the process's stdin).
     """
+    args.servers = server_endpoints(args)
     path = args.secret_file or config.default_secret_file()
     try:
         args.token = config.read_secret(path)
@@ -336,21 +343,21 @@ async def run(
     out = out or sys.stdout
     err = err or sys.stderr
     try:
-        grid = await connect(reactor, args.server, args.token, args.name)
+        grid = await connect(reactor, args.servers, args.token, args.name)
     except errors.GriddError as e:
         return _refused(err, e)
     except ValueError as e:
-        print(f"gridctl: error: bad --server endpoint {args.server!r}: {e}", file=err)
+        print(f"gridctl: error: bad --server endpoint {e}", file=err)
         return EXIT_USAGE
     except Exception as e:
-        print(f"gridctl: cannot connect to {args.server}: {str(e) or type(e).__name__}", file=err)
+        print(f"gridctl: cannot connect to {' or '.join(args.servers)}: {str(e) or type(e).__name__}", file=err)
         return EXIT_CONNECT
     try:
         return await args.run(grid, args, out, err)
     except errors.GriddError as e:
         return _refused(err, e)
     except ConnectionDropped as e:
-        print(f"gridctl: lost the connection to {args.server}: {e}", file=err)
+        print(f"gridctl: lost the connection to {' or '.join(args.servers)}: {e}", file=err)
         return EXIT_CONNECT
     finally:
         await grid.close()
