@@ -85,9 +85,12 @@ async def summarise(client, ids, elapsed):
     words: Counter = Counter()
     biggest = []
     states = Counter()
+    expected = accepted = 0
     for job_id in ids:
         job = await client.show(job_id)
         states[job["state"]] += 1
+        expected += job["total"]
+        accepted += job["accepted"]
         for result in await client.results(job_id):
             worker = result.get("worker", "?")
             per_worker[worker] += 1
@@ -109,6 +112,7 @@ async def summarise(client, ids, elapsed):
         f"{len(ids)} jobs ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))}), "
         f"{records} records in {elapsed:.1f} s ({records / elapsed:.0f} records/s)"
     )
+    out.print(f"records with exactly one accepted result: {accepted} of {expected}")
     out.print("most common words in the standard library: " + ", ".join(w for w, _ in words.most_common(8)))
     out.print("longest modules: " + ", ".join(f"{name} ({n} words)" for n, name in sorted(biggest)[-3:][::-1]))
 
