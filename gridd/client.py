@@ -288,6 +288,24 @@ class ClientProtocol(PeerProtocol):
         """Turn the global stop switch; fire with whether the server now dispatches."""
         return self._ask("DISPATCH", {"enabled": enabled}, "dispatching")
 
+    # -- credentials (admin only) ----------------------------------------
+
+    def add_credential(self, credential_id: str, role: str, note: str | None = None) -> Deferred[str]:
+        """Create a credential (``worker``, ``submitter`` or ``admin``); fire with its token ``ID.SECRET``.
+
+        The token is shown this once: the server keeps only a hash of it.
+        """
+        body = _present(action="add", id=credential_id, role=role, note=note)
+        return self._ask("CREDENTIAL", body, "token")
+
+    def list_credentials(self) -> Deferred[list[dict]]:
+        """Fire with every credential: ``{"id", "role", "created", "revoked", "note"}`` (never a secret)."""
+        return self._ask("CREDENTIAL", {"action": "list"}, "credentials")
+
+    def revoke_credential(self, credential_id: str) -> Deferred[None]:
+        """Revoke a credential: it cannot log in again, and its live connections are closed."""
+        return self.request("CREDENTIAL", {"action": "revoke", "id": credential_id}).addCallback(lambda _: None)
+
     # -- connection -------------------------------------------------------
 
     def close(self) -> Deferred[None]:
@@ -507,6 +525,9 @@ class BlockingClient:
     requeue = _blocking("requeue")
     worker_action = _blocking("worker_action")
     dispatch = _blocking("dispatch")
+    add_credential = _blocking("add_credential")
+    list_credentials = _blocking("list_credentials")
+    revoke_credential = _blocking("revoke_credential")
     close = _blocking("close")
 
     def iter_jobs(

@@ -865,6 +865,10 @@ class Dispatcher:
                 self._watchers[conn] = current | set(job_ids)
         return {"jobs": views}
 
+    async def job_submitter(self, job_id: int) -> str | None:
+        """Who submitted the job (the session's ownership check); raises ``UnknownJob``."""
+        return (await self.store.get_job(job_id))["submitter"]
+
     async def cancel(self, job_id: int) -> dict:
         return await self._operator(job_id, "cancelled", allowed=("queued", "running", "paused"))
 

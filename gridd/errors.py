@@ -102,7 +102,17 @@ class HandshakeTimeout(GriddError):
 
 class Forbidden(GriddError):
     code = "forbidden"
-    default_message = "this role may not send this message"
+    default_message = "this connection's role may not send this message"
+
+
+class UnknownCredential(GriddError):
+    code = "unknown_credential"
+    default_message = "no credential with this id"
+
+
+class AlreadyExists(GriddError):
+    code = "already_exists"
+    default_message = "a credential with this id already exists"
 
 
 class AlreadyReady(GriddError):

@@ -20,6 +20,8 @@ __all__ = [
     "PROTO",
     "DEFAULT_MAX_LINE",
     "PRE_HELLO_MAX_LINE",
+    "CREDENTIAL_ID",
+    "ROLES",
     "Message",
     "parse_line",
     "encode",
@@ -35,6 +37,10 @@ PRE_HELLO_MAX_LINE = 65_536
 MAX_DEPTH = 64
 #: The most job ids one WATCH may name.
 MAX_WATCH = 10_000
+#: A credential's id: the part of its token before the first ``.`` (PROTOCOL.md section 13).
+CREDENTIAL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+#: The roles a credential may have.
+ROLES = ("worker", "submitter", "admin")
 
 _VERB = re.compile(rb"[A-Z]{1,16}\Z")
 _MAX_INT = 2**53 - 1
@@ -110,9 +116,7 @@ def _requires(v):
     if not isinstance(v, dict):
         return False
     return (
-        _int()(v.get("memory", 0))
-        and _list_of(_str(1, 128))(v.get("tags", []))
-        and _str(0, 64)(v.get("version", ""))
+        _int()(v.get("memory", 0)) and _list_of(_str(1, 128))(v.get("tags", [])) and _str(0, 64)(v.get("version", ""))
     )
 
 
@@ -196,6 +200,13 @@ PEER_VERBS: dict[str, dict] = {
         "action": (_one_of("drain", "undrain", "disconnect"), True),
     },
     "DISPATCH": {"rid": _RID, "enabled": (_is_bool, True)},
+    "CREDENTIAL": {
+        "rid": _RID,
+        "action": (_one_of("add", "list", "revoke"), True),
+        "id": (lambda v: isinstance(v, str) and CREDENTIAL_ID.match(v) is not None, False),
+        "role": (_one_of(*ROLES), False),
+        "note": (_str(0, 1024), False),
+    },
 }
 
 #: Verbs the server sends. Peers parse them with ``parse_line(..., SERVER_VERBS)``.

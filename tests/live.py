@@ -42,6 +42,9 @@ class RecordingAuthenticator:
         self.seen.append((name, role))
         return self.inner.check(name, role, token)
 
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
 
 class LiveServer:
     """``makeService`` on the real reactor with ``--db memory:``, listening on ``listen``."""

@@ -206,6 +206,10 @@ CALLS = [
     ("requeue", (7,), {}, "REQUEUE", {"job": 7}, {"state": "queued"}, "queued"),
     ("worker_action", ("w1", "drain"), {}, "WORKER", {"worker": "w1", "action": "drain"}, {}, None),
     ("dispatch", (False,), {}, "DISPATCH", {"enabled": False}, {"dispatching": False}, False),
+    ("add_credential", ("cron", "submitter"), {}, "CREDENTIAL", {"action": "add", "id": "cron", "role": "submitter"},
+     {"token": "cron.X"}, "cron.X"),
+    ("list_credentials", (), {}, "CREDENTIAL", {"action": "list"}, {"credentials": [{"id": "cron"}]}, [{"id": "cron"}]),
+    ("revoke_credential", ("cron",), {}, "CREDENTIAL", {"action": "revoke", "id": "cron"}, {}, None),
 ]  # fmt: skip
 
 

@@ -473,6 +473,35 @@ def test_dispatch_off_sends_enabled_false(tmp_path):
     assert grid.server.requests("DISPATCH")[0]["enabled"] is False
 
 
+def test_credentials_add_prints_token_once_with_a_hint(tmp_path):
+    """credentials add sends CREDENTIAL add and prints the token on stdout, the hint on stderr."""
+    grid = Grid(CREDENTIAL=lambda body: {"token": f"{body['id']}.SECRET"})
+    outcome = Outcome(grid, ["credentials", "add", "desk-7", "--role", "worker", "--note", "Anna"], tmp_path)
+    assert outcome.code == 0
+    assert outcome.lines() == ["desk-7.SECRET"]
+    assert "secret file" in outcome.err.getvalue() and "--name desk-7" in outcome.err.getvalue()
+    assert grid.server.requests("CREDENTIAL") == [
+        {"rid": 2, "action": "add", "id": "desk-7", "role": "worker", "note": "Anna"}
+    ]
+
+
+def test_credentials_list_json_and_revoke(tmp_path):
+    """credentials list --json prints one line per credential; revoke sends the id and confirms."""
+    row = {"id": "cron", "role": "submitter", "created": 1.0, "revoked": None, "note": None}
+    grid = Grid(CREDENTIAL=lambda body: {"credentials": [row]} if body["action"] == "list" else {})
+    assert Outcome(grid, ["credentials", "list", "--json"], tmp_path).json_lines() == [row]
+    outcome = Outcome(grid, ["credentials", "revoke", "cron"], tmp_path)
+    assert (outcome.code, outcome.lines()) == (0, ["cron revoked"])
+    assert grid.server.requests("CREDENTIAL")[-1] == {"rid": 2, "action": "revoke", "id": "cron"}
+
+
+def test_credentials_bad_id_is_a_usage_error(capsys):
+    """An id with characters a credential id may not have is refused before connecting."""
+    with pytest.raises(SystemExit) as info:
+        gridctl.build_parser().parse_args(["credentials", "add", "desk.7", "--role", "worker"])
+    assert info.value.code == 2 and "credential id" in capsys.readouterr().err
+
+
 # -- connection trouble ---------------------------------------------------------------------
 
 

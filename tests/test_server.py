@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from gridd import wire
 from gridd.dispatcher import Dispatcher
-from gridd.server.auth import SharedSecret
+from gridd.server.auth import Authenticator
 from gridd.server.protocol import ServerFactory
 from gridd.store.memory import MemoryStore
 
@@ -158,7 +158,7 @@ class Stack:
         self.dispatcher = Dispatcher(self.store, self.clock, beat=beat, new_lease=lambda: f"L{next(leases)}")
         self.factory = ServerFactory(
             self.dispatcher,
-            SharedSecret(SECRET),
+            Authenticator(self.store, self.clock, shared_secret=SECRET),
             self.clock,
             max_line=max_line,
             handshake_timeout=handshake_timeout,

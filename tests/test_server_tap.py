@@ -15,10 +15,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from gridd import errors, wire
 from gridd.dispatcher import Dispatcher
 from gridd.server import tap
+from gridd.server.auth import Identity
 from gridd.server.protocol import ServerFactory
 from gridd.server.service import GriddService, is_loopback_listen
 from gridd.store.memory import MemoryStore
@@ -441,9 +443,9 @@ def test_make_service_creates_private_secret_and_reuses_it(tmp_path):
     _, second, _ = build(tmp_path, "--db", "memory:")
     assert path.read_text().strip() == secret
     for server in (first, second):
-        assert server.factory.authenticator.check("c", "client", secret) == "c"
+        assert _check(server, "c", "client", secret) == Identity(None, "admin")
         with pytest.raises(errors.AuthFailed):
-            server.factory.authenticator.check("c", "client", secret + "x")
+            _check(server, "c", "client", secret + "x")
 
 
 def test_make_service_explicit_secret_file_used(tmp_path):
@@ -451,5 +453,27 @@ def test_make_service_explicit_secret_file_used(tmp_path):
     path = tmp_path / "given-secret"
     path.write_text("operator-chosen\n")
     _, server, _ = build(tmp_path, "--db", "memory:", "--secret-file", str(path))
-    assert server.factory.authenticator.check("w", "worker", "operator-chosen") == "w"
+    assert _check(server, "w", "worker", "operator-chosen") == Identity(None, "worker")
     assert not (tmp_path / "data" / "secret").exists()
+
+
+def test_make_service_no_shared_secret_refuses_it_and_creates_none(tmp_path):
+    """--no-shared-secret: no secret file is made, and the shared secret logs nobody in."""
+    _, server, _ = build(tmp_path, "--db", "memory:", "--no-shared-secret")
+    assert not server.factory.authenticator.shared_secret_enabled
+    assert not (tmp_path / "data" / "secret").exists()
+
+
+def _check(server, name, role, token):
+    """The authenticator's answer, with the memory store started (it answers at once)."""
+    store = server.factory.authenticator.store
+    store.start()
+    try:
+        out = []
+        server.factory.authenticator.check(name, role, token).addBoth(out.append)
+        [result] = out
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
+    finally:
+        store.stop()

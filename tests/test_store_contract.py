@@ -18,17 +18,20 @@ import pytest_twisted
 from twisted.internet.defer import DeferredList
 
 from gridd.errors import (
+    AlreadyExists,
     DuplicateResult,
     Incomplete,
     InvalidState,
     StaleLease,
     Unavailable,
+    UnknownCredential,
     UnknownJob,
     UnknownRecord,
 )
 from gridd.store.base import ACTIVE_STATES, JOB_STATES, SETTABLE_STATES, JobSpec, RecordResult, open_store
 from gridd.store.memory import MemoryStore
 from gridd.store.mysql import MySQLStore
+from gridd.store.sql import known_version
 from gridd.store.sqlite import SQLiteStore
 
 T0 = 1_000_000.0
@@ -1087,7 +1090,7 @@ async def test_migrate_2_running_jobs_taken_over_or_expired(sql_stores, monkeypa
     store = sql_stores("A")
     await store.start()
     try:
-        assert await store._read(_thd_schema_version) == 2
+        assert await store._read(_thd_schema_version) == known_version(store.dialect.name)
         # The pseudo-server last beat when it last touched a job (T0 + 5), with no deadline.
         assert await server_rows(store) == {"(before 2)": (T0 + 5, 0)}
         assert await store.own_leases() == {}
@@ -1126,3 +1129,64 @@ async def test_migrate_2_nothing_running_no_pseudo_server(sql_stores, monkeypatc
         assert await store.expire_servers(T0 + 1000, 5) == []
     finally:
         await store.stop()
+
+
+# -- credentials ------------------------------------------------------------------------
+
+HASH_A, HASH_B = "a" * 64, "b" * 64
+
+
+@pytest_twisted.ensureDeferred
+async def test_credential_add_get_list(store):
+    """An added credential reads back with its hash; the list shows every one by id, never a hash."""
+    assert await store.get_credential("desk-7") is None
+    assert await store.list_credentials() == []
+    await store.add_credential("desk-7", "worker", HASH_A, T0, note="Anna's desktop")
+    await store.add_credential("cron", "submitter", HASH_B, T0 + 1)
+    assert await store.get_credential("desk-7") == {
+        "id": "desk-7",
+        "role": "worker",
+        "secret_hash": HASH_A,
+        "created": T0,
+        "revoked": None,
+        "note": "Anna's desktop",
+    }
+    assert await store.list_credentials() == [
+        {"id": "cron", "role": "submitter", "created": T0 + 1, "revoked": None, "note": None},
+        {"id": "desk-7", "role": "worker", "created": T0, "revoked": None, "note": "Anna's desktop"},
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_credential_add_existing_id_refused_unchanged(store):
+    """Adding an id that exists (revoked or not) raises AlreadyExists and changes nothing."""
+    await store.add_credential("cron", "submitter", HASH_A, T0)
+    with pytest.raises(AlreadyExists):
+        await store.add_credential("cron", "admin", HASH_B, T0 + 1)
+    await store.revoke_credential("cron", T0 + 2)
+    with pytest.raises(AlreadyExists):
+        await store.add_credential("cron", "admin", HASH_B, T0 + 3)
+    got = await store.get_credential("cron")
+    assert (got["role"], got["secret_hash"], got["created"], got["revoked"]) == ("submitter", HASH_A, T0, T0 + 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_credential_revoke_keeps_first_time_unknown_refused(store):
+    """Revoking sets ``revoked`` once; an unknown id raises UnknownCredential."""
+    await store.add_credential("cron", "submitter", HASH_A, T0)
+    await store.revoke_credential("cron", T0 + 5)
+    await store.revoke_credential("cron", T0 + 9)
+    assert (await store.get_credential("cron"))["revoked"] == T0 + 5
+    with pytest.raises(UnknownCredential):
+        await store.revoke_credential("nobody", T0 + 9)
+    assert [c["id"] for c in await store.list_credentials()] == ["cron"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_credential_returned_dict_is_a_copy(store):
+    """Changing a returned credential changes nothing in the store."""
+    await store.add_credential("cron", "submitter", HASH_A, T0)
+    got = await store.get_credential("cron")
+    got["role"] = "admin"
+    (await store.list_credentials())[0]["role"] = "admin"
+    assert (await store.get_credential("cron"))["role"] == "submitter"

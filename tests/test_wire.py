@@ -67,6 +67,7 @@ PEER_EXAMPLES = {
     "REQUEUE": {"rid": 18, "job": 1},
     "WORKER": {"rid": 19, "worker": "w1", "action": "drain"},
     "DISPATCH": {"rid": 20, "enabled": False},
+    "CREDENTIAL": {"rid": 21, "action": "add", "id": "desk-7", "role": "worker", "note": "Anna's desktop"},
 }
 
 #: A valid body for every verb the server sends.

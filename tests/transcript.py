@@ -26,7 +26,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from gridd.dispatcher import Dispatcher
-from gridd.server.auth import SharedSecret
+from gridd.server.auth import Authenticator, hash_secret
 from gridd.server.protocol import Limits, ServerFactory
 from gridd.store.memory import MemoryStore
 
@@ -93,9 +93,19 @@ class Server:
             max_line=int(options.get("max_line", 1_048_576)),
             new_lease=lambda: f"L{next(leases)}",
         )
+        # Credentials: seeded ones (``-- option credentials=ID:ROLE,...``) have the
+        # token ``ID.secret-ID``; those made with CREDENTIAL add get the secrets
+        # S1, S2, ... in turn (a real server draws random ones).
+        secrets = itertools.count(1)
+        self.authenticator = Authenticator(
+            self.store,
+            self.clock,
+            shared_secret=None if options.get("shared_secret") == "off" else SECRET,
+            new_secret=lambda: f"S{next(secrets)}",
+        )
         self.factory = ServerFactory(
             self.dispatcher,
-            SharedSecret(SECRET),
+            self.authenticator,
             self.clock,
             max_line=int(options.get("max_line", 1_048_576)),
             handshake_timeout=float(options.get("handshake_timeout", 10.0)),
@@ -108,6 +118,10 @@ class Server:
         self.connections: dict[str, Connection] = {}
         self.ports = itertools.count(40001)
         assert self.store.start().called
+        for seed in filter(None, options.get("credentials", "").split(",")):
+            credential_id, role = seed.split(":")
+            secret = f"secret-{credential_id}"
+            assert self.store.add_credential(credential_id, role, hash_secret(secret), 0.0).called
         assert defer.Deferred.fromCoroutine(self.dispatcher.start()).called
 
     def connection(self, name: str) -> Connection:

@@ -32,7 +32,7 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-from gridd import client, config, errors, tls
+from gridd import client, config, errors, tls, wire
 from gridd.peer import ConnectionDropped
 
 __all__ = ["main", "build_parser", "prepare", "run", "read_records", "InputError"]
@@ -179,6 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     dispatch.add_argument("switch", choices=["on", "off"])
     dispatch.set_defaults(run=cmd_dispatch)
 
+    credentials = commands.add_parser(
+        "credentials",
+        help="add, list and revoke the credentials workers and clients log in with (admin only)",
+        description="Each worker and client gets its own credential, with a role: worker (runs jobs, "
+        "under its credential's id as its name), submitter (submits and steers its own jobs) or admin "
+        "(everything). The server keeps only a hash; the token is printed once, by add.",
+    )
+    actions = credentials.add_subparsers(dest="credentials_command", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="create a credential and print its token (once)")
+    add.add_argument("id", type=_credential_id, metavar="ID", help="its id: 1-64 of A-Z a-z 0-9 _ -")
+    add.add_argument("--role", required=True, choices=["worker", "submitter", "admin"])
+    add.add_argument("--note", help="a note for operators (whose desk, which cron job)")
+    add.set_defaults(run=cmd_credentials_add)
+    listed = actions.add_parser("list", help="list credentials (never their secrets)")
+    listed.add_argument("--json", action="store_true", help="print JSON Lines")
+    listed.set_defaults(run=cmd_credentials_list)
+    revoke = actions.add_parser("revoke", help="revoke a credential and close its live connections")
+    revoke.add_argument("id", type=_credential_id, metavar="ID")
+    revoke.set_defaults(run=cmd_credentials_revoke)
+
     certs = commands.add_parser(
         "certs",
         help="make the TLS certificates a small office needs (works offline, needs no server)",
@@ -226,6 +246,9 @@ def _number(convert, acceptable, what: str):
 
 
 _job_id = _number(int, lambda v: 0 <= v < 2**53, "a job id")
+_credential_id = _number(
+    str, lambda v: wire.CREDENTIAL_ID.match(v) is not None, "a credential id (1-64 of A-Za-z0-9_-)"
+)
 _natural = _number(int, lambda v: v >= 0, "a whole number >= 0")
 _positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1")
 _positive_float = _number(float, lambda v: 0 < v < math.inf, "a positive number")
@@ -639,6 +662,43 @@ async def cmd_worker(grid: client.ClientProtocol, args, out: TextIO, err: TextIO
 async def cmd_dispatch(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
     dispatching = await grid.dispatch(args.switch == "on")
     print(f"dispatching {'on' if dispatching else 'off'}", file=out)
+    return EXIT_OK
+
+
+async def cmd_credentials_add(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+    token = await grid.add_credential(args.id, args.role, args.note)
+    print(token, file=out)
+    where = "the worker's secret file (twistd gridworker --secret-file)" if args.role == "worker" else "its secret file"
+    print(
+        f"credential {args.id} ({args.role}) created. The token above is shown only this once: put it in {where},"
+        " mode 0600." + (f" The worker must run with --name {args.id}." if args.role == "worker" else ""),
+        file=err,
+    )
+    return EXIT_OK
+
+
+async def cmd_credentials_list(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+    credentials = await grid.list_credentials()
+    if args.json:
+        for credential in credentials:
+            _print_json(out, credential)
+        return EXIT_OK
+    table = _table("ID", "ROLE", "CREATED", "REVOKED", "NOTE")
+    for c in credentials:
+        table.add_row(
+            _text(c.get("id")),
+            _text(c.get("role")),
+            _when(c.get("created")),
+            _when(c.get("revoked")),
+            _text(c.get("note")),
+        )
+    _console(out).print(table)
+    return EXIT_OK
+
+
+async def cmd_credentials_revoke(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+    await grid.revoke_credential(args.id)
+    print(f"{args.id} revoked", file=out)
     return EXIT_OK
 
 

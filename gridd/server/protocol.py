@@ -136,7 +136,13 @@ class ServerProtocol(LineOnlyReceiver):
         self.limits = factory.limits
         # Until the HELLO is accepted, a line may hold only what a peer may send then.
         self.MAX_LENGTH = min(factory.max_line, wire.PRE_HELLO_MAX_LINE)
-        self.session = Session(self, factory.dispatcher, factory.authenticator, max_line=factory.max_line)
+        self.session = Session(
+            self,
+            factory.dispatcher,
+            factory.authenticator,
+            max_line=factory.max_line,
+            on_revoke=factory.close_credential,
+        )
         self.address = "?"
         self._timers: dict[str, object] = {}
         self._pings: dict[int, defer.Deferred] = {}
@@ -342,3 +348,24 @@ class ServerFactory(Factory):
     def close_all(self, reason: str = "shutdown"):
         for proto in list(self.connections):
             proto.bye(reason)
+
+    def close_credential(self, credential_id: str):
+        """Close every connection that authenticated with this (just revoked) credential, at once.
+
+        Includes connections whose HELLO is still being handled: their
+        identity is set as soon as the token is checked. From the BYE on, the
+        server acts on nothing more from them; a worker's leases end when
+        the connection is gone, as for a lost worker.
+        """
+        closing = [
+            proto
+            for proto in self.connections
+            if proto.session.identity is not None and proto.session.identity.id == credential_id
+        ]
+        log.info(
+            "credential {id} revoked: closing its {n} connections",
+            id=credential_id,
+            n=len(closing),
+        )
+        for proto in closing:
+            proto.bye("credential revoked")

@@ -1,20 +1,25 @@
-"""One connection's protocol state: handshake, role, and routing to the dispatcher.
+"""One connection's protocol state: handshake, identity, roles, and routing to the dispatcher.
 
 States (protocols/PROTOCOL.md section 4): ``connected`` until a HELLO is
 accepted, then ``worker`` or ``client``, then ``closed``. The session checks
-that each verb is allowed in the current state and calls the one dispatcher
-method that handles it. It knows nothing of bytes (``gridd.server.protocol``
-does) nor of scheduling (``gridd.dispatcher`` does).
+that each verb is allowed in the current state and for the connection's
+identity (section 13: the roles ``worker``, ``submitter`` and ``admin``), and
+calls the one dispatcher method that handles it. It knows nothing of bytes
+(``gridd.server.protocol`` does) nor of scheduling (``gridd.dispatcher``
+does); the dispatcher knows nothing of roles.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from gridd import __version__, errors, wire
+from gridd.server.auth import Identity
 
-__all__ = ["Session", "WORKER_REQUESTS", "CLIENT_REQUESTS"]
+__all__ = ["Session", "WORKER_REQUESTS", "CLIENT_REQUESTS", "ROLE_VERBS", "OWN_JOB_VERBS", "HELLO_ROLE"]
 
 log = Logger()
 
@@ -35,7 +40,7 @@ WORKER_REQUESTS = {
 
 #: Client verbs.
 CLIENT_REQUESTS = {
-    "SUBMIT": lambda d, c, b: d.submit(b["jobs"], submitter=c.session.name),
+    "SUBMIT": lambda d, c, b: d.submit(b["jobs"], submitter=c.session.submitter),
     "SHOW": lambda d, c, b: d.show(b["job"]),
     "LIST": lambda d, c, b: d.list_jobs(b.get("state"), b.get("type"), b.get("after", 0), b.get("limit", 100)),
     "RESULTS": lambda d, c, b: d.results(b["job"], b.get("after", -1), b.get("limit", 1000)),
@@ -52,18 +57,43 @@ CLIENT_REQUESTS = {
 
 _NOTIFICATIONS = ("BEAT", "PONG")
 
+#: What each role may send once its HELLO is accepted (PROTOCOL.md section 13).
+#: A submitter's job control is further limited to the jobs it submitted.
+ROLE_VERBS = {
+    "worker": frozenset(WORKER_REQUESTS),
+    "submitter": frozenset(
+        {"SUBMIT", "SHOW", "LIST", "RESULTS", "WORKERS", "STATS", "WATCH", "CANCEL", "PAUSE", "RESUME", "REQUEUE"}
+    ),
+    "admin": frozenset(CLIENT_REQUESTS) | {"CREDENTIAL"},
+}
+#: Verbs that act on one job: a submitter may send them only for its own jobs.
+OWN_JOB_VERBS = frozenset({"CANCEL", "PAUSE", "RESUME", "REQUEUE"})
+#: The HELLO role each credential role may take.
+HELLO_ROLE = {"worker": "worker", "submitter": "client", "admin": "client"}
+
 
 class Session:
     """The state of one connection, between the wire adapter and the dispatcher."""
 
-    def __init__(self, conn, dispatcher, authenticator, *, max_line: int = wire.DEFAULT_MAX_LINE):
+    def __init__(
+        self,
+        conn,
+        dispatcher,
+        authenticator,
+        *,
+        max_line: int = wire.DEFAULT_MAX_LINE,
+        on_revoke: Callable[[str], None] | None = None,
+    ):
         self.conn = conn
         self.dispatcher = dispatcher
         self.authenticator = authenticator
         self.max_line = max_line
+        #: Called with a credential's id once it is revoked: close its live connections.
+        self.on_revoke = on_revoke
         self.state = "connected"
         self.name: str | None = None
-        self.identity: str | None = None
+        #: Who the connection acts as, once its token is checked.
+        self.identity: Identity | None = None
         #: A HELLO is being handled (a worker's may wait for name arbitration).
         self._hello_pending = False
 
@@ -94,10 +124,53 @@ class Session:
                 self.conn.pong(msg.body.get("n"))
             return None
         table = WORKER_REQUESTS if self.state == "worker" else CLIENT_REQUESTS
-        handler = table.get(msg.verb)
-        if handler is None:
+        if not (msg.verb in table or msg.verb == "CREDENTIAL" and self.state == "client"):
             raise errors.Forbidden(f"a {self.state} may not send {msg.verb}")
-        return defer.Deferred.fromCoroutine(handler(self.dispatcher, self.conn, msg.body))
+        role = self.identity.role
+        if msg.verb not in ROLE_VERBS[role]:
+            raise errors.Forbidden(f"a {role} may not send {msg.verb}")
+        if msg.verb == "CREDENTIAL":
+            return defer.Deferred.fromCoroutine(self._credential(msg.body))
+        call = table[msg.verb](self.dispatcher, self.conn, msg.body)
+        if role == "submitter" and msg.verb in OWN_JOB_VERBS:
+            return defer.Deferred.fromCoroutine(self._own_job(msg, call))
+        return defer.Deferred.fromCoroutine(call)
+
+    @property
+    def submitter(self) -> str | None:
+        """What a job submitted here records as its submitter: the credential, or the HELLO name."""
+        return self.identity.id if self.identity is not None and self.identity.id is not None else self.name
+
+    async def _own_job(self, msg: wire.Message, call):
+        """Run ``call`` only if the job was submitted with this connection's credential."""
+        try:
+            owner = await self.dispatcher.job_submitter(msg.body["job"])
+            if owner != self.identity.id:
+                raise errors.Forbidden(f"a submitter may only {msg.verb} its own jobs; job {msg.body['job']} is not")
+        except BaseException:
+            call.close()  # the coroutine never ran: nothing was changed
+            raise
+        return await call
+
+    async def _credential(self, body: dict) -> dict:
+        action = body["action"]
+        if action != "list" and "id" not in body:
+            raise errors.BadRequest(f"CREDENTIAL {action} needs an id")
+        if action == "add":
+            if "role" not in body:
+                raise errors.BadRequest("CREDENTIAL add needs a role")
+            token = await self.authenticator.add(body["id"], body["role"], body.get("note"))
+            return {"token": token}
+        if action == "list":
+            return {"credentials": await self.authenticator.list()}
+        if body["id"] == self.identity.id:
+            # Its reply could not be delivered on a connection closed by the revocation.
+            raise errors.Forbidden("a connection may not revoke its own credential; use another one")
+        await self.authenticator.revoke(body["id"])
+        log.info("credential {id} revoked by {who}", id=body["id"], who=self.identity.describe())
+        if self.on_revoke is not None:
+            self.on_revoke(body["id"])
+        return {}
 
     async def _hello(self, hello: dict) -> dict:
         try:
@@ -111,7 +184,15 @@ class Session:
         role = hello["role"]
         if role == "worker" and not ("slots" in hello and "types" in hello):
             raise errors.BadRequest("a worker's HELLO needs slots and types")
-        self.identity = self.authenticator.check(hello["name"], role, hello["token"])
+        identity = await self.authenticator.check(hello["name"], role, hello["token"])
+        if self.state == "closed":  # the connection went away while we waited
+            raise errors.ShuttingDown("connection closed during the handshake")
+        if HELLO_ROLE[identity.role] != role:
+            article = "an" if identity.role == "admin" else "a"
+            raise errors.Forbidden(f"{article} {identity.role} credential may not connect as a {role}")
+        if identity.role == "worker" and identity.id is not None and hello["name"] != identity.id:
+            raise errors.Forbidden(f"worker credential {identity.id} may only connect as worker {identity.id}")
+        self.identity = identity
         self.name = hello["name"]
         reply = {
             "proto": wire.PROTO,
@@ -129,9 +210,10 @@ class Session:
             raise errors.ShuttingDown("connection closed during the handshake")
         self.state = role
         log.info(
-            "{role} {name} ready ({agent}, {addr})",
+            "{role} {name} ready as {identity} ({agent}, {addr})",
             role=role,
             name=self.name,
+            identity=self.identity.describe(),
             agent=hello.get("agent", "?"),
             addr=self.conn.address,
         )

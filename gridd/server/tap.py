@@ -17,7 +17,7 @@ from twisted.python import usage
 
 from gridd import config, wire
 from gridd.dispatcher import Dispatcher
-from gridd.server.auth import SharedSecret, load_or_create_secret
+from gridd.server.auth import Authenticator, load_or_create_secret
 from gridd.server.protocol import Limits, ServerFactory
 from gridd.server.service import GriddService, is_loopback_listen, is_plain_tcp
 from gridd.store import open_store
@@ -48,7 +48,13 @@ class Options(usage.Options):
             "?password_file=PATH names or in $GRIDD_DB_PASSWORD, never in the URI (docs/mariadb.md).",
             check_store_uri,
         ],
-        ["secret-file", None, None, "File with the shared secret peers present (default: DATA/secret, created)."],
+        [
+            "secret-file",
+            None,
+            None,
+            "File with the shared secret, the bootstrap credential: it logs in clients as admin and workers "
+            "under any name (default: DATA/secret, created). Per-peer credentials: gridctl credentials.",
+        ],
         ["beat", None, 2.0, "Heartbeat interval in seconds announced to peers.", float],
         ["deadline", None, None, "Seconds of silence after which a peer is dropped (default: 3 x beat).", float],
         ["default-timeout", None, 3600.0, "Run-time limit of one attempt for jobs that name none (seconds).", float],
@@ -71,6 +77,12 @@ class Options(usage.Options):
         ["manhole-keys", None, None, "Operators' SSH public keys (authorized_keys) [DATA/manhole_authorized_keys]."],
     ]
     optFlags = [
+        [
+            "no-shared-secret",
+            None,
+            "Refuse the shared secret: only credentials made with gridctl credentials log in "
+            "(make an admin credential first). The secret file is then neither read nor created.",
+        ],
         [
             "allow-plain-tcp",
             None,
@@ -145,8 +157,10 @@ def makeService(options, reactor=None) -> service.MultiService:
         max_line=options["max-line"],
         sync_interval=options["sync-interval"] if shared else None,
     )
-    # 2. Who may connect, and the wire adapter.
-    authenticator = SharedSecret(load_or_create_secret(options["secret-file"]))
+    # 2. Who may connect (credentials in the store, and the shared secret unless
+    #    turned off), and the wire adapter.
+    shared_secret = None if options["no-shared-secret"] else load_or_create_secret(options["secret-file"])
+    authenticator = Authenticator(store, reactor, shared_secret=shared_secret)
     factory = ServerFactory(
         dispatcher,
         authenticator,

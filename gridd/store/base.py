@@ -341,6 +341,29 @@ class IStore(Protocol):
         ``state`` must be one of ``END_LEASE_STATES``.
         """
 
+    # -- credentials (gridd.server.auth) ----------------------------------
+    #
+    # A credential is a dict {"id", "role", "secret_hash", "created",
+    # "revoked", "note"}: ``role`` one of worker, submitter, admin;
+    # ``secret_hash`` the hex sha256 of the token's secret (the secret itself
+    # is never stored); ``revoked`` None or when it was revoked. Writes are
+    # group-committed like the others.
+
+    def add_credential(self, credential_id: str, role: str, secret_hash: str, now: float, note: str | None = None):
+        """Insert a credential. Raises ``AlreadyExists`` if the id is taken (revoked ones too)."""
+
+    def get_credential(self, credential_id: str):
+        """Fire with the credential's dict (``secret_hash`` included), or None."""
+
+    def list_credentials(self):
+        """Fire with every credential's dict without ``secret_hash``, by id."""
+
+    def revoke_credential(self, credential_id: str, now: float):
+        """Mark a credential revoked at ``now``; revoking it again keeps the first time.
+
+        Raises ``UnknownCredential`` if there is no such credential.
+        """
+
 
 #: The longest server id a store keeps (MySQL's ``VARCHAR(255)``).
 MAX_SERVER_ID = 255

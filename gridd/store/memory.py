@@ -27,11 +27,13 @@ from itertools import islice
 from twisted.internet.defer import fail, maybeDeferred, succeed
 
 from gridd.errors import (
+    AlreadyExists,
     DuplicateResult,
     Incomplete,
     InvalidState,
     StaleLease,
     Unavailable,
+    UnknownCredential,
     UnknownJob,
     UnknownRecord,
 )
@@ -106,6 +108,8 @@ class _Data:
     last_id: int = 0
     #: server id -> (last beat, deadline)
     servers: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: credential id -> its row, as ``get_credential`` gives it
+    credentials: dict[str, dict] = field(default_factory=dict)
 
 
 def _answer(method):
@@ -279,7 +283,40 @@ class MemoryStore:
         job.attempts = 0 if state == "queued" else max(job.attempts - 1, 0)
         job.lease = job.worker = job.server = None
 
+    @_answer
+    def add_credential(self, credential_id, role, secret_hash, now, note=None):
+        if credential_id in self._data.credentials:
+            raise AlreadyExists(f"a credential {credential_id!r} already exists")
+        self._data.credentials[credential_id] = {
+            "id": credential_id,
+            "role": role,
+            "created": now,
+            "revoked": None,
+            "note": note,
+            "secret_hash": secret_hash,
+        }
+
+    @_answer
+    def revoke_credential(self, credential_id, now):
+        credential = self._data.credentials.get(credential_id)
+        if credential is None:
+            raise UnknownCredential(f"no credential {credential_id!r}")
+        if credential["revoked"] is None:
+            credential["revoked"] = now
+
     # -- reads -----------------------------------------------------------
+
+    @_answer
+    def get_credential(self, credential_id):
+        credential = self._data.credentials.get(credential_id)
+        return None if credential is None else dict(credential)
+
+    @_answer
+    def list_credentials(self):
+        return [
+            {key: value for key, value in self._data.credentials[i].items() if key != "secret_hash"}
+            for i in sorted(self._data.credentials)
+        ]
 
     @_answer
     def runnable(self, now, limit):

@@ -39,11 +39,13 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from gridd.errors import (
+    AlreadyExists,
     DuplicateResult,
     Incomplete,
     InvalidState,
     StaleLease,
     Unavailable,
+    UnknownCredential,
     UnknownJob,
     UnknownRecord,
 )
@@ -210,7 +212,19 @@ class SQLStore:
             return fail(ValueError(f"cannot end a lease to {state!r}"))
         return self._write(thd_end_lease, job_id, state, now, reason)
 
+    def add_credential(self, credential_id, role, secret_hash, now, note=None):
+        return self._write(thd_add_credential, credential_id, role, secret_hash, now, note)
+
+    def revoke_credential(self, credential_id, now):
+        return self._write(thd_revoke_credential, credential_id, now)
+
     # -- reads -----------------------------------------------------------
+
+    def get_credential(self, credential_id):
+        return self._read(thd_get_credential, credential_id)
+
+    def list_credentials(self):
+        return self._read(thd_list_credentials)
 
     def load_active(self, job_ids=None):
         return self._read(thd_load_active, job_ids)
@@ -586,6 +600,26 @@ def thd_end_lease(txn, job_id, state, now, reason) -> None:
     _thd_event(txn, job_id, now, "released", attempt, lease, worker, {"to": state, "reason": reason})
 
 
+def thd_add_credential(txn, credential_id, role, secret_hash, now, note) -> None:
+    # Checked first rather than caught: the driver's IntegrityError differs
+    # between databases, and a refused write must change nothing.
+    txn.execute("SELECT 1 FROM credentials WHERE id = ?", (credential_id,))
+    if txn.fetchone() is not None:
+        raise AlreadyExists(f"a credential {credential_id!r} already exists")
+    txn.execute(
+        "INSERT INTO credentials (id, role, secret_hash, created, revoked, note) VALUES (?, ?, ?, ?, NULL, ?)",
+        (credential_id, role, secret_hash, now, note),
+    )
+
+
+def thd_revoke_credential(txn, credential_id, now) -> None:
+    txn.execute("UPDATE credentials SET revoked = ? WHERE id = ? AND revoked IS NULL", (now, credential_id))
+    if txn.rowcount == 0:
+        txn.execute("SELECT 1 FROM credentials WHERE id = ?", (credential_id,))
+        if txn.fetchone() is None:
+            raise UnknownCredential(f"no credential {credential_id!r}")
+
+
 def _thd_fence(txn, server, job_id, lease, now) -> tuple[int, int, int, str]:
     """Check that ``lease`` is the job's current lease and ``server`` its owner.
 
@@ -763,6 +797,20 @@ def thd_job_states(txn, job_ids) -> list[dict]:
             for job_id, state, accepted, total in txn.fetchall()
         )
     return found
+
+
+_CREDENTIAL_COLUMNS = "id, role, created, revoked, note"
+
+
+def thd_get_credential(txn, credential_id) -> dict | None:
+    txn.execute(f"SELECT {_CREDENTIAL_COLUMNS}, secret_hash FROM credentials WHERE id = ?", (credential_id,))
+    rows = _thd_dicts(txn)
+    return rows[0] if rows else None
+
+
+def thd_list_credentials(txn) -> list[dict]:
+    txn.execute(f"SELECT {_CREDENTIAL_COLUMNS} FROM credentials ORDER BY id")
+    return _thd_dicts(txn)
 
 
 def _thd_dicts(txn) -> list[dict]:
