@@ -289,6 +289,10 @@ class Dispatcher:
         self._in_dispatch = False
         self._stopped = False
         self._housekeeping: task.LoopingCall | None = None
+        #: Called with a credential's id when a sync finds it revoked (the server
+        #: closes the connections that use it); revocations already seen are skipped.
+        self.on_credential_revoked: Callable[[str], None] | None = None
+        self._revoked_seen: set[str] = set()
         #: Leases the store says are ours that no job here holds, at the last look.
         self._orphans: set[tuple[int, str]] = set()
         self._syncing: task.LoopingCall | None = None
@@ -510,6 +514,7 @@ class Dispatcher:
             await self._sync_runnable()
             await self._sync_leases()
             await self._sync_watched()
+            await self._sync_revocations()
         except Exception as e:
             log.warn("sync with the shared store failed ({e}); trying again in {s} s", e=e, s=self.sync_interval)
 
@@ -564,6 +569,15 @@ class Dispatcher:
             except errors.GriddError:
                 continue
             await self._reload(job_id)
+
+    async def _sync_revocations(self):
+        """Credentials revoked through another server: their connections here close too."""
+        if self.on_credential_revoked is None:
+            return
+        revoked = {c["id"] for c in await self.store.list_credentials() if c.get("revoked") is not None}
+        for credential_id in sorted(revoked - self._revoked_seen):
+            self.on_credential_revoked(credential_id)
+        self._revoked_seen = revoked
 
     async def _sync_watched(self):
         watched = set()

@@ -643,3 +643,17 @@ def test_submit_refuses_a_job_whose_job_line_would_not_fit():
     assert e.value.extra == {"job": 1, "max_line": 65_536}
     assert run(g.store.counts())["queued"] == 0
     assert g.submit({"records": ["x" * 100] * 500})
+
+
+def test_credential_revoked_through_another_server_is_acted_on_at_the_next_sync():
+    """A sync finds credentials revoked elsewhere and reports each once, so their connections close here."""
+    two = TwoServers()
+    closed = []
+    two.a.d.on_credential_revoked = closed.append
+    run(two.b.store.add_credential("desk-7", "worker", "0" * 64, two.clock.seconds()))
+    run(two.b.store.add_credential("old-cron", "submitter", "1" * 64, two.clock.seconds()))
+    two.advance(0.5)
+    assert closed == []
+    run(two.b.store.revoke_credential("desk-7", two.clock.seconds()))
+    two.advance(1.0)
+    assert closed == ["desk-7"]

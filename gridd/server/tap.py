@@ -174,6 +174,8 @@ def makeService(options, reactor=None) -> service.MultiService:
             max_output=options["max-output"],
         ),
     )
+    # A credential revoked through another server sharing the store closes its connections here too.
+    dispatcher.on_credential_revoked = factory.close_credential
     # 3. Listeners, started by GriddService once the store is loaded.
     listeners = service.MultiService()
     for spec in options["listen"]:
