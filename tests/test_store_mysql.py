@@ -626,3 +626,31 @@ async def test_e2e_grid_on_mariadb_database_restart_loses_nothing(mariadb, param
     assert mariadb.query(
         params.database, "SELECT COUNT(*), COUNT(DISTINCT job_id, idx) FROM records WHERE accepted_at IS NOT NULL"
     ) == [(200, 200)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_grant_passes_over_a_job_another_server_is_claiming(mariadb, params, store):
+    """A job whose row another transaction holds is refused at once (SKIP LOCKED), not waited for."""
+    import contextlib
+
+    import pymysql
+
+    from gridd import errors
+    from gridd.store.base import JobSpec
+
+    [job_id] = await store.submit([JobSpec(type="noop", records=[1])], 1.0)
+    other = pymysql.connect(
+        host=params.host,
+        port=params.port,
+        user=params.user,
+        database=params.database,
+        password=open(params.password_file).read().strip(),
+        autocommit=False,
+    )
+    with contextlib.closing(other), other.cursor() as cursor:
+        cursor.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))  # another server mid-claim
+        with pytest.raises(errors.InvalidState, match="being claimed by another server"):
+            await store.grant(job_id, "L1", "w1", 1, 2.0)
+        other.rollback()
+    await store.grant(job_id, "L1", "w1", 1, 3.0)
+    assert (await store.get_job(job_id))["lease"] == "L1"

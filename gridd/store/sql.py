@@ -171,7 +171,7 @@ class SQLStore:
         return self._write(thd_submit, jobs, now)
 
     def grant(self, job_id, lease, worker, attempt, now):
-        return self._write(thd_grant, self.server_id, job_id, lease, worker, attempt, now)
+        return self._write(thd_grant, self.server_id, job_id, lease, worker, attempt, now, self.dialect.skip_locked)
 
     def add_results(self, job_id, lease, results, now):
         try:
@@ -439,7 +439,20 @@ def thd_submit(txn, jobs, now) -> list[int]:
     return ids
 
 
-def thd_grant(txn, server, job_id, lease, worker, attempt, now) -> None:
+def thd_grant(txn, server, job_id, lease, worker, attempt, now, skip_locked="") -> None:
+    """Claim a queued job: the row lock decides between servers racing for it.
+
+    With ``skip_locked`` (MySQL), a job whose row another server is claiming
+    at this moment is passed over at once instead of waited for: the claim
+    fails as ``InvalidState`` and the dispatcher takes its next job.
+    """
+    if skip_locked:
+        txn.execute(f"SELECT id FROM jobs WHERE id = ? AND state = 'queued'{skip_locked}", (job_id,))
+        if txn.fetchone() is None:
+            state = _thd_state(txn, job_id)  # raises UnknownJob
+            if state == "queued":  # locked: another server's claim is committing
+                raise InvalidState(f"job {job_id} is being claimed by another server", state=state)
+            raise InvalidState(f"job {job_id} is {state}, not queued", state=state)
     txn.execute(
         "UPDATE jobs SET state = 'running', lease = ?, worker = ?, server = ?, attempts = ?, not_before = NULL,"
         " updated = ? WHERE id = ? AND state = 'queued'",
