@@ -119,6 +119,9 @@ class Job:
     claiming: bool = False
     #: The one timer a job has at a time: run-time limit, backoff, or reattach grace.
     timer: Any = None
+    #: When the current lease was granted (on the server's clock): its run-time
+    #: limit counts from then, across reattaches.
+    leased_at: float | None = None
 
     @property
     def accepted(self) -> int:
@@ -293,6 +296,10 @@ class Dispatcher:
         #: closes the connections that use it); revocations already seen are skipped.
         self.on_credential_revoked: Callable[[str], None] | None = None
         self._revoked_seen: set[str] = set()
+        #: When the store stopped answering this server's beats (None: it answers).
+        self._store_out_since: float | None = None
+        #: Before this time, other servers' stale beats are not held against them.
+        self._judge_servers_after = 0.0
         #: Leases the store says are ours that no job here holds, at the last look.
         self._orphans: set[tuple[int, str]] = set()
         self._syncing: task.LoopingCall | None = None
@@ -365,6 +372,7 @@ class Dispatcher:
             name=a.name,
             lease=a.lease if a.state == "running" else None,
             not_before=a.not_before,
+            leased_at=a.leased_at if a.state == "running" else None,
         )
 
     # ------------------------------------------------------------------
@@ -459,8 +467,15 @@ class Dispatcher:
     def connection_lost(self, conn: IConnection):
         self._watchers.pop(conn, None)
         worker = self._worker_by_conn.get(conn)
-        if worker is not None:
-            self._worker_gone(worker, "disconnected")
+        if worker is None:
+            return
+        if self._stopped:
+            # The server is shutting down: its leases outlive it (PROTOCOL.md
+            # 6.2), for the worker to reattach after the restart or on
+            # another server. Ending them here would cost each job an attempt.
+            self._forget_worker(worker)
+            return
+        self._worker_gone(worker, "disconnected")
 
     # ------------------------------------------------------------------
     # from the clock
@@ -490,11 +505,35 @@ class Dispatcher:
         )
 
     async def _housekeep(self):
-        """Every beat: say this server is alive; end the leases of servers that are gone."""
+        """Every beat: say this server is alive; end the leases of servers that are gone.
+
+        A server judges the others by the age of their last beat in the
+        store. While the store was out of reach nobody could beat, so right
+        after an outage every other server looks long gone: this one waits
+        one ``deadline`` of working store before it judges them, time
+        enough for the live ones to beat again.
+        """
         now = self.clock.seconds()
         try:
             await self.store.beat(now, self.deadline)
-            ended = await self.store.expire_servers(now, self.reattach_grace)
+        except Exception as e:
+            if self._store_out_since is None:
+                self._store_out_since = now
+            log.warn("housekeeping: the store failed ({e}); trying again in {beat} s", e=e, beat=self.beat)
+            return
+        if self._store_out_since is not None:
+            self._judge_servers_after = self.clock.seconds() + self.deadline
+            log.info(
+                "housekeeping: the store answers again after {s:.1f} s; other servers get {d:g} s to beat"
+                " before their leases are judged",
+                s=now - self._store_out_since,
+                d=self.deadline,
+            )
+            self._store_out_since = None
+        if self.clock.seconds() < self._judge_servers_after:
+            return
+        try:
+            ended = await self.store.expire_servers(self.clock.seconds(), self.reattach_grace)
         except Exception as e:
             log.warn("housekeeping: the store failed ({e}); trying again in {beat} s", e=e, beat=self.beat)
             return
@@ -1025,9 +1064,17 @@ class Dispatcher:
             self._forget(job)
             defer.Deferred.fromCoroutine(self._reload(job.id)).addErrback(lambda f: log.failure("reload", f))
             return
-        log.failure("job {job}: could not record the end of lease {lease}; retrying", failure, job=job.id, lease=lease)
         if self._stopped:
+            # The lease stays in the store: it ends there when its server is
+            # found gone (or a worker reattaches it after the restart).
+            log.warn(
+                "job {job}: the end of lease {lease} was not recorded before shutdown: {f.value}",
+                job=job.id,
+                lease=lease,
+                f=failure,
+            )
             return
+        log.failure("job {job}: could not record the end of lease {lease}; retrying", failure, job=job.id, lease=lease)
 
         def retry():
             job.timer = None
@@ -1060,6 +1107,7 @@ class Dispatcher:
         if job.worker is not None:
             job.worker.leases.pop(job.lease, None)
         job.lease = None
+        job.leased_at = None
         job.worker = None
         job.closing = False
 
@@ -1099,19 +1147,30 @@ class Dispatcher:
             self._queue.push(job)
 
     def _bind(self, worker: Worker, job: Job):
-        """Give a reattached lease to ``worker``, with a fresh run-time limit."""
+        """Give a reattached lease to ``worker``; its run-time limit still counts from the grant.
+
+        Reconnecting (or a server restart) does not buy a job more time: a
+        lease past its limit while nobody held it times out at once.
+        """
         job.worker = worker
         worker.leases[job.lease] = job
-        job.timer = self.clock.callLater(job.timeout, self._lease_timed_out, job, job.lease)
+        now = self.clock.seconds()
+        started = job.leased_at if job.leased_at is not None else now
+        left = max(0.0, started + job.timeout - now)
+        job.timer = self.clock.callLater(left, self._lease_timed_out, job, job.lease)
 
-    def _worker_gone(self, worker: Worker, reason: str, spare=frozenset(), count=True):
-        """Forget a worker; every lease it held ends, except the (lease, job id) pairs in ``spare``."""
+    def _forget_worker(self, worker: Worker):
+        """Take ``worker`` out of the tables and stop its heartbeat deadline; its leases are untouched."""
         if self._worker_by_conn.get(worker.conn) is worker:
             del self._worker_by_conn[worker.conn]
         if self.workers.get(worker.name) is worker:
             del self.workers[worker.name]
         if worker.deadline_call is not None and worker.deadline_call.active():
             worker.deadline_call.cancel()
+
+    def _worker_gone(self, worker: Worker, reason: str, spare=frozenset(), count=True):
+        """Forget a worker; every lease it held ends, except the (lease, job id) pairs in ``spare``."""
+        self._forget_worker(worker)
         for lease, job in list(worker.leases.items()):
             if (lease, job.id) in spare:
                 # It moves to the new connection of the same worker.
@@ -1164,6 +1223,7 @@ class Dispatcher:
         """
         lease = self.new_lease()
         job.lease = lease
+        job.leased_at = self.clock.seconds()
         job.state = "running"
         job.attempts += 1
         job.claiming = True
@@ -1176,7 +1236,8 @@ class Dispatcher:
         job.claiming = False
         if job.lease != lease:
             return  # the lease ended while it was being claimed; its release follows the grant
-        job.timer = self.clock.callLater(job.timeout, self._lease_timed_out, job, lease)
+        left = max(0.0, job.leased_at + job.timeout - self.clock.seconds())
+        job.timer = self.clock.callLater(left, self._lease_timed_out, job, lease)
         job.worker.conn.send(
             "JOB",
             {

@@ -657,3 +657,117 @@ def test_credential_revoked_through_another_server_is_acted_on_at_the_next_sync(
     run(two.b.store.revoke_credential("desk-7", two.clock.seconds()))
     two.advance(1.0)
     assert closed == ["desk-7"]
+
+
+def test_runtime_limit_counts_from_the_grant_across_a_reconnect():
+    """A worker that reconnects and keeps its lease gets no extra time: the limit counts from the grant."""
+    g = Grid()
+    old = g.worker("w1")
+    [job_id] = g.submit(timeout=10.0)
+    [job] = old.take("JOB")
+    for _ in range(3):
+        g.clock.advance(2.0)
+        g.d.seen(old)
+    new = g.worker("w1", holding=[{"job": job_id, "lease": job["lease"]}])
+    assert new.hello_reply["kept"] == [{"job": job_id, "lease": job["lease"], "todo": [0]}]
+    g.clock.advance(3.9)
+    g.d.seen(new)
+    assert not new.take("REVOKE")
+    g.clock.advance(0.2)  # 10.1 s after the grant, 4.1 s after the reattach
+    assert new.take("REVOKE") == [{"job": job_id, "lease": job["lease"], "reason": "timeout"}]
+
+
+def test_runtime_limit_counts_from_the_grant_across_a_server_restart():
+    """A lease reattached on a restarted server times out at its original limit, not a fresh one."""
+    store = MemoryStore(server_id="first-run")
+    g = Grid(store)
+    w = g.worker("w1")
+    [job_id] = g.submit(timeout=10.0)
+    [job] = w.take("JOB")
+    for _ in range(7):
+        g.clock.advance(1.0)
+        g.d.seen(w)
+    g.d.stop()
+    g2 = Grid(store.sibling("second-run"), clock=g.clock)
+    back = g2.worker("w1", holding=[{"job": job_id, "lease": job["lease"]}])
+    assert back.hello_reply["kept"] == [{"job": job_id, "lease": job["lease"], "todo": [0]}]
+    g2.clock.advance(2.9)
+    g2.d.seen(back)
+    assert not back.take("REVOKE")
+    g2.clock.advance(0.2)
+    assert back.take("REVOKE") == [{"job": job_id, "lease": job["lease"], "reason": "timeout"}]
+    g2.d.stop()
+
+
+def test_reattached_lease_past_its_limit_times_out_at_once():
+    """A lease whose run-time limit passed while no connection held it is revoked as soon as it is reattached."""
+    store = MemoryStore(server_id="first-run")
+    g = Grid(store)
+    w = g.worker("w1")
+    [job_id] = g.submit(timeout=5.0, retries=1)
+    [job] = w.take("JOB")
+    g.d.stop()
+    g.clock.advance(6.0)
+    g2 = Grid(store.sibling("second-run"), clock=g.clock)
+    back = g2.worker("w1", holding=[{"job": job_id, "lease": job["lease"]}])
+    assert back.hello_reply["kept"][0]["lease"] == job["lease"]
+    g2.clock.advance(0)
+    assert back.take("REVOKE") == [{"job": job_id, "lease": job["lease"], "reason": "timeout"}]
+    g2.d.stop()
+
+
+def test_connection_lost_while_stopping_leaves_leases_for_reattaching():
+    """Connections closed by a shutdown end no lease: the jobs stay the workers' to reattach after a restart."""
+    g = Grid()
+    w = g.worker("w1")
+    [job_id] = g.submit(retries=0)
+    [job] = w.take("JOB")
+    g.d.stop()
+    g.d.connection_lost(w)
+    g.clock.advance(60.0)
+    view = g.state(job_id)
+    assert (view["state"], view["lease"], view["attempts"]) == ("running", job["lease"], 1)
+    assert "released" not in [h["event"] for h in view["history"]]
+    assert g.d.workers == {}
+
+
+def test_store_outage_does_not_expire_live_servers_leases():
+    """After an outage that outlasted every deadline, a server back first waits for the others to beat again."""
+    two = TwoServers(reattach_grace=2.0)
+    wa = two.a.worker("wa")
+    [job_id] = two.a.submit()
+    [job] = wa.take("JOB")
+    run(two.a.store.stop())
+    run(two.b.store.stop())
+    two.advance(30.0, (two.a, wa))  # far past A's deadline and the grace: its beat in the store is stale
+    run(two.b.store.start())  # B reaches the database first ...
+    two.advance(3.0, (two.a, wa))
+    run(two.a.store.start())  # ... A a moment later
+    two.advance(10.0, (two.a, wa))
+    view = two.a.state(job_id)
+    assert (view["state"], view["lease"], view["worker"]) == ("running", job["lease"], "wa")
+    assert "released" not in [h["event"] for h in view["history"]]
+    assert not wa.take("REVOKE")
+    run(two.a.d.done(wa, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    assert two.a.state(job_id)["state"] == "done"
+    two.a.d.stop()
+    two.b.d.stop()
+
+
+def test_store_outage_a_server_that_stays_gone_still_has_its_leases_ended():
+    """After an outage, a server that never beats again has its leases ended once the waiting is over."""
+    two = TwoServers(reattach_grace=2.0)
+    wa = two.a.worker("wa")
+    [job_id] = two.a.submit()
+    wa.take("JOB")
+    two.a.d.stop()  # A dies during the outage
+    run(two.b.store.stop())
+    two.advance(30.0)
+    run(two.b.store.start())
+    wb = two.b.worker("wb")
+    two.advance(two.b.d.beat, (two.b, wb))
+    assert not wb.take("JOB")  # B waits for A to beat again ...
+    two.advance(two.b.d.deadline + two.b.d.beat + 0.5, (two.b, wb))
+    [again] = wb.take("JOB")  # ... and A never does
+    assert (again["job"], again["attempt"]) == (job_id, 2)
+    two.b.d.stop()

@@ -146,6 +146,8 @@ class ActiveJob:
     created: float
     #: Records without an accepted result, index -> data, in index order.
     pending: dict[int, Any]
+    #: When a running job's current lease was granted (its run-time limit counts from then).
+    leased_at: float | None = None
 
 
 class IStore(Protocol):

@@ -57,6 +57,14 @@ def _load(text: str | None):
     return None if text is None else json.loads(text)
 
 
+def _leased_at(job) -> float | None:
+    """When a running job's current lease was granted, from its history."""
+    if job.state != "running" or job.lease is None:
+        return None
+    times = [e["at"] for e in job.history if e["event"] == "leased" and e["lease"] == job.lease]
+    return max(times) if times else None
+
+
 @dataclass
 class _Record:
     data: str
@@ -421,6 +429,7 @@ class MemoryStore:
             submitter=job.submitter,
             created=job.created,
             pending={i: _load(r.data) for i, r in enumerate(job.records) if r.accepted_at is None},
+            leased_at=_leased_at(job),
         )
 
     def _leased(self, job_id, lease) -> _Job:

@@ -715,6 +715,15 @@ def thd_load_active(txn, job_ids) -> list[ActiveJob]:
     )
     for job_id, index, data in txn.fetchall():
         jobs[job_id].pending[index] = json.loads(data)
+    if any(job.state == "running" for job in jobs.values()):
+        txn.execute(
+            "SELECT job_events.job_id, MAX(job_events.at) FROM job_events JOIN jobs ON jobs.id = job_events.job_id"
+            f" WHERE {where} AND jobs.state = 'running' AND job_events.event = 'leased'"
+            " AND job_events.lease = jobs.lease GROUP BY job_events.job_id",
+            args,
+        )
+        for job_id, at in txn.fetchall():
+            jobs[job_id].leased_at = at
     return list(jobs.values())
 
 
