@@ -372,6 +372,22 @@ def test_auth_revocation_closes_live_connections_at_once(grid):
     assert revoked["w1"] == revoked["bob"] == 0.0 and revoked["alice"] is None
 
 
+def test_auth_revocation_ends_the_leases_of_a_worker_that_holds_its_connection_open(grid):
+    """A revoked worker that does not let its connection go loses its lease at the BYE, not at the close timeout."""
+    root = grid.as_client("root")
+    grid.w2.take_all()
+    grid.w1.holds_open = True
+    assert root.request("CREDENTIAL", {"action": "revoke", "id": "w1"}).verb == "OK"
+    assert grid.w1.take("BYE") == [{"reason": "credential revoked"}] and grid.w1.closed and not grid.w1.lost
+    assert "w1" not in grid.dispatcher.workers
+    [pushed] = grid.w2.take("JOB")
+    assert (pushed["job"], pushed["attempt"]) == (grid.job, 2)
+    # What it still sends is not acted upon.
+    grid.w1.send("RESULT", {"rid": 9, "job": grid.job, "lease": "L1", "results": [{"i": 1, "out": 1}]})
+    assert grid.w1.take_all() == []
+    assert run(grid.store.get_job(grid.job))["accepted"] == 0
+
+
 def test_auth_revoked_token_cannot_log_in_again(grid):
     """After revocation the token is refused with auth_failed; other credentials work on."""
     root = grid.as_client("root")

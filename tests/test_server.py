@@ -53,6 +53,9 @@ class Peer:
         self.transport = transport
         self.inbox: list[wire.Message] = []
         self.lost = False
+        #: A peer that does not let go: the server's close is never completed by connectionLost
+        #: (a peer that does not read, or over TLS never sends its close_notify).
+        self.holds_open = False
         self._buffer = b""
         self._rids = itertools.count(100)
 
@@ -181,7 +184,7 @@ class Stack:
         self.clock.advance(0)
         for peer in self.peers:
             peer.drain()
-            if peer.transport.disconnecting and not peer.lost:
+            if peer.transport.disconnecting and not peer.lost and not peer.holds_open:
                 peer.lost = True
                 peer.proto.connectionLost(Failure(ConnectionDone()))
         self.clock.advance(0)
@@ -795,3 +798,18 @@ def test_server_worker_any_line_counts_as_alive(world):
         world.c1.send("BEAT")
     assert not world.w1.closed
     assert run(stack.store.get_job(1))["lease"] == "L1"
+
+
+def test_server_closing_connection_keeps_nothing_more_it_is_sent(stack):
+    """Once the server closes a connection, bytes that still arrive are neither acted upon nor kept."""
+    peer = stack.connect()
+    peer.holds_open = True
+    peer.send_raw(b"X" * (MAX_LINE + 1))
+    assert [m.body["code"] for m in peer.take_all()] == ["line_too_long"] and peer.closed
+    for _ in range(200):  # 12.5 MiB with no newline, as TLS would still hand it over
+        peer.send_raw(b"Y" * 65536)
+    assert peer.proto._buffer == b""
+    peer.send_raw(b'\nSTATS {"rid":5}\n')
+    assert peer.take_all() == []
+    stack.advance(stack.factory.limits.close_timeout)
+    assert peer.aborted

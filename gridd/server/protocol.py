@@ -177,6 +177,15 @@ class ServerProtocol(LineOnlyReceiver):
 
     # -- lines in ---------------------------------------------------------
 
+    def dataReceived(self, data: bytes):
+        if self._ending:
+            # Closing: nothing more is acted upon, so nothing more is kept.
+            # (Over TLS the transport reads on until the peer's close_notify;
+            # without this a peer could grow the partial-line buffer at will
+            # until the close timeout.)
+            return
+        super().dataReceived(data)
+
     def lineReceived(self, line: bytes):
         if self.session.state == "closed" or self._ending:
             return
@@ -244,10 +253,17 @@ class ServerProtocol(LineOnlyReceiver):
             self._close()
 
     def _close(self):
-        """Close after the last bytes are sent; abort a peer that will not take them in time."""
+        """Close after the last bytes are sent; abort a peer that will not take them in time.
+
+        For the dispatcher the connection is gone at once: a worker's leases
+        end now, not when a peer that does not read (or never sends TLS's
+        close_notify) finally lets go, and nothing more is sent to it.
+        """
         if self._ending:
             return
         self._ending = "closing"
+        self._buffer = b""
+        self.session.closed()
         # A registered producer would hold the connection open (and TLS would never shut down).
         self.transport.unregisterProducer()
         self.transport.loseConnection()

@@ -220,6 +220,9 @@ class Session:
         return reply
 
     def closed(self):
+        """The connection is gone, or being closed by the server: tell the dispatcher, once."""
+        if self.state == "closed":
+            return
         was_ready = self.ready
         self.state = "closed"
         if was_ready or self.name is not None:
