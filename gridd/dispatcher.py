@@ -260,6 +260,7 @@ class Dispatcher:
         beat: float = 2.0,
         deadline: float | None = None,
         default_timeout: float = 3600.0,
+        type_timeouts: dict[str, float] | None = None,
         backoff_base: float = 1.0,
         backoff_max: float = 300.0,
         reattach_grace: float | None = None,
@@ -276,6 +277,8 @@ class Dispatcher:
         self.beat = beat
         self.deadline = deadline if deadline is not None else 3 * beat
         self.default_timeout = default_timeout
+        #: Run-time limits of job types, for jobs that name none (else ``default_timeout``).
+        self.type_timeouts = dict(type_timeouts or {})
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         # Reconnecting workers back off; give them time to find a restarted server.
@@ -356,6 +359,12 @@ class Dispatcher:
             if worker.deadline_call is not None and worker.deadline_call.active():
                 worker.deadline_call.cancel()
 
+    def timeout_for(self, job_type: str, timeout: float | None) -> float:
+        """The run-time limit of one attempt: the job's own, else its type's, else the default."""
+        if timeout is not None:
+            return timeout
+        return self.type_timeouts.get(job_type, self.default_timeout)
+
     def _job_from_store(self, a: ActiveJob) -> Job:
         return Job(
             id=a.id,
@@ -365,7 +374,7 @@ class Dispatcher:
             params=a.params,
             total=a.total,
             retries=a.retries,
-            timeout=a.timeout if a.timeout is not None else self.default_timeout,
+            timeout=self.timeout_for(a.type, a.timeout),
             state=a.state,
             attempts=a.attempts,
             pending=dict(a.pending),
@@ -812,7 +821,7 @@ class Dispatcher:
                 params=spec.params,
                 total=len(spec.records),
                 retries=spec.retries,
-                timeout=spec.timeout if spec.timeout is not None else self.default_timeout,
+                timeout=self.timeout_for(spec.type, spec.timeout),
                 state="queued",
                 attempts=0,
                 pending=dict(enumerate(spec.records)),
@@ -836,7 +845,7 @@ class Dispatcher:
             "params": spec.get("params", {}),
             "total": len(records),
             "records": [{"i": i, "data": data} for i, data in enumerate(records)],
-            "timeout": float(spec.get("timeout", self.default_timeout)),
+            "timeout": float(self.timeout_for(spec["type"], spec.get("timeout"))),
         }
         size = len(wire.encode("JOB", largest)) - 1
         if size > self.max_line:

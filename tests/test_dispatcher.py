@@ -771,3 +771,17 @@ def test_store_outage_a_server_that_stays_gone_still_has_its_leases_ended():
     [again] = wb.take("JOB")  # ... and A never does
     assert (again["job"], again["attempt"]) == (job_id, 2)
     two.b.d.stop()
+
+
+def test_runtime_limit_of_a_job_type_applies_to_its_jobs_that_name_none():
+    """A type's run-time limit covers its jobs without a timeout of their own; others keep the default or theirs."""
+    g = Grid(type_timeouts={"noop": 5.0}, default_timeout=100.0)
+    w = g.worker(slots=3, types={"noop": "1.0", "sleep": "1.0"})
+    [typed, own] = g.submit({"type": "noop"}, {"type": "noop", "timeout": 50.0})
+    [other] = g.submit(type="sleep")
+    jobs = {j["job"]: j for j in w.take("JOB")}
+    assert {i: j["timeout"] for i, j in jobs.items()} == {typed: 5.0, own: 50.0, other: 100.0}
+    for _ in range(3):
+        g.clock.advance(2.0)
+        g.d.seen(w)
+    assert [r["job"] for r in w.take("REVOKE")] == [typed]

@@ -477,3 +477,20 @@ def _check(server, name, role, token):
         return result
     finally:
         store.stop()
+
+
+def test_options_type_timeout_repeatable_and_reaches_the_dispatcher(tmp_path):
+    """--type-timeout TYPE=SECONDS sets one type's run-time limit; the last one given for a type wins."""
+    top, server, _ = build(tmp_path, "--type-timeout", "sleep=30", "--type-timeout", "render=7200",
+                           "--type-timeout", "sleep=45", "--default-timeout", "600")
+    assert server.dispatcher.type_timeouts == {"sleep": 45.0, "render": 7200.0}
+    assert server.dispatcher.timeout_for("sleep", None) == 45.0
+    assert server.dispatcher.timeout_for("noop", None) == 600.0
+    assert server.dispatcher.timeout_for("sleep", 5.0) == 5.0
+
+
+@pytest.mark.parametrize("value", ["sleep", "=30", "sleep=", "sleep=0", "sleep=-1", "sleep=x", "sleep=inf"])
+def test_options_type_timeout_malformed_is_a_usage_error(tmp_path, value):
+    """A --type-timeout that is not TYPE=SECONDS with positive finite seconds is refused with a usage error."""
+    with pytest.raises(usage.UsageError, match="--type-timeout"):
+        parse(tmp_path, "--type-timeout", value)

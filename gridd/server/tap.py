@@ -94,6 +94,19 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["listen"] = []
+        self["type-timeout"] = {}
+
+    def opt_type_timeout(self, value):
+        """Run-time limit of one attempt of a job type, for its jobs that name none, as TYPE=SECONDS
+        (repeatable; overrides --default-timeout for that type). Give servers sharing a store the same."""
+        job_type, sep, seconds = value.partition("=")
+        try:
+            limit = float(seconds)
+        except ValueError:
+            limit = 0.0
+        if not (sep and job_type and limit > 0 and limit != float("inf")):
+            raise usage.UsageError(f"--type-timeout wants TYPE=SECONDS with SECONDS > 0, not {value!r}")
+        self["type-timeout"][job_type] = limit
 
     def opt_listen(self, spec):
         """Endpoint to listen on (repeatable): tcp:7700:interface=127.0.0.1 [default], or TLS with
@@ -151,6 +164,7 @@ def makeService(options, reactor=None) -> service.MultiService:
         beat=options["beat"],
         deadline=options["deadline"],
         default_timeout=options["default-timeout"],
+        type_timeouts=options["type-timeout"],
         backoff_base=options["backoff-base"],
         backoff_max=options["backoff-max"],
         reattach_grace=options["reattach-grace"],
