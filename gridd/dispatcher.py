@@ -299,6 +299,8 @@ class Dispatcher:
         #: closes the connections that use it); revocations already seen are skipped.
         self.on_credential_revoked: Callable[[str], None] | None = None
         self._revoked_seen: set[str] = set()
+        #: The store could not record the last lease tried (an outage, said once).
+        self._grants_failing = False
         #: When the store stopped answering this server's beats (None: it answers).
         self._store_out_since: float | None = None
         #: Before this time, other servers' stale beats are not held against them.
@@ -1243,6 +1245,9 @@ class Dispatcher:
 
     def _granted(self, _, job: Job, lease: str):
         job.claiming = False
+        if self._grants_failing:
+            self._grants_failing = False
+            log.info("dispatching again: the store records leases")
         if job.lease != lease:
             return  # the lease ended while it was being claimed; its release follows the grant
         left = max(0.0, job.leased_at + job.timeout - self.clock.seconds())
@@ -1276,7 +1281,15 @@ class Dispatcher:
             self._forget(job)
         else:
             if failure.check(errors.Unavailable):
-                log.warn("job {job}: could not record lease {lease}: {f.value}", job=job.id, lease=lease, f=failure)
+                # Said once per outage, not once per job and second.
+                if not self._grants_failing:
+                    self._grants_failing = True
+                    log.warn(
+                        "dispatching held: the store cannot record leases ({f.value}); no job is sent until it can"
+                        " (trying again every {s:g} s)",
+                        f=failure,
+                        s=self.backoff_base,
+                    )
             else:
                 log.failure("job {job}: could not record lease {lease}", failure, job=job.id, lease=lease)
             job.attempts -= 1

@@ -785,3 +785,30 @@ def test_runtime_limit_of_a_job_type_applies_to_its_jobs_that_name_none():
         g.clock.advance(2.0)
         g.d.seen(w)
     assert [r["job"] for r in w.take("REVOKE")] == [typed]
+
+
+def test_store_outage_holds_dispatching_says_why_once_and_resumes_by_itself():
+    """While the store cannot record leases no job is sent (one warning says why); once it can, work flows again."""
+    from twisted.logger import globalLogPublisher
+
+    g = Grid(backoff_base=1.0)
+    ids = g.submit(*[{} for _ in range(3)])
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        run(g.store.stop())
+        w = g.worker(slots=2)
+        for _ in range(5):
+            g.clock.advance(1.0)
+            g.d.seen(w)
+        assert not w.take("JOB")
+        run(g.store.start())
+        g.clock.advance(1.0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    pushed = [j["job"] for j in w.take("JOB")]
+    assert len(pushed) == 2 and set(pushed) <= set(ids)
+    said = [e.get("log_format", "") for e in events]
+    assert sum("dispatching held" in f for f in said) == 1
+    assert sum("dispatching again" in f for f in said) == 1
+    assert {g.state(i)["attempts"] for i in pushed} == {1}
