@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime
 import io
 import ipaddress
+import socket
+import ssl
 import stat
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, threads
 from twisted.internet.endpoints import _parse, clientFromString, connectProtocol, serverFromString
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
@@ -269,6 +271,55 @@ async def test_tls_server_closes_cleanly_after_refusal_and_on_shutdown(reactor, 
     await server.stop()  # waits until the server's side of every connection is gone, well within the close timeout
     await bounded(client.closed, reactor, timeout=5)
     assert client.bye_reason == "shutdown"
+
+
+def _hostile_tls_peer(port: int, chunks: int, chunk: bytes) -> socket.socket:
+    """Over TLS: an over-long line, then ``chunks`` more bytes with no newline, never answering close_notify.
+
+    Python's ``ssl`` (unlike Twisted's TLS) leaves a received close_notify
+    unanswered unless told to, as a hostile peer would. Runs in a thread;
+    returns the open socket for the test to close.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the attacker does not care who the server is
+    sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20))
+    sock.sendall(b"X" * 70_000)  # past the pre-HELLO line limit
+    received = b""
+    while b"line_too_long" not in received:
+        data = sock.recv(4096)
+        if not data:
+            raise AssertionError(f"closed before ERR line_too_long: {received!r}")
+        received += data
+    for _ in range(chunks):
+        sock.sendall(chunk)
+    return sock
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_peer_sending_on_after_the_server_closes_grows_no_buffer(reactor, good_server, pki):
+    """Over TLS (read on until close_notify), bytes a peer sends after an over-long line are dropped, not kept."""
+    heard, built = [], []
+    build = good_server.factory.buildProtocol
+
+    def counting(addr):  # count the bytes the server's protocol is handed, from the first
+        proto = build(addr)
+        original = proto.dataReceived
+        proto.dataReceived = lambda data: (heard.append(len(data)), original(data))
+        built.append(proto)
+        return proto
+
+    good_server.factory.buildProtocol = counting
+    chunk, chunks = b"Y" * 65536, 64  # 4 MiB after the refusal
+    sock = await bounded(threads.deferToThread(_hostile_tls_peer, good_server.port, chunks, chunk), reactor)
+    [server_side] = built
+    try:
+        await turns(reactor, lambda: sum(heard) >= 70_000 + chunks * len(chunk), what="the server reading every byte")
+        assert server_side._ending == "closing"
+        assert server_side._buffer == b""
+    finally:
+        sock.close()
+    await turns(reactor, lambda: not good_server.factory.connections, what="the server's side closing")
 
 
 @pytest_twisted.ensureDeferred
