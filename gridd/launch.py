@@ -54,6 +54,9 @@ class GriddProcess(protocol.ProcessProtocol):
         self._waiters: list[tuple[re.Pattern, int, defer.Deferred]] = []
         self.ended = defer.Deferred()
         self.exit_code = None
+        #: The signal that ended the process, or None if it exited (twistd
+        #: ends itself with the signal that stopped it, after shutting down).
+        self.exit_signal = None
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "w")
         self.transport = None
@@ -89,6 +92,7 @@ class GriddProcess(protocol.ProcessProtocol):
             d.errback(AssertionError(f"{self.name} exited while waiting for a log line; see {self.log_path}"))
         self._waiters.clear()
         self.exit_code = reason.value.exitCode
+        self.exit_signal = reason.value.signal
         self.ended.callback(self.exit_code)
 
     def when_ended(self) -> defer.Deferred:

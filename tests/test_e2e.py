@@ -5,6 +5,8 @@ Each test waits on events (log lines, the client's EVENTs), never on time.
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 from collections import Counter
 
@@ -19,6 +21,9 @@ pytestmark = pytest.mark.e2e
 
 JOBS, RECORDS = 200, 10
 SLEEP = 0.02  # seconds per record: long enough to interrupt a job mid-way
+#: A job is interrupted once this many of its records at most are accepted,
+#: so that it is still well short of done when the signal lands.
+EARLY = RECORDS // 2
 
 
 @pytest.fixture
@@ -86,11 +91,55 @@ def assert_every_record_once(grid: LocalGrid, ids: list[int]):
     assert grid.db_rows("SELECT COUNT(*) FROM jobs WHERE accepted != total") == [(0,)]
 
 
+def accepted_records(grid: LocalGrid) -> dict[tuple[int, int], tuple]:
+    """Every accepted result in the store: (job, record) to (output, error, accepted_at, lease, worker)."""
+    rows = grid.db_rows(
+        "SELECT job_id, idx, output, error, accepted_at, lease, worker FROM records WHERE accepted_at IS NOT NULL"
+    )
+    return {(job, idx): tuple(rest) for job, idx, *rest in rows}
+
+
+def done_by_workers(grid: LocalGrid) -> set[int]:
+    """Jobs whose DONE a worker saw acknowledged (it logs ``job N done`` on the server's OK)."""
+    done = set()
+    for proc in grid.workers.values():
+        for line in proc.matching(r"\] job \d+ done$"):
+            done.add(int(re.search(r"\] job (\d+) done$", line).group(1)))
+    return done
+
+
+def assert_acknowledged_kept(snapshot: dict, states: dict[int, str], seen: dict[int, dict], done: set[int]):
+    """The store holds at least what was acknowledged: each EVENT's accepted count, each acknowledged DONE."""
+    per_job = Counter(job for job, _ in snapshot)
+    short = {job: (s["accepted"], per_job[job]) for job, s in seen.items() if per_job[job] < s["accepted"]}
+    assert not short, f"jobs with fewer stored results than an EVENT announced (announced, stored): {short}"
+    said_done = {job for job, s in seen.items() if s["state"] == "done"} | done
+    assert said_done, "nothing was acknowledged before the server went down"
+    assert {states[job] for job in said_done} == {"done"}
+    assert all(per_job[job] == RECORDS for job in said_done)
+
+
 async def run_with_client(grid, reactor):
     client = await connect(reactor, grid.endpoint, grid.secret, name="e2e")
     watcher = Watcher(client)
     await watcher.start()
     return client, watcher
+
+
+async def mid_run(watcher: Watcher, reactor):
+    """Wait until a job is done and, after it, another is part way through on its worker.
+
+    The second wait matters: the moment the first wave of jobs finishes, the
+    workers may hold no lease at all until the next JOBs arrive.
+    """
+    await watcher.first(lambda s: s["state"] == "done", reactor)
+    await watcher.first(lambda s: s["state"] == "running" and 1 <= s["accepted"] <= EARLY, reactor)
+
+
+def refusals(grid: LocalGrid, job: int) -> list[str]:
+    """Lines in which a worker reports the server refused one of its requests about ``job``."""
+    pattern = rf"\] (job {job}: server refused|lease \w+ of job {job} refused by server)"
+    return [line for proc in grid.workers.values() for line in proc.matching(pattern)]
 
 
 @pytest_twisted.ensureDeferred
@@ -102,20 +151,50 @@ async def test_e2e_killed_worker_job_resumes_on_another_worker(reactor, grid):
     workers = {w["name"]: w for w in await client.workers()}
     victim_jobs = set(workers["w1"]["running"])
     assert victim_jobs, "w1 was given no job"
-    status = await watcher.first(lambda s: s["job"] in victim_jobs and 1 <= s["accepted"] < RECORDS - 1, reactor)
+    status = await watcher.first(lambda s: s["job"] in victim_jobs and 1 <= s["accepted"] <= EARLY, reactor)
     grid.workers["w1"].send_signal(signal.SIGKILL)
     killed_job = status["job"]
     await grid.server.wait_for(r"worker w1 gone")
     await client.wait(ids)
     assert_every_record_once(grid, ids)
-    rows = grid.db_rows("SELECT idx, worker FROM records WHERE job_id = ? ORDER BY idx", killed_job)
-    by_w1 = [idx for idx, worker in rows if worker == "w1"]
-    assert by_w1 == list(range(len(by_w1))), "w1's accepted results are not a prefix"
-    assert 1 <= len(by_w1) < RECORDS
-    assert {worker for _, worker in rows[len(by_w1) :]} <= {"w2", "w3"}
+
     history = (await client.show(killed_job))["history"]
     leases = [h for h in history if h["event"] == "leased"]
-    assert len(leases) == 2 and leases[-1]["worker"] in ("w2", "w3")
+    first, resumed = leases[0], leases[1:]
+    assert (first["worker"], first["attempt"]) == ("w1", 1), history
+    # w1's lease ended when its connection did, and the job went to another
+    # worker. Only w1 dies here, so one re-dispatch is expected; should a
+    # resumed attempt be lost too (a worker starved past its heartbeat
+    # deadline), each later attempt must still resume where the last stopped.
+    released = [h for h in history if h["event"] == "released" and h["lease"] == first["lease"]]
+    assert [h["detail"]["reason"] for h in released] == ["disconnected"], history
+    assert resumed, history
+    assert all(h["worker"] in ("w2", "w3") for h in resumed), history
+    assert [h["attempt"] for h in resumed] == list(range(2, 2 + len(resumed))), history
+    [completed] = [h for h in history if h["event"] == "completed"]
+    assert completed["lease"] == resumed[-1]["lease"], history
+
+    rows = grid.db_rows("SELECT idx, lease, worker FROM records WHERE job_id = ? ORDER BY idx", killed_job)
+    by_w1 = [idx for idx, lease, _ in rows if lease == first["lease"]]
+    assert by_w1 == list(range(len(by_w1))), "w1's accepted results are not a prefix"
+    assert 1 <= len(by_w1) < RECORDS
+    assert {worker for idx, _, worker in rows if idx not in by_w1} <= {"w2", "w3"}
+
+    # Each re-dispatched JOB carried exactly the records still unfinished
+    # (not all ten again), so none of the resuming worker's results was refused.
+    finished = len(by_w1)
+    for lease in resumed:
+        proc = grid.workers[lease["worker"]]
+        line = await proc.wait_for(
+            rf"\] job {killed_job} attempt {lease['attempt']} \(sleep, (\d+) records\) under lease {lease['lease']}$"
+        )
+        carried = int(re.search(r"\(sleep, (\d+) records\)", line).group(1))
+        assert carried == RECORDS - finished, line
+        finished += sum(1 for _, by, _ in rows if by == lease["lease"])
+    assert finished == RECORDS
+    # ``job N done`` follows every reply about the job's RESULTs: any refusal is logged by now.
+    await grid.workers[resumed[-1]["worker"]].wait_for(rf"\] job {killed_job} done$")
+    assert refusals(grid, killed_job) == []
     await client.close()
 
 
@@ -126,7 +205,8 @@ async def test_e2e_suspended_worker_is_replaced_and_its_late_results_refused(rea
     ids = await submit_batch(client)
     workers = {w["name"]: w for w in await client.workers()}
     held = set(workers["w2"]["running"])
-    status = await watcher.first(lambda s: s["job"] in held and 1 <= s["accepted"] < RECORDS - 1, reactor)
+    assert held, "w2 was given no job"
+    status = await watcher.first(lambda s: s["job"] in held and 1 <= s["accepted"] <= EARLY, reactor)
     suspended_job = status["job"]
     since = len(grid.server.lines)
     grid.workers["w2"].send_signal(signal.SIGSTOP)
@@ -134,17 +214,33 @@ async def test_e2e_suspended_worker_is_replaced_and_its_late_results_refused(rea
     count_w2 = "SELECT job_id, COUNT(*) FROM records WHERE worker = 'w2' GROUP BY job_id"
     before = dict(grid.db_rows(count_w2))
     await client.wait([suspended_job])
+
+    history = (await client.show(suspended_job))["history"]
+    [lease] = [h["lease"] for h in history if h["event"] == "leased" and h["worker"] == "w2"]
+    [cut] = [h for h in history if h["event"] == "released" and h["lease"] == lease]
+    assert cut["detail"]["reason"] == "expired", history
+    assert any(h["event"] == "leased" and h["worker"] != "w2" for h in history), history
+
+    server_since = len(grid.server.lines)
     worker_since = len(grid.workers["w2"].lines)
     grid.workers["w2"].send_signal(signal.SIGCONT)
-    # Back from suspension, w2 learns its leases are gone ...
-    await grid.workers["w2"].wait_for(r"lease \w+ of job \d+ (refused by server|lost)", worker_since)
+    # Back from suspension, w2 learns its lease is gone, and drops the job
+    # (WorkerCore stops the runner and its unsent results with that line):
+    # either its reconnect HELLO is answered with the lease in ``lost``, or
+    # a late RESULT or DONE under it is refused with stale_lease.
+    await grid.workers["w2"].wait_for(
+        rf"\] lease {lease} of job {suspended_job} (lost: expired|refused by server: stale_lease)$", worker_since
+    )
+    # Every lease it held ended when it went silent: none is kept on its return.
+    await grid.server.wait_for(r"worker w2 connected from .*, kept 0, lost [1-9]\d*$", server_since)
     await client.wait(ids)
     assert_every_record_once(grid, ids)
     # ... and nothing it computed under them was accepted after it was cut off.
     after = dict(grid.db_rows(count_w2))
     assert {job: after[job] for job in before} == before
-    history = (await client.show(suspended_job))["history"]
-    assert any(h["event"] == "released" and h["detail"]["reason"] == "expired" for h in history), history
+    late = grid.db_rows("SELECT idx FROM records WHERE lease = ? AND accepted_at > ?", lease, cut["at"])
+    assert late == []
+    assert not grid.workers["w2"].matching(rf"\] job {suspended_job} (done|failed|returned)")
     await client.close()
 
 
@@ -153,11 +249,18 @@ async def test_e2e_server_killed_and_restarted_loses_nothing(reactor, grid):
     """SIGKILL the server mid-run and restart it: every acknowledged job and result survives and the run completes."""
     client, watcher = await run_with_client(grid, reactor)
     ids = await submit_batch(client)
-    await watcher.first(lambda s: s["state"] == "done", reactor)
+    await mid_run(watcher, reactor)
     grid.server.send_signal(signal.SIGKILL)
     await grid.server.when_ended()
-    done_before = {job for job, s in watcher.status.items() if s["state"] == "done"}
     await client.closed
+    # What the dead server committed, and what it had acknowledged: EVENTs
+    # (sent only after a commit) and the DONEs workers saw answered.
+    seen = {job: dict(s) for job, s in watcher.status.items()}
+    done = done_by_workers(grid)
+    snapshot = accepted_records(grid)
+    states = dict(grid.db_rows("SELECT id, state FROM jobs"))
+    assert set(ids) <= set(states), "an acknowledged submit is missing"
+    assert_acknowledged_kept(snapshot, states, seen, done)
     # A lease granted just before the kill, whose JOB never left, waits out the
     # reattach grace before it is re-queued: keep that short here.
     server = await grid.start_server("--reattach-grace", "5")
@@ -168,6 +271,47 @@ async def test_e2e_server_killed_and_restarted_loses_nothing(reactor, grid):
     client, watcher = await run_with_client(grid, reactor)
     final = await client.wait(ids)
     assert set(final) == set(ids)
-    assert done_before <= {j for j, s in final.items() if s["state"] == "done"}
     assert_every_record_once(grid, ids)
+    # No result accepted before the kill was lost or replaced by another.
+    end = accepted_records(grid)
+    assert {key: end.get(key) for key in snapshot} == snapshot
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_e2e_server_terminated_stops_cleanly_and_loses_nothing(reactor, grid):
+    """SIGTERM the server mid-run: it stops cleanly, keeps what it acknowledged and its leases; the run completes."""
+    client, watcher = await run_with_client(grid, reactor)
+    ids = await submit_batch(client)
+    await mid_run(watcher, reactor)
+    stopping = grid.server
+    code = await stopping.stop(signal.SIGTERM)
+    await client.closed
+    # twistd shuts down, then ends itself with the signal that stopped it
+    # (twisted.application.app._exitWithSignal); a crash exits with a status.
+    assert (code, stopping.exit_signal) == (None, signal.SIGTERM), f"see {stopping.log_path}"
+    assert stopping.matching(r"gridd stopped: every accepted write is committed")
+    assert stopping.matching(r"\] Server Shut Down\.$")
+    bad = stopping.matching(r"#(critical|error)\]|Traceback|Unhandled")
+    assert bad == [], f"see {stopping.log_path}"
+    seen = {job: dict(s) for job, s in watcher.status.items()}
+    done = done_by_workers(grid)
+    snapshot = accepted_records(grid)
+    states = dict(grid.db_rows("SELECT id, state FROM jobs"))
+    assert set(ids) <= set(states), "an acknowledged submit is missing"
+    assert_acknowledged_kept(snapshot, states, seen, done)
+    server = await grid.start_server("--reattach-grace", "5")
+    for n in (1, 2, 3):
+        await server.wait_for(rf"worker w{n} connected")
+    # Leases outlive a server that stops (PROTOCOL.md 6.2): the workers
+    # reattach them, and no job lost an attempt as if its worker had gone.
+    assert any(int(line.rsplit("kept ", 1)[1].split(",")[0]) > 0 for line in server.matching(r"kept \d+"))
+    client, watcher = await run_with_client(grid, reactor)
+    final = await client.wait(ids)
+    assert set(final) == set(ids)
+    assert_every_record_once(grid, ids)
+    end = accepted_records(grid)
+    assert {key: end.get(key) for key in snapshot} == snapshot
+    released = grid.db_rows("SELECT job_id, detail FROM job_events WHERE event = 'released'")
+    assert [job for job, detail in released if json.loads(detail)["reason"] == "disconnected"] == []
     await client.close()
