@@ -254,6 +254,28 @@ def test_twistd_bad_store_exits_nonzero(tmp_path, db):
     assert "#critical] " + expected in line
 
 
+def test_twistd_newer_schema_exits_nonzero(mariadb, params, tmp_path):
+    """twistd gridd on a database migrated past what the code knows exits non-zero with one line, no traceback."""
+    known = known_version("mysql")
+    mariadb.query(params.database, "CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY)")
+    mariadb.query(params.database, "INSERT INTO schema_version (version) VALUES (%s)", known + 1)
+    uri = f"mysql://{params.user}@{params.host}:{params.port}/{params.database}?password_file={params.password_file}"
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "gridd"]
+    argv += ["--data", str(tmp_path / "data"), "--db", uri, "--listen", "tcp:0:interface=127.0.0.1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert done.returncode == 1
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output
+    assert "listening" not in output
+    [line] = [line for line in output.splitlines() if "schema version" in line]
+    expected = f"gridd: database schema version {known + 1} is newer than this gridd knows ({known}); run a gridd"
+    assert "#critical] " + expected in line
+    # Refused before anything was changed: no table of gridd's was created.
+    assert mariadb.query(params.database, "SHOW TABLES") == [("schema_version",)]
+    assert mariadb.query(params.database, "SELECT version FROM schema_version") == [(known + 1,)]
+
+
 # -- an outage ----------------------------------------------------------------
 
 
@@ -308,10 +330,17 @@ def _thd_signal(txn, calls, failures, code):
     return len(calls)
 
 
-@pytest.mark.parametrize("code", [1213, 1205, 2013])
+@pytest.mark.parametrize("code", [1213, 1205, 2006, 2013])
 @pytest_twisted.ensureDeferred
 async def test_retry_transient_error_applies_once(mariadb, params, store, code):
-    """A deadlock, lock wait timeout or lost connection reruns the whole batch, which then applies once."""
+    """A deadlock, lock wait timeout, gone server or lost connection reruns the whole batch, which applies once.
+
+    The server reports each code here (SIGNAL), on a connection that stays
+    up: this checks the decision by error code. 2006 and 2013 are client
+    errors in real life; ``test_server_gone_mid_transaction_retried_once_applied``
+    and ``test_lost_connection_mid_transaction_retried_once_applied`` make
+    the driver raise them on a connection that really died.
+    """
     [job_id] = await store.submit([spec()], T0)
     calls = []
     neighbour = store.submit([spec()], T0)  # starts a transaction; the next two share the one after
@@ -363,6 +392,31 @@ async def test_lost_connection_mid_transaction_retried_once_applied(mariadb, par
     calls = []
     assert await store._write(_thd_probe, calls, mariadb.socket) == 2
     assert mariadb.query(params.database, "SELECT COUNT(*) FROM job_events WHERE event = 'probe'") == [(1,)]
+
+
+def _thd_probe_cut(txn, calls):
+    """Count a call and insert a probe event; on the first call, cut the socket before the next statement."""
+    import socket
+
+    calls.append(1)
+    txn.execute("INSERT INTO job_events (job_id, at, event) SELECT MIN(id), 0, 'probe' FROM jobs")
+    if len(calls) == 1:
+        # What a dead network leaves: the next statement cannot be sent.
+        txn._connection._connection._sock.shutdown(socket.SHUT_RDWR)
+        txn.execute("SELECT 1")  # 2006: MySQL server has gone away (BrokenPipeError)
+    return len(calls)
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_gone_mid_transaction_retried_once_applied(mariadb, params, store, log_events):
+    """A statement that cannot be sent (2006, server gone away) fails the batch, which runs again and applies once."""
+    await store.submit([spec()], T0)
+    calls = []
+    assert await store._write(_thd_probe_cut, calls) == 2
+    retries = [e for e in log_events if "running the transaction again" in e.get("log_format", "")]
+    assert [e["error"].args[0] for e in retries] == [2006]
+    assert mariadb.query(params.database, "SELECT COUNT(*) FROM job_events WHERE event = 'probe'") == [(1,)]
+    assert len(await store.submit([spec()], T0)) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -533,6 +587,55 @@ async def test_expire_servers_concurrent_stores_end_each_job_once(mariadb, param
     assert sorted(everything) == sorted(gone + orphaned)
     _released_once(mariadb, params, gone + orphaned)
     assert mariadb.query(params.database, "SELECT id FROM servers") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_grant_concurrent_stores_each_job_granted_once(mariadb, params, a_and_b):
+    """Two servers' stores granting the same queued jobs at once, round after round, grant each job exactly once.
+
+    Each store has its own pool, as two servers do; A asks for the round's
+    jobs in id order and B in the opposite order, so their transactions meet
+    on the same rows. The loser of each job gets ``InvalidState`` (the row
+    was locked by the other's claim, or already running).
+    """
+    from gridd.errors import InvalidState
+
+    a, b = a_and_b
+    await a.start()
+    await b.start()
+    rounds, per_round = 20, 25
+    try:
+        ids = await a.submit([spec(1) for _ in range(rounds * per_round)], T0)
+        granted = {}
+        refused = 0
+        for start in range(0, len(ids), per_round):
+            batch = ids[start : start + per_round]
+            calls = []
+            for store, order in ((a, batch), (b, batch[::-1])):
+                for job_id in order:
+                    lease = f"{store.server_id}-{job_id}"
+                    calls.append((job_id, lease, store.grant(job_id, lease, f"w{store.server_id}", 1, T0 + 1)))
+            outcomes = await DeferredList([d for _, _, d in calls], consumeErrors=True)
+            for (job_id, lease, _), (ok, value) in zip(calls, outcomes, strict=True):
+                if ok:
+                    assert job_id not in granted, f"job {job_id} granted twice"
+                    granted[job_id] = lease
+                else:
+                    value.trap(InvalidState)
+                    refused += 1
+    finally:
+        await a.stop()
+        await b.stop()
+    assert sorted(granted) == sorted(ids)
+    assert refused == len(ids)
+    rows = mariadb.query(params.database, "SELECT id, state, lease, server FROM jobs ORDER BY id")
+    assert rows == [(job_id, "running", granted[job_id], granted[job_id].split("-")[0]) for job_id in sorted(ids)]
+    leased = mariadb.query(
+        params.database, "SELECT job_id, lease FROM job_events WHERE event = 'leased' ORDER BY job_id"
+    )
+    assert leased == [(job_id, granted[job_id]) for job_id in sorted(ids)]
+    # Both servers won some: the two really raced, not one after the other.
+    assert {lease.split("-")[0] for lease in granted.values()} == {"A", "B"}
 
 
 class _PausingTransaction:
