@@ -762,6 +762,23 @@ async def test_take_lease_moves_owner(two):
 
 
 @pytest_twisted.ensureDeferred
+async def test_take_lease_and_load_active_tell_when_the_lease_was_granted(two):
+    """A running job's ActiveJob carries the grant time of its current lease, so its run-time limit survives moves."""
+    a, b = two
+    job_id = await leased_job(a)  # granted at T0 + 1
+    assert (await b.take_lease(job_id, "L1", "w1", T0 + 5)).leased_at == T0 + 1
+    [active] = await a.load_active()
+    assert (active.state, active.leased_at) == ("running", T0 + 1)
+    await b.release(job_id, "L1", "queued", T0 + 6, reason="worker lost")
+    await a.grant(job_id, "L2", "w2", 2, T0 + 7)
+    [active] = await a.load_active()
+    assert (active.lease, active.leased_at) == ("L2", T0 + 7)
+    await a.release(job_id, "L2", "queued", T0 + 8, reason="worker lost")
+    [active] = await a.load_active()
+    assert (active.state, active.leased_at) == ("queued", None)
+
+
+@pytest_twisted.ensureDeferred
 async def test_take_lease_back_from_taker(two):
     """A lease taken over can be taken back: ownership follows the last taker."""
     a, b = two
