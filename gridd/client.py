@@ -1,30 +1,43 @@
 """The submitter side of gridd: a Python client API over the line protocol.
 
-:class:`ClientProtocol` speaks the client verbs of protocols/PROTOCOL.md
-(section 9) on top of :class:`gridd.peer.PeerProtocol`, which already owns
-framing, ``rid`` matching, keepalive and the handshake. Each method returns a
-Deferred that fires with the useful part of the ``OK`` reply, or fails with
-the ``gridd.errors`` class named by the ``ERR`` code, or with
-:class:`~gridd.peer.ConnectionDropped` when the connection goes first.
+Two layers:
 
-:func:`connect` opens a connection from an endpoint string and fires once
-the server has accepted the handshake. :class:`BlockingClient` offers the
-same methods to scripts that do not run a reactor themselves.
+- :class:`ClientProtocol` is one connection. It speaks the client verbs of
+  protocols/PROTOCOL.md (section 9) on top of :class:`gridd.peer.PeerProtocol`,
+  which already owns framing, ``rid`` matching, keepalive and the handshake.
+  Each method returns a Deferred that fires with the useful part of the ``OK``
+  reply, or fails with the ``gridd.errors`` class named by the ``ERR`` code,
+  or with :class:`~gridd.peer.ConnectionDropped` when the connection goes
+  first. It never reconnects.
+- :class:`Client`, what :func:`connect` fires with, has the same methods over
+  whichever connection is live, and outlives its connections: it knows every
+  server endpoint, and after a loss it reconnects (with backoff, within a
+  bound) to any of them when it next needs a connection. ``wait()`` carries on
+  across a reconnect; requests that only read are sent again; a request that
+  changes state and lost its connection before the reply is never sent again
+  (its outcome is unknown, PROTOCOL.md section 2) and fails with
+  :class:`OutcomeUnknown`.
+
+:class:`BlockingClient` offers the methods of :class:`Client` to scripts that
+do not run a reactor themselves.
 """
 
 from __future__ import annotations
 
 import atexit
+import inspect
 import operator
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
 
 from gridd import errors, tls, wire
@@ -36,10 +49,13 @@ __all__ = [
     "TERMINAL_STATES",
     "MAX_JOBS_PER_SUBMIT",
     "ClientProtocol",
+    "Client",
     "connect",
     "split_submit",
     "BlockingClient",
     "ConnectionDropped",
+    "OutcomeUnknown",
+    "ReconnectFailed",
 ]
 
 #: States a job does not leave on its own (only an operator's REQUEUE does).
@@ -71,6 +87,8 @@ class ClientProtocol(PeerProtocol):
         super().__init__(clock, name, token, agent)
         self._watches: list[tuple[frozenset[int] | None, EventCallback]] = []
         self._waits: set[Deferred] = set()
+        #: True from the moment the connection is lost, before any pending request fails.
+        self.lost = False
 
     @property
     def max_line(self) -> int:
@@ -130,14 +148,8 @@ class ClientProtocol(PeerProtocol):
         self, state: str | None = None, type: str | None = None, page_size: int | None = None
     ) -> AsyncIterator[dict]:
         """Yield every matching job, one LIST page at a time."""
-        after = None
-        while True:
-            page = await self.list_jobs(state, type, after, page_size)
-            for job in page["jobs"]:
-                yield job
-            after = page.get("next")
-            if after is None:
-                return
+        async for job in _walk(lambda after: self.list_jobs(state, type, after, page_size), "jobs"):
+            yield job
 
     def all_jobs(self, state: str | None = None, type: str | None = None) -> Deferred[list[dict]]:
         """Fire with the list of every matching job (all LIST pages)."""
@@ -150,14 +162,8 @@ class ClientProtocol(PeerProtocol):
 
     async def iter_results(self, job: int, page_size: int | None = None) -> AsyncIterator[dict]:
         """Yield every accepted result of a job, ``{"i", "out" or "error", "worker"}``, in pages."""
-        after = None
-        while True:
-            page = await self.results_page(job, after, page_size)
-            for result in page["results"]:
-                yield result
-            after = page.get("next")
-            if after is None:
-                return
+        async for result in _walk(lambda after: self.results_page(job, after, page_size), "results"):
+            yield result
 
     def results(self, job: int) -> Deferred[list[dict]]:
         """Fire with every accepted result of a job (all RESULTS pages)."""
@@ -211,8 +217,9 @@ class ClientProtocol(PeerProtocol):
         Driven by WATCH and its EVENTs, never by polling. ``on_event`` sees
         the status of each job from the WATCH reply and then every EVENT,
         which is what a progress display needs. An empty list fires at once.
-        Fails with ``ConnectionDropped`` if the connection is lost first;
-        cancelling the Deferred stops the watch.
+        Fails with ``ConnectionDropped`` if the connection is lost first
+        (:meth:`Client.wait` reconnects and carries on instead); cancelling
+        the Deferred stops the watch.
         """
         return Deferred.fromCoroutine(self._wait(list(job_ids), on_event))
 
@@ -320,7 +327,14 @@ class ClientProtocol(PeerProtocol):
         self.transport.loseConnection()
         return closed
 
+    def request(self, verb: str, body: dict | None = None) -> Deferred:
+        """Send a request; on a connection already lost, fail at once with ConnectionDropped (nothing is sent)."""
+        if self.lost:
+            return fail(ConnectionDropped(f"not connected: {verb} was not sent"))
+        return super().request(verb, body)
+
     def connectionLost(self, reason):
+        self.lost = True
         super().connectionLost(reason)
         self._watches.clear()
         waits, self._waits = self._waits, set()
@@ -358,6 +372,515 @@ def split_submit(jobs: list[dict], max_line: int) -> Iterator[list[dict]]:
         yield chunk
 
 
+class OutcomeUnknown(ConnectionDropped):
+    """A request that changes state lost its connection after it was sent and before its reply.
+
+    The server may or may not have carried it out (PROTOCOL.md section 2), so
+    the client does not send it again: look (``show``, ``list_jobs``) before
+    repeating it. ``verb`` names the request. For a ``submit`` that took
+    several SUBMITs, ``submitted`` lists the ids the earlier ones committed;
+    the jobs of the lost SUBMIT are not among them, whether or not they were
+    committed. The :class:`Client` stays usable: its next call reconnects.
+    """
+
+    def __init__(self, message: str, verb: str, submitted: list[int] | None = None):
+        super().__init__(message)
+        self.verb = verb
+        self.submitted = list(submitted or [])
+
+
+class ReconnectFailed(ConnectionDropped):
+    """The connection was lost and no server took the client back within its bound.
+
+    ``rounds`` is how many rounds over the endpoints were tried since the
+    client was last served, and ``last_error`` why the last attempt failed
+    (or why the connection was lost, when no round was allowed). A request
+    that changes state and fails with this was not sent.
+    """
+
+    def __init__(self, message: str, rounds: int, last_error: Exception | None):
+        super().__init__(message)
+        self.rounds = rounds
+        self.last_error = last_error
+
+
+class _GaveUp(Exception):
+    """Internal: every round allowed was tried; ``last`` is the last attempt's error."""
+
+    def __init__(self, last: Exception | None, rounds: int):
+        super().__init__(last)
+        self.last = last
+        self.rounds = rounds
+
+
+#: Pauses between rounds of connection attempts: 0.5 s doubling up to 10 s,
+#: plus Twisted's default jitter (up to 1 s) so that clients cut off together
+#: do not all come back at the same instant.
+DEFAULT_RETRY_POLICY = backoffPolicy(initialDelay=0.5, maxDelay=10.0, factor=2.0)
+
+#: A connector opens a transport to one endpoint for a protocol and fires when
+#: it is connected (``connectProtocol`` over an endpoint does exactly this).
+Connector = Callable[[str, ClientProtocol], Deferred]
+
+
+def _resent(name: str):
+    """A Client method that only reads: run on the live connection, and again after a reconnect."""
+
+    def call(self, *args, **kwargs):
+        return Deferred.fromCoroutine(self._read(lambda protocol: getattr(protocol, name)(*args, **kwargs)))
+
+    return _described(
+        call,
+        name,
+        "Only reads: if the connection is lost before the reply, the request is sent again"
+        " once the client has reconnected.",
+    )
+
+
+def _sent_once(name: str, verb: str):
+    """A Client method that changes state: never sent again after its connection dropped."""
+
+    def call(self, *args, **kwargs):
+        return Deferred.fromCoroutine(self._change(verb, lambda protocol: getattr(protocol, name)(*args, **kwargs)))
+
+    return _described(
+        call,
+        name,
+        f"Changes state: if the connection is lost after {verb} went out and before its reply,"
+        " fails with OutcomeUnknown and is not sent again (a connection already lost is"
+        " reconnected before anything is sent).",
+    )
+
+
+def _described(call, name: str, note: str):
+    call.__name__ = name
+    call.__qualname__ = f"Client.{name}"
+    call.__doc__ = inspect.cleandoc(getattr(ClientProtocol, name).__doc__) + "\n\n" + note
+    return call
+
+
+class Client:
+    """A submitter's session with the grid: the methods of :class:`ClientProtocol`, over connections that come and go.
+
+    :func:`connect` makes one and opens its first connection. When that
+    connection is lost (its server died, restarted or said BYE, the network
+    failed, or the server fell silent past its keepalive deadline) nothing
+    happens until the client next needs a connection. Then it reconnects:
+
+    - the endpoints are tried in turn, starting with the one after the lost
+      server's, in rounds: the first round at once, each next one after a
+      pause from ``retry_policy`` (:data:`DEFAULT_RETRY_POLICY`);
+    - within a bound: no round starts later than ``reconnect_deadline``
+      seconds (default 60) after the client was last *served* (a reply or an
+      EVENT arrived), nor after ``reconnect_rounds`` rounds (default: only
+      the deadline bounds). Past it the call fails with
+      :class:`ReconnectFailed`. A server that accepts the HELLO and then
+      drops every request does not reset the bound, so no call retries for
+      ever; ``None`` for both does mean for ever. ``reconnect_rounds=0``
+      turns reconnecting off;
+    - a refused HELLO (``auth_failed`` after the credential was revoked, say)
+      fails the call at once with its ``gridd.errors`` class, as another
+      server would refuse it too; ``shutting_down`` and ``unavailable`` move
+      on to the next server;
+    - calls that need a connection at the same time share one reconnection.
+
+    What each call does when its connection is lost:
+
+    - :meth:`wait` reconnects, sends HELLO and WATCH again for the jobs not
+      yet finished, takes their states from the WATCH reply (``on_event``
+      sees them, so a progress display catches up) and carries on. A job it
+      has seen finish is not watched again.
+    - ``show``, ``list_jobs``, ``results_page``, ``workers``, ``stats``,
+      ``list_credentials`` and ``watch`` only read: they are sent again on
+      the new connection; ``iter_jobs``, ``all_jobs``, ``iter_results`` and
+      ``results`` go on from the page that was lost.
+    - ``submit``, ``cancel``, ``pause``, ``resume``, ``requeue``,
+      ``worker_action``, ``dispatch``, ``add_credential`` and
+      ``revoke_credential`` change state. A connection found lost before
+      sending is reconnected first; one lost after the request went out and
+      before its reply fails the call with :class:`OutcomeUnknown`, and the
+      request is not sent again. The client stays usable.
+    - a :meth:`watch` callback lives as long as the connection that
+      registered it (``closed`` fires when that connection is lost): use
+      :meth:`wait` to follow jobs across reconnects.
+
+    After :meth:`close`, every call fails with ``ConnectionDropped``.
+
+    Not ``ClientService``: it reconnects at once and for ever in the
+    background (an idle script would keep connecting to a server it no longer
+    needs) and has no deadline; a client needs a connection only while a
+    call runs.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        endpoints: str | Sequence[str],
+        token: str,
+        name: str = "gridctl",
+        *,
+        handshake_timeout: float = 10.0,
+        reconnect_deadline: float | None = 60.0,
+        reconnect_rounds: int | None = None,
+        retry_policy: Callable[[int], float] | None = None,
+        connector: Connector | None = None,
+    ):
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        self.endpoints: list[str] = list(endpoints)
+        if not self.endpoints:
+            raise ValueError("no server endpoint given")
+        for spec in self.endpoints:  # a malformed endpoint fails before any attempt
+            try:
+                tls.client_endpoint(reactor, spec)
+            except ValueError as e:
+                raise ValueError(f"{spec!r}: {e}") from None
+        self._reactor = reactor
+        self._token = token
+        self._name = name
+        self._handshake_timeout = handshake_timeout
+        self.reconnect_deadline = reconnect_deadline
+        self.reconnect_rounds = reconnect_rounds
+        self._retry_policy = retry_policy or DEFAULT_RETRY_POLICY
+        self._connector = connector or self._connect_endpoint
+        self._protocol: ClientProtocol | None = None
+        self._index: int | None = None
+        self._reconnecting: Deferred[ClientProtocol] | None = None
+        self._waiters: list[Deferred[ClientProtocol]] = []
+        self._closed = False
+        # The bound of the current reconnection: since when nothing was served, and rounds tried since.
+        self._unserved_since: float | None = None
+        self._unserved_rounds = 0
+        self._loss: Exception | None = None
+
+    # -- the current connection --------------------------------------------
+
+    @property
+    def protocol(self) -> ClientProtocol | None:
+        """The current (or last) connection."""
+        return self._protocol
+
+    @property
+    def endpoint(self) -> str | None:
+        """The endpoint of the current (or last) connection."""
+        return None if self._index is None else self.endpoints[self._index]
+
+    @property
+    def closed(self) -> Deferred[None]:
+        """Fires when the current connection is lost, whatever the reason (the client may reconnect later)."""
+        return self._protocol.closed
+
+    @property
+    def bye_reason(self) -> str | None:
+        """The reason of the BYE the current connection's server sent, if any."""
+        return self._protocol.bye_reason
+
+    @property
+    def welcome(self) -> dict | None:
+        """The HELLO reply of the current connection."""
+        return self._protocol.welcome
+
+    @property
+    def max_line(self) -> int:
+        """The longest line the current connection's server accepts."""
+        return self._protocol.max_line
+
+    # -- the calls ---------------------------------------------------------
+
+    submit = _sent_once("submit", "SUBMIT")
+    show = _resent("show")
+    list_jobs = _resent("list_jobs")
+    results_page = _resent("results_page")
+    workers = _resent("workers")
+    stats = _resent("stats")
+    cancel = _sent_once("cancel", "CANCEL")
+    pause = _sent_once("pause", "PAUSE")
+    resume = _sent_once("resume", "RESUME")
+    requeue = _sent_once("requeue", "REQUEUE")
+    worker_action = _sent_once("worker_action", "WORKER")
+    dispatch = _sent_once("dispatch", "DISPATCH")
+    add_credential = _sent_once("add_credential", "CREDENTIAL add")
+    list_credentials = _resent("list_credentials")
+    revoke_credential = _sent_once("revoke_credential", "CREDENTIAL revoke")
+
+    async def iter_jobs(
+        self, state: str | None = None, type: str | None = None, page_size: int | None = None
+    ) -> AsyncIterator[dict]:
+        """Yield every matching job, one LIST page at a time (a lost page is asked for again)."""
+        async for job in _walk(lambda after: self.list_jobs(state, type, after, page_size), "jobs"):
+            yield job
+
+    def all_jobs(self, state: str | None = None, type: str | None = None) -> Deferred[list[dict]]:
+        """Fire with the list of every matching job (all LIST pages)."""
+        return Deferred.fromCoroutine(_collect(self.iter_jobs(state, type)))
+
+    async def iter_results(self, job: int, page_size: int | None = None) -> AsyncIterator[dict]:
+        """Yield every accepted result of a job, one RESULTS page at a time (a lost page is asked for again)."""
+        async for result in _walk(lambda after: self.results_page(job, after, page_size), "results"):
+            yield result
+
+    def results(self, job: int) -> Deferred[list[dict]]:
+        """Fire with every accepted result of a job (all RESULTS pages)."""
+        return Deferred.fromCoroutine(_collect(self.iter_results(job)))
+
+    def watch(self, job_ids: Iterable[int], callback: EventCallback) -> Deferred[list[dict]]:
+        """Have ``callback`` called with every EVENT about these jobs (all jobs if empty), on the current connection.
+
+        Fires with the jobs' current status. WATCH only reads, so it is sent
+        again if the connection is lost before the reply; once it is
+        answered, the callback lasts as long as that connection (or until
+        :meth:`unwatch`): after a loss nothing watches again. :meth:`wait`
+        follows jobs across reconnects.
+        """
+        jobs = list(job_ids)
+        return Deferred.fromCoroutine(self._read(lambda protocol: protocol.watch(jobs, callback)))
+
+    def unwatch(self, callback: EventCallback) -> None:
+        """Stop calling ``callback``. The protocol has no UNWATCH: the server keeps sending."""
+        if self._protocol is not None:
+            self._protocol.unwatch(callback)
+
+    def wait(self, job_ids: Iterable[int], on_event: EventCallback | None = None) -> Deferred[dict[int, dict]]:
+        """Fire when every one of these jobs is done, failed or cancelled, with their statuses.
+
+        Driven by WATCH and its EVENTs, never by polling. ``on_event`` sees
+        the status of each job from the WATCH reply and then every EVENT,
+        which is what a progress display needs. An empty list fires at once.
+
+        When the connection is lost the client reconnects (see
+        :class:`Client`), sends WATCH for the jobs not yet finished and
+        carries on; ``on_event`` then sees their states from the new WATCH
+        reply. Fails with :class:`ReconnectFailed` when no server takes the
+        client back within its bound, and with the ``gridd.errors`` class of
+        a refused HELLO or WATCH. Cancelling the Deferred stops the watch
+        (and a reconnection nobody else waits for).
+        """
+        return Deferred.fromCoroutine(self._wait(list(job_ids), on_event))
+
+    async def _wait(self, job_ids: list[int], on_event: EventCallback | None) -> dict[int, dict]:
+        statuses: dict[int, dict] = {}
+        jobs = list(dict.fromkeys(job_ids))
+
+        def seen(status):
+            self._served()
+            statuses[status["job"]] = status
+            if on_event is not None:
+                on_event(status)
+
+        while True:
+            unfinished = [job for job in jobs if statuses.get(job, {}).get("state") not in TERMINAL_STATES]
+            if not unfinished:
+                return statuses
+            protocol = await self._live()
+            try:
+                await protocol.wait(unfinished, seen)
+            except ConnectionDropped as e:
+                self._dropped(e, "WATCH")
+            except errors.GriddError:
+                self._served()
+                raise
+
+    def close(self) -> Deferred[None]:
+        """Close the connection and stop any reconnection; fire once closed. Later calls fail."""
+        self._closed = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            return succeed(None)
+        return protocol.close()
+
+    # -- running a call ------------------------------------------------------
+
+    async def _read(self, call: Callable[[ClientProtocol], Deferred]):
+        """Run a request that only reads, on a new connection again if its own is lost first."""
+        while True:
+            protocol = await self._live()
+            try:
+                result = await call(protocol)
+            except ConnectionDropped as e:
+                self._dropped(e, "a read")
+                continue
+            except errors.GriddError:
+                self._served()
+                raise
+            self._served()
+            return result
+
+    async def _change(self, verb: str, call: Callable[[ClientProtocol], Deferred]):
+        """Run a request that changes state: never sent again once it may have reached a server."""
+        protocol = await self._live()
+        spec = self.endpoint
+        try:
+            result = await call(protocol)
+        except ConnectionDropped as e:
+            submitted = getattr(e, "submitted", [])
+            committed = (
+                f"; {len(submitted)} jobs of earlier SUBMITs were committed (their ids are in .submitted)"
+                if submitted
+                else ""
+            )
+            raise OutcomeUnknown(
+                f"the connection to {spec} was lost before the reply to {verb} ({e}): the server may or may"
+                f" not have carried it out, so it was not sent again; look before repeating it{committed}",
+                verb,
+                submitted,
+            ) from e
+        except errors.GriddError:
+            self._served()
+            raise
+        self._served()
+        return result
+
+    def _served(self) -> None:
+        """A reply or an EVENT arrived: the next loss gets a fresh reconnection bound."""
+        self._unserved_since = None
+        self._unserved_rounds = 0
+
+    def _dropped(self, error: ConnectionDropped, what: str) -> None:
+        """A call's connection was lost under it: raise if the client is closed, else note why."""
+        if self._closed:
+            raise ConnectionDropped("the client was closed") from error
+        self._loss = error
+        log.info("lost the connection to {spec} during {what}: {e}", spec=self.endpoint, what=what, e=error)
+
+    # -- connecting ----------------------------------------------------------
+
+    async def _open(self, rounds: int) -> None:
+        """The first connection: up to ``rounds`` rounds; fails with the last attempt's error."""
+        try:
+            index, protocol = await self._dial(0, rounds=rounds, deadline=None, since=self._reactor.seconds(), done=0)
+        except _GaveUp as e:
+            raise (e.last or ValueError(f"rounds must be at least 1, not {rounds}")) from None
+        self._adopt(index, protocol)
+        self._served()
+
+    async def _live(self) -> ClientProtocol:
+        """The live connection, reconnecting first if it was lost."""
+        if self._closed:
+            raise ConnectionDropped("the client was closed")
+        protocol = self._protocol
+        if protocol is not None and not protocol.lost:
+            return protocol
+        waiter: Deferred[ClientProtocol] = Deferred(self._forget)
+        self._waiters.append(waiter)
+        if self._reconnecting is None:
+            self._reconnecting = Deferred.fromCoroutine(self._reconnect())
+            self._reconnecting.addBoth(self._reconnect_ended)
+        return await waiter
+
+    def _forget(self, waiter: Deferred) -> None:
+        """A waiter was cancelled: stop reconnecting if nobody else waits."""
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        if not self._waiters and self._reconnecting is not None:
+            self._reconnecting.cancel()
+
+    def _reconnect_ended(self, result) -> None:
+        self._reconnecting = None
+        waiters, self._waiters = self._waiters, []
+        if isinstance(result, Failure) and self._closed and result.check(CancelledError):
+            result = Failure(ConnectionDropped("the client was closed"))
+        for waiter in waiters:
+            if waiter.called:
+                continue
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    async def _reconnect(self) -> ClientProtocol:
+        now = self._reactor.seconds()
+        if self._unserved_since is None:
+            self._unserved_since = now
+        lost = self.endpoint
+        first = 0 if self._index is None else (self._index + 1) % len(self.endpoints)
+        log.info("reconnecting after losing {spec}", spec=lost)
+        try:
+            index, protocol = await self._dial(
+                first,
+                rounds=self.reconnect_rounds,
+                deadline=self.reconnect_deadline,
+                since=self._unserved_since,
+                done=self._unserved_rounds,
+            )
+        except _GaveUp as e:
+            last = e.last or self._loss
+            why = f"{str(last) or type(last).__name__}" if last is not None else "no reason given"
+            if self.reconnect_rounds == 0:
+                message = f"lost the connection to {lost}, and reconnecting is off (reconnect_rounds=0): {why}"
+            else:
+                bounds = [f"{self.reconnect_deadline:g} s" if self.reconnect_deadline is not None else None]
+                bounds.append(f"{self.reconnect_rounds} rounds" if self.reconnect_rounds is not None else None)
+                elapsed = self._reactor.seconds() - self._unserved_since
+                message = (
+                    f"lost the connection to {lost} and could not reconnect to {' or '.join(self.endpoints)}"
+                    f" within {' or '.join(b for b in bounds if b)} ({e.rounds} rounds over {elapsed:.1f} s): {why}"
+                )
+            raise ReconnectFailed(message, e.rounds, last) from last
+        if self._closed:  # closed while the last attempt was settling
+            protocol.transport.loseConnection()
+            raise ConnectionDropped("the client was closed")
+        self._adopt(index, protocol)
+        log.info("reconnected to {spec}", spec=self.endpoint)
+        return protocol
+
+    def _adopt(self, index: int, protocol: ClientProtocol) -> None:
+        self._index, self._protocol = index, protocol
+        spec = self.endpoints[index]
+
+        def lost(_):
+            if not self._closed:
+                reason = f" (BYE {protocol.bye_reason})" if protocol.bye_reason else ""
+                log.warn("connection to gridd server {spec} lost{reason}", spec=spec, reason=reason)
+
+        protocol.closed.addCallback(lost)
+
+    async def _dial(
+        self, first: int, *, rounds: int | None, deadline: float | None, since: float, done: int
+    ) -> tuple[int, ClientProtocol]:
+        """Try every endpoint from ``first`` on, round after round, until one accepts the HELLO.
+
+        ``done`` rounds were tried already since ``since``. No round starts
+        after ``rounds`` rounds or later than ``since + deadline``; then
+        ``_GaveUp``. A refused HELLO other than ``shutting_down`` or
+        ``unavailable`` is raised at once.
+        """
+        order = [(first + k) % len(self.endpoints) for k in range(len(self.endpoints))]
+        last: Exception | None = None
+        while True:
+            delay = self._retry_policy(done - 1) if done else 0.0
+            if rounds is not None and done >= rounds:
+                raise _GaveUp(last, done)
+            if deadline is not None and self._reactor.seconds() + delay > since + deadline:
+                raise _GaveUp(last, done)
+            if delay:
+                await deferLater(self._reactor, delay)
+            done += 1
+            self._unserved_rounds = done
+            for index in order:
+                spec = self.endpoints[index]
+                try:
+                    protocol = await _connect(
+                        self._reactor, self._connector, spec, self._token, self._name, self._handshake_timeout
+                    )
+                except CancelledError:
+                    raise
+                except (errors.ShuttingDown, errors.Unavailable) as e:
+                    last = e  # this server cannot serve now; another may
+                except errors.GriddError:
+                    raise
+                except Exception as e:
+                    last = e
+                else:
+                    return index, protocol
+                if len(self.endpoints) > 1 or rounds != 1:
+                    log.info("gridd server {spec} unreachable: {e}", spec=spec, e=last)
+
+    def _connect_endpoint(self, spec: str, protocol: ClientProtocol) -> Deferred:
+        return connectProtocol(tls.client_endpoint(self._reactor, spec), protocol)
+
+
 def connect(
     reactor,
     endpoints: str | Sequence[str],
@@ -365,14 +888,20 @@ def connect(
     name: str = "gridctl",
     handshake_timeout: float = 10.0,
     rounds: int = 3,
-) -> Deferred[ClientProtocol]:
-    """Connect to a server and fire with the :class:`ClientProtocol` once HELLO is accepted.
+    *,
+    reconnect_deadline: float | None = 60.0,
+    reconnect_rounds: int | None = None,
+    retry_policy: Callable[[int], float] | None = None,
+    connector: Connector | None = None,
+) -> Deferred[Client]:
+    """Connect to a server and fire with a :class:`Client` once HELLO is accepted.
 
     ``endpoints`` is one Twisted client endpoint string (``tcp:HOST:PORT``,
     ``tls:HOST:PORT:trustRoots=DIR``) or several, for several servers that
     share one database: they are tried in order, and the whole list up to
-    ``rounds`` times with a growing pause (0.5 s, 1 s, ...) between rounds;
-    the first server that accepts the HELLO wins. Endpoints are built by
+    ``rounds`` times with a pause from ``retry_policy`` between rounds
+    (:data:`DEFAULT_RETRY_POLICY`: 0.5 s, 1 s, ... plus jitter); the first
+    server that accepts the HELLO wins. Endpoints are built by
     :func:`gridd.tls.client_endpoint`: ``ssl:`` fails with ValueError, and a
     server whose certificate does not name HOST counts as unreachable.
 
@@ -381,46 +910,54 @@ def connect(
     server can be reached, the last reason fails the Deferred
     (``ConnectionDropped`` for a server that never answered HELLO within
     ``handshake_timeout`` seconds, or a connection error).
+
+    Later losses are the client's business: it reconnects to any of the
+    endpoints, bounded by ``reconnect_deadline`` seconds and
+    ``reconnect_rounds`` rounds (see :class:`Client`). ``connector(spec,
+    protocol)`` opens the transport; tests and embedders may pass their own.
     """
-    if isinstance(endpoints, str):
-        endpoints = [endpoints]
-    return Deferred.fromCoroutine(_connect_any(reactor, list(endpoints), token, name, handshake_timeout, rounds))
+    return Deferred.fromCoroutine(
+        _open(
+            reactor,
+            endpoints,
+            token,
+            name,
+            rounds,
+            handshake_timeout=handshake_timeout,
+            reconnect_deadline=reconnect_deadline,
+            reconnect_rounds=reconnect_rounds,
+            retry_policy=retry_policy,
+            connector=connector,
+        )
+    )
 
 
-async def _connect_any(reactor, endpoints, token, name, handshake_timeout, rounds) -> ClientProtocol:
-    if not endpoints:
-        raise ValueError("no server endpoint given")
-    for spec in endpoints:  # a malformed endpoint fails before any attempt
-        try:
-            tls.client_endpoint(reactor, spec)
-        except ValueError as e:
-            raise ValueError(f"{spec!r}: {e}") from None
-    last: Exception | None = None
-    for attempt in range(rounds):
-        if attempt:
-            await deferLater(reactor, 0.5 * 2 ** (attempt - 1))
-        for spec in endpoints:
-            try:
-                return await _connect(reactor, spec, token, name, handshake_timeout)
-            except (errors.ShuttingDown, errors.Unavailable) as e:
-                last = e  # this server cannot serve now; another may
-            except errors.GriddError:
-                raise
-            except Exception as e:
-                last = e
-            if len(endpoints) > 1 or rounds > 1:
-                log.info("gridd server {spec} unreachable: {e}", spec=spec, e=last)
-    raise last
+async def _open(reactor, endpoints, token, name, rounds, **options) -> Client:
+    client = Client(reactor, endpoints, token, name, **options)
+    await client._open(rounds)
+    return client
 
 
-async def _connect(reactor, endpoint_string, token, name, handshake_timeout) -> ClientProtocol:
+async def _connect(reactor, connector: Connector, spec: str, token, name, handshake_timeout) -> ClientProtocol:
+    """One connection attempt: fires with the protocol once its HELLO is accepted.
+
+    Cancelling it while the handshake runs aborts the connection.
+    """
     protocol = ClientProtocol(reactor, name, token)
-    await connectProtocol(tls.client_endpoint(reactor, endpoint_string), protocol)
-    # Aborting (rather than cancelling ``ready``) lets the peer fail the
-    # pending HELLO and ``ready`` by the one path it already has.
+    await connector(spec, protocol)
+    # Aborting (rather than failing ``ready``) lets the peer fail the pending
+    # HELLO and ``ready`` by the one path it already has.
+    handshake: Deferred[dict] = Deferred(lambda _: protocol.transport.abortConnection())
+
+    def settled(result):
+        if not handshake.called:
+            (handshake.errback if isinstance(result, Failure) else handshake.callback)(result)
+        return None if isinstance(result, Failure) else result
+
+    protocol.ready.addBoth(settled)
     timer = reactor.callLater(handshake_timeout, protocol.transport.abortConnection)
     try:
-        await protocol.ready
+        await handshake
     except ConnectionDropped as e:
         if timer.called:
             raise ConnectionDropped(f"no answer to HELLO within {handshake_timeout:g} s") from e
@@ -429,6 +966,18 @@ async def _connect(reactor, endpoint_string, token, name, handshake_timeout) -> 
         if timer.active():
             timer.cancel()
     return protocol
+
+
+async def _walk(fetch: Callable[[int | None], Deferred[dict]], field: str) -> AsyncIterator[dict]:
+    """Yield the ``field`` items of every page, asking for each next one with ``after=next``."""
+    after = None
+    while True:
+        page = await fetch(after)
+        for item in page[field]:
+            yield item
+        after = page.get("next")
+        if after is None:
+            return
 
 
 async def _collect(items: AsyncIterator) -> list:
@@ -474,21 +1023,23 @@ def _stop_reactor(reactor, thread: threading.Thread) -> None:
 
 
 def _blocking(name: str):
-    """A BlockingClient method that runs ``ClientProtocol.<name>`` in the reactor thread and waits."""
+    """A BlockingClient method that runs ``Client.<name>`` in the reactor thread and waits."""
 
     def call(self, *args, **kwargs):
-        return blockingCallFromThread(self._reactor, getattr(self.protocol, name), *args, **kwargs)
+        return blockingCallFromThread(self._reactor, getattr(self.client, name), *args, **kwargs)
 
     call.__name__ = call.__qualname__ = name
-    call.__doc__ = getattr(ClientProtocol, name).__doc__
+    call.__doc__ = getattr(Client, name).__doc__
     return call
 
 
 class BlockingClient:
     """The client API for scripts: each method blocks until its reply and returns it.
 
-    The methods are those of :class:`ClientProtocol`, returning results
-    instead of Deferreds and raising the same exceptions. The reactor runs
+    The methods are those of :class:`Client`, returning results instead of
+    Deferreds and raising the same exceptions; like it, a BlockingClient
+    reconnects after a lost connection (``options`` are those of
+    :func:`connect`: ``reconnect_deadline``, ``reconnect_rounds``, ...). The reactor runs
     in a daemon thread started on first use and shared by the process (a
     reactor cannot be restarted, so ``close()`` leaves it running). Watch and
     ``on_event`` callbacks run in that thread. Use as a context manager::
@@ -500,13 +1051,20 @@ class BlockingClient:
     ``reactor`` is for tests and embedding; the caller then runs it.
     """
 
-    def __init__(self, endpoint_string: str | Sequence[str], token: str, name: str = "gridctl", *, reactor=None):
+    def __init__(
+        self, endpoint_string: str | Sequence[str], token: str, name: str = "gridctl", *, reactor=None, **options
+    ):
         if reactor is None:
             from twisted.internet import reactor
 
             _run_reactor_in_thread(reactor)
         self._reactor = reactor
-        self.protocol: ClientProtocol = blockingCallFromThread(reactor, connect, reactor, endpoint_string, token, name)
+        self.client: Client = blockingCallFromThread(reactor, connect, reactor, endpoint_string, token, name, **options)
+
+    @property
+    def protocol(self) -> ClientProtocol | None:
+        """The current (or last) connection."""
+        return self.client.protocol
 
     submit = _blocking("submit")
     show = _blocking("show")

@@ -8,6 +8,7 @@ look, so the tests check results synchronously.
 from __future__ import annotations
 
 import pytest
+from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -15,10 +16,20 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from gridd import errors, wire
-from gridd.client import BlockingClient, ClientProtocol, connect, split_submit
+from gridd.client import (
+    BlockingClient,
+    Client,
+    ClientProtocol,
+    OutcomeUnknown,
+    ReconnectFailed,
+    connect,
+    split_submit,
+)
 from gridd.peer import ConnectionDropped
 
 WELCOME = {"proto": 1, "server": "gridd/0.1.0", "beat": 2.0, "deadline": 6.0, "max_line": 1_048_576}
+#: The default backoff without its jitter: rounds 0.5 s, 1 s, 2 s, 4 s ... apart.
+STEADY = backoffPolicy(initialDelay=0.5, maxDelay=10.0, factor=2.0, jitter=lambda: 0)
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -95,8 +106,8 @@ def test_client_protocol_hello_names_client_role():
     lose(protocol)
 
 
-def test_connect_fires_with_protocol_after_handshake():
-    """connect() fires with the ClientProtocol only once the HELLO reply arrived."""
+def test_connect_fires_with_client_after_handshake():
+    """connect() fires with a Client over the ClientProtocol only once the HELLO reply arrived."""
     reactor = MemoryReactorClock()
     d = connect(reactor, "tcp:grid.example:7700", "s3cret", name="cron")
     host, port, factory, _, _ = reactor.tcpClients[0]
@@ -107,12 +118,13 @@ def test_connect_fires_with_protocol_after_handshake():
     [hello] = sent(transport)
     assert not d.called
     reply(wrapper, "OK", dict(WELCOME, rid=hello.rid))
-    protocol = result_of(d)
-    assert isinstance(protocol, ClientProtocol)
-    assert protocol.max_line == 1_048_576
+    client = result_of(d)
+    assert isinstance(client, Client)
+    assert isinstance(client.protocol, ClientProtocol)
+    assert (client.max_line, client.endpoint) == (1_048_576, "tcp:grid.example:7700")
     # Only the keepalive is left (beat 2 s, deadline 6 s): the 10 s handshake timer is gone.
     assert sorted(call.getTime() for call in reactor.getDelayedCalls()) == [2.0, 6.0]
-    lose(protocol)
+    lose(client.protocol)
 
 
 def test_connect_refused_hello_fails_with_gridd_error():
@@ -157,16 +169,16 @@ def test_connect_fails_over_to_the_next_server():
     wrapper.makeConnection(transport)
     hello = wire.parse_line(transport.value().rstrip(b"\n"), wire.PEER_VERBS)
     wrapper.dataReceived(wire.encode("OK", {"rid": hello.rid, "proto": 1, "beat": 2.0, "deadline": 6.0}))
-    protocol = result_of(d)
-    assert protocol.welcome["deadline"] == 6.0
-    protocol.transport.loseConnection()
+    client = result_of(d)
+    assert (client.welcome["deadline"], client.endpoint) == (6.0, "tcp:127.0.0.1:7701")
+    client.protocol.transport.loseConnection()
     wrapper.connectionLost(Failure(ConnectionLost("closed")))
 
 
 def test_connect_tries_every_server_for_some_rounds_then_gives_up():
     """When no server answers, each is tried once per round, with a pause between rounds, then the last error."""
     reactor = MemoryReactorClock()
-    d = connect(reactor, ["tcp:127.0.0.1:7700", "tcp:127.0.0.1:7701"], "s3cret", rounds=2)
+    d = connect(reactor, ["tcp:127.0.0.1:7700", "tcp:127.0.0.1:7701"], "s3cret", rounds=2, retry_policy=STEADY)
     for expected in (1, 2):
         assert len(reactor.tcpClients) == expected
         reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError("refused")))
@@ -616,12 +628,348 @@ def test_client_wait_callback_error_is_logged_not_fatal():
     lose(protocol)
 
 
+# -- Client: surviving a lost connection ---------------------------------------------
+
+A, B = "tcp:a.example:7700", "tcp:b.example:7700"
+
+
+class Line:
+    """One connection a Client opened, seen from the server's end: read what it sent, answer, cut it."""
+
+    def __init__(self, spec: str, protocol: ClientProtocol):
+        self.spec = spec
+        self.protocol = protocol
+        self.transport = StringTransport()
+
+    def sent(self) -> list[wire.Message]:
+        return sent(self.transport)
+
+    def answer(self, request: wire.Message, **body) -> None:
+        reply(self.protocol, "OK", dict(body, rid=request.rid))
+
+    def greet(self) -> None:
+        """Answer the HELLO this connection opened with."""
+        [hello] = self.sent()
+        assert (hello.verb, hello.body["role"]) == ("HELLO", "client")
+        self.answer(hello, **WELCOME)
+
+    def event(self, job, state, accepted=0, total=3) -> None:
+        event(self.protocol, job, state, accepted, total)
+
+    def cut(self) -> None:
+        lose(self.protocol)
+
+
+class Network:
+    """A Client's connector: endpoints in ``down`` refuse at once; the others connect and wait for their HELLO reply."""
+
+    def __init__(self):
+        self.down: set[str] = set()
+        self.attempts: list[str] = []
+        self.lines: list[Line] = []
+
+    def __call__(self, spec: str, protocol: ClientProtocol) -> defer.Deferred:
+        self.attempts.append(spec)
+        if spec in self.down:
+            return defer.fail(ConnectionRefusedError(spec))
+        line = Line(spec, protocol)
+        self.lines.append(line)
+        protocol.makeConnection(line.transport)
+        return defer.succeed(protocol)
+
+    @property
+    def last(self) -> Line:
+        return self.lines[-1]
+
+
+def connected(endpoints=(A, B), **options) -> tuple[Client, Network, Clock]:
+    """A Client connected to the first endpoint over a Network, with the jitter-free backoff."""
+    clock, network = Clock(), Network()
+    d = connect(clock, list(endpoints), "s3cret", "tester", connector=network, retry_policy=STEADY, **options)
+    network.last.greet()
+    return result_of(d), network, clock
+
+
+def keepalive_only(clock: Clock) -> bool:
+    """Nothing but one connection's beat and deadline timers is scheduled (no reconnection pending)."""
+    return len(clock.getDelayedCalls()) == 2
+
+
+def test_client_wait_reconnects_to_the_next_server_and_completes_there():
+    """A wait() whose server dies reconnects to the second endpoint, WATCHes the unfinished jobs, ends on its EVENT."""
+    client, network, clock = connected()
+    a = network.last
+    seen = []
+    d = client.wait([1, 2], on_event=seen.append)
+    [watch] = a.sent()
+    a.answer(watch, jobs=[status(1, "running"), status(2, "queued")])
+    a.event(1, "done", accepted=3)
+    network.down.add(A)  # the server is gone for good
+    a.cut()
+    assert not d.called
+    b = network.last
+    assert (b.spec, network.attempts) == (B, [A, B])
+    b.greet()
+    [again] = b.sent()
+    assert (again.verb, again.body["jobs"]) == ("WATCH", [2])
+    b.answer(again, jobs=[status(2, "running", accepted=2)])
+    assert not d.called
+    b.event(2, "done", accepted=3)
+    assert result_of(d) == {1: status(1, "done", 3), 2: status(2, "done", 3)}
+    assert seen == [
+        status(1, "running"),
+        status(2, "queued"),
+        status(1, "done", 3),
+        status(2, "running", 2),  # the fresh state from the new WATCH reply reaches the progress callback
+        status(2, "done", 3),
+    ]
+    assert client.endpoint == B and keepalive_only(clock)
+    b.cut()
+
+
+def test_client_wait_rides_out_a_restart_of_its_only_server():
+    """With one endpoint, wait() retries with backoff while the server restarts, then watches again there."""
+    client, network, clock = connected([A])
+    a = network.last
+    d = client.wait([5])
+    [watch] = a.sent()
+    a.answer(watch, jobs=[status(5, "running")])
+    network.down.add(A)
+    a.cut()
+    assert network.attempts == [A, A]  # the first round goes at once
+    clock.advance(0.5)
+    assert network.attempts == [A, A, A]
+    network.down.clear()  # the restarted server listens again
+    clock.advance(0.5)
+    assert len(network.attempts) == 3
+    clock.advance(0.5)  # round 3, 1 s after round 2
+    restarted = network.last
+    assert restarted is not a
+    restarted.greet()
+    [again] = restarted.sent()
+    restarted.answer(again, jobs=[status(5, "done", 3)])
+    assert result_of(d) == {5: status(5, "done", 3)}
+    restarted.cut()
+
+
+def test_client_read_request_is_sent_again_after_reconnect():
+    """A SHOW whose connection drops before the reply is sent again on the new connection and fires with its reply."""
+    client, network, _ = connected()
+    a = network.last
+    d = client.show(7)
+    [first] = a.sent()
+    a.cut()
+    b = network.last
+    b.greet()
+    [again] = b.sent()
+    assert (again.verb, again.body) == ("SHOW", {"job": 7, "rid": again.rid})
+    b.answer(again, job=JOB)
+    assert result_of(d) == JOB
+    b.cut()
+
+
+def test_client_pages_go_on_from_the_lost_page_after_reconnect():
+    """results() whose second RESULTS page is lost asks the new connection for that page, not the first."""
+    client, network, _ = connected()
+    a = network.last
+    d = client.results(7)
+    [first] = a.sent()
+    a.answer(first, results=[{"i": 0, "out": 0}], next=0)
+    [second] = a.sent()
+    assert second.body["after"] == 0
+    a.cut()
+    b = network.last
+    b.greet()
+    [again] = b.sent()
+    assert (again.verb, again.body["after"]) == ("RESULTS", 0)
+    b.answer(again, results=[{"i": 1, "out": 1}], next=None)
+    assert [r["i"] for r in result_of(d)] == [0, 1]
+    b.cut()
+
+
+def test_client_submit_lost_before_reply_raises_outcome_unknown_and_is_not_resent():
+    """A SUBMIT lost before its reply fails with OutcomeUnknown and is not sent again; the next call reconnects."""
+    client, network, _ = connected()
+    a = network.last
+    d = client.submit([{"type": "noop", "records": [1]}])
+    [submit] = a.sent()
+    assert submit.verb == "SUBMIT"
+    a.cut()
+    error = failure_of(d)
+    assert isinstance(error, OutcomeUnknown) and isinstance(error, ConnectionDropped)
+    assert error.verb == "SUBMIT" and error.submitted == []
+    assert "may or may not have carried it out, so it was not sent again" in str(error)
+    assert network.attempts == [A]  # no reconnection, so nothing could be sent again
+    stats = client.stats()
+    b = network.last
+    b.greet()
+    [request] = b.sent()
+    assert request.verb == "STATS"
+    b.answer(request, jobs={}, workers=0, slots=0, busy=0, dispatching=True)
+    assert result_of(stats)["workers"] == 0
+    assert b.sent() == []
+    b.cut()
+
+
+def test_client_submit_lost_in_a_later_batch_lists_the_committed_ids():
+    """When the connection drops during the second SUBMIT, OutcomeUnknown carries the ids the first one committed."""
+    client, network, _ = connected()
+    a = network.last
+    d = client.submit([{"type": "noop", "records": [n]} for n in range(10_001)])
+    [first] = a.sent()
+    a.answer(first, jobs=list(range(1, 10_001)))
+    [second] = a.sent()
+    a.cut()
+    error = failure_of(d)
+    assert isinstance(error, OutcomeUnknown)
+    assert error.submitted == list(range(1, 10_001))
+    assert "10000 jobs of earlier SUBMITs were committed" in str(error)
+    assert network.attempts == [A]
+
+
+def test_client_write_on_a_connection_lost_while_idle_reconnects_before_sending():
+    """A CANCEL asked for after the connection went away is sent once, on the new connection."""
+    client, network, _ = connected()
+    network.last.cut()
+    d = client.cancel(7)
+    b = network.last
+    b.greet()
+    [cancel] = b.sent()
+    assert (cancel.verb, cancel.body["job"]) == ("CANCEL", 7)
+    b.answer(cancel, state="cancelled")
+    assert result_of(d) == "cancelled"
+    b.cut()
+
+
+def test_client_reconnect_gives_up_after_its_deadline_with_a_clear_error():
+    """With every server down, rounds go 0.5, 1 and 2 s apart until the next would start past the deadline."""
+    client, network, clock = connected(reconnect_deadline=5.0)
+    a = network.last
+    d = client.wait([1])
+    [watch] = a.sent()
+    a.answer(watch, jobs=[status(1, "running")])
+    network.down.update({A, B})
+    a.cut()
+    for at in (0.5, 1.5, 3.5):  # rounds 2, 3 and 4; round 5 would start at 7.5 s
+        assert not d.called
+        clock.advance(at - clock.seconds())
+    assert len(network.attempts) == 1 + 4 * 2
+    error = failure_of(d)
+    assert isinstance(error, ReconnectFailed) and isinstance(error, ConnectionDropped)
+    assert error.rounds == 4 and isinstance(error.last_error, ConnectionRefusedError)
+    assert str(error).startswith(
+        f"lost the connection to {A} and could not reconnect to {A} or {B} within 5 s (4 rounds over 3.5 s)"
+    )
+    assert clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize(
+    "rounds, said", [(2, "within 2 rounds (2 rounds"), (0, "reconnecting is off (reconnect_rounds=0)")]
+)
+def test_client_reconnect_gives_up_after_its_rounds(rounds, said):
+    """reconnect_rounds bounds the rounds after a loss; with 0 a lost connection fails wait() at once."""
+    client, network, clock = connected(reconnect_rounds=rounds, reconnect_deadline=None)
+    d = client.wait([1])
+    network.last.sent()
+    network.down.update({A, B})
+    network.last.cut()
+    clock.advance(0.5)
+    error = failure_of(d)
+    assert isinstance(error, ReconnectFailed) and error.rounds == rounds
+    assert said in str(error)
+    assert len(network.attempts) == 1 + 2 * rounds
+    assert clock.getDelayedCalls() == []
+
+
+def test_client_server_that_drops_every_request_does_not_reset_the_bound():
+    """A server that accepts HELLO but drops each SHOW before its reply wears out one deadline: no retrying for ever."""
+    client, network, clock = connected([A], reconnect_deadline=2.0)
+    d = client.show(7)
+    for at in (0.0, 0.5, 1.5):  # the reconnections: at once, then 0.5 s and 1 s apart
+        [show] = network.last.sent()
+        assert show.verb == "SHOW"
+        network.last.cut()
+        clock.advance(at - clock.seconds())
+        assert not d.called
+        network.last.greet()
+    [show] = network.last.sent()
+    network.last.cut()  # the next round would start at 3.5 s, past the 2 s deadline
+    error = failure_of(d)
+    assert isinstance(error, ReconnectFailed)
+    assert "within 2 s (3 rounds over 1.5 s)" in str(error)
+    assert len(network.lines) == 4
+    assert clock.getDelayedCalls() == []
+
+
+def test_client_reconnect_refused_hello_fails_wait_at_once():
+    """A HELLO refused on reconnect (a revoked credential) fails wait() with its error, with no further rounds."""
+    client, network, clock = connected()
+    d = client.wait([1])
+    [watch] = network.last.sent()
+    network.last.cut()
+    b = network.last
+    [hello] = b.sent()
+    reply(b.protocol, "ERR", {"rid": hello.rid, "code": "auth_failed", "message": "authentication failed"})
+    assert isinstance(failure_of(d), errors.AuthFailed)
+    b.cut()
+    assert network.attempts == [A, B]
+    assert clock.getDelayedCalls() == []
+
+
+def test_client_calls_share_one_reconnection():
+    """Two reads that lose their connection together reconnect once and are both sent again there."""
+    client, network, _ = connected()
+    show, stats = client.show(7), client.stats()
+    network.last.sent()
+    network.last.cut()
+    assert len(network.lines) == 2
+    b = network.last
+    b.greet()
+    again = {message.verb: message for message in b.sent()}
+    assert set(again) == {"SHOW", "STATS"}
+    b.answer(again["SHOW"], job=JOB)
+    b.answer(again["STATS"], jobs={}, workers=3, slots=0, busy=0, dispatching=True)
+    assert result_of(show) == JOB and result_of(stats)["workers"] == 3
+    b.cut()
+
+
+def test_client_close_during_backoff_stops_reconnecting():
+    """close() while a wait() backs off between rounds fails the wait with ConnectionDropped and leaves no timer."""
+    client, network, clock = connected()
+    d = client.wait([1])
+    network.last.sent()
+    network.down.update({A, B})
+    network.last.cut()
+    assert not d.called and clock.getDelayedCalls()
+    assert result_of(client.close()) is None
+    error = failure_of(d)
+    assert type(error) is ConnectionDropped and "closed" in str(error)
+    assert clock.getDelayedCalls() == []
+    assert isinstance(failure_of(client.stats()), ConnectionDropped)
+    assert len(network.attempts) == 3
+
+
+def test_client_wait_cancelled_while_reconnecting_stops_the_reconnection():
+    """Cancelling the only wait() during backoff fails it with CancelledError and cancels the pending round."""
+    client, network, clock = connected()
+    d = client.wait([1])
+    network.last.sent()
+    network.down.update({A, B})
+    network.last.cut()
+    d.cancel()
+    assert isinstance(failure_of(d), defer.CancelledError)
+    assert clock.getDelayedCalls() == []
+    clock.advance(60)
+    assert len(network.attempts) == 3
+
+
 # -- the blocking wrapper ---------------------------------------------------------------
 
 
 class ServingReactor(MemoryReactorClock):
     """Stands in for the reactor thread: runs callFromThread calls at once, then lets a small
-    scripted server answer every line on every connection, and reports closed connections."""
+    scripted server answer every line on every connection (an answer of None drops the
+    connection instead), and reports closed connections."""
 
     running = True
 
@@ -635,19 +983,26 @@ class ServingReactor(MemoryReactorClock):
         self.serve()
 
     def serve(self):
-        for _, _, factory, _, _ in self.tcpClients[len(self.connections) :]:
-            protocol, transport = factory.buildProtocol(None), StringTransport()
-            self.connections.append((protocol, transport))
-            protocol.makeConnection(transport)
         busy = True
         while busy:
             busy = False
+            for _, _, factory, _, _ in self.tcpClients[len(self.connections) :]:
+                protocol, transport = factory.buildProtocol(None), StringTransport()
+                self.connections.append((protocol, transport))
+                protocol.makeConnection(transport)
             for protocol, transport in self.connections:
+                if not transport.connected:
+                    continue
                 for message in sent(transport):
                     busy = True
-                    verb, body = self.answer(message)
+                    answer = self.answer(message)
+                    if answer is None:
+                        transport.loseConnection()
+                        break
+                    verb, body = answer
                     reply(protocol, verb, dict(body, rid=message.rid))
-                if transport.disconnecting and transport.connected:
+                if transport.disconnecting:
+                    busy = True
                     transport.connected = False
                     protocol.connectionLost(Failure(ConnectionDone()))
 
@@ -690,3 +1045,25 @@ def test_blocking_client_iter_results_fetches_page_by_page():
     grid = BlockingClient("tcp:127.0.0.1:7700", "s3cret", name="script", reactor=reactor)
     assert [result["i"] for result in grid.iter_results(10)] == [0, 1, 2]
     grid.close()
+
+
+def test_blocking_client_reconnects_and_resends_reads_but_not_writes():
+    """A BlockingClient resends a read after its connection dropped, raises OutcomeUnknown for a write, and goes on."""
+    dropped = []
+
+    def flaky(message):
+        if message.verb in ("LIST", "SUBMIT") and message.verb not in dropped:
+            dropped.append(message.verb)
+            return None
+        return scripted(message)
+
+    reactor = ServingReactor(flaky)
+    with BlockingClient("tcp:127.0.0.1:7700", "s3cret", reactor=reactor) as grid:
+        assert [job["id"] for job in grid.iter_jobs()] == [10, 11]
+        with pytest.raises(OutcomeUnknown):
+            grid.submit([{"type": "noop", "records": [1]}])
+        assert grid.wait([10]) == {10: status(10, "done", 3)}
+    assert dropped == ["LIST", "SUBMIT"]
+    assert len(reactor.connections) == 3
+    assert not any(transport.connected for _, transport in reactor.connections)
+    assert reactor.getDelayedCalls() == []

@@ -1,10 +1,10 @@
 """Tests of gridctl: arguments, input checking, and what each command prints.
 
-Commands talk to a small fake server over ``iosim``: a line receiver that
-checks every client line against the spec's field table (``gridd.wire``)
-and answers from a table of handlers. No reactor, no sockets, no sleeps:
-``pump.flush()`` moves the bytes, and the command's Deferred has fired by
-the time we look.
+Commands run the real ``gridd.client.Client``, whose connections are
+``iosim`` pairs with a small fake server: a line receiver that checks every
+client line against the spec's field table (``gridd.wire``) and answers from
+a table of handlers. No reactor, no sockets, no sleeps: ``Grid.flush()``
+moves the bytes, and the command's Deferred has fired by the time we look.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
-from gridd import errors, wire
+from gridd import client, errors, wire
 from gridd.cli import gridctl
-from gridd.client import ClientProtocol
 
 WELCOME = {"proto": 1, "server": "gridd/0.1.0", "beat": 2.0, "deadline": 6.0, "max_line": 1_048_576}
 
@@ -38,8 +37,9 @@ class FakeServer(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = WELCOME["max_line"]
 
-    def __init__(self, handlers):
-        self.handlers = {"HELLO": lambda body: WELCOME, **handlers}
+    def __init__(self, handlers, endpoint: str):
+        self.handlers = handlers
+        self.endpoint = endpoint
         self.received: list[wire.Message] = []
 
     def lineReceived(self, line):
@@ -61,24 +61,40 @@ class FakeServer(LineOnlyReceiver):
 
 
 class Grid:
-    """What gridctl connects to in these tests: ``connect`` builds an iosim pair with a FakeServer."""
+    """What gridctl connects to in these tests: ``connect`` makes a real Client whose every
+    connection is an iosim pair with a new FakeServer answering from the shared ``handlers``.
+    Endpoints in ``down`` refuse connections."""
 
     def __init__(self, **handlers):
-        self.server = FakeServer(handlers)
-        self.pump = None
+        self.handlers = {"HELLO": lambda body: WELCOME, **handlers}
+        self.servers: list[FakeServer] = []
+        self.pumps: list[iosim.IOPump] = []
+        self.down: set[str] = set()
+        self.clock = Clock()
         self.connected_as = None
 
-    def connect(self, reactor, endpoint, token, name):
-        self.connected_as = (endpoint, token, name)
-        clock = Clock()
-        client, _, self.pump = iosim.connectedServerAndClient(
-            lambda: self.server, lambda: ClientProtocol(clock, name, token), clock=clock
-        )
-        assert client.welcome is not None  # the greeting flush carried the handshake
-        return defer.succeed(client)
+    @property
+    def server(self) -> FakeServer:
+        """The server end of the newest connection."""
+        return self.servers[-1]
+
+    def connect(self, reactor, endpoints, token, name):
+        self.connected_as = (endpoints, token, name)
+        return client.connect(self.clock, endpoints, token, name, connector=self._connector)
+
+    def _connector(self, endpoint: str, protocol: client.ClientProtocol) -> defer.Deferred:
+        if endpoint in self.down:
+            return defer.fail(ConnectionRefusedError(endpoint))
+        server = FakeServer(self.handlers, endpoint)
+        self.servers.append(server)
+        server_io, client_io = iosim.FakeTransport(server, isServer=True), iosim.FakeTransport(protocol, isServer=False)
+        self.pumps.append(iosim.connect(server, server_io, protocol, client_io, clock=self.clock))
+        assert protocol.welcome is not None  # the greeting flush carried the handshake
+        return defer.succeed(protocol)
 
     def flush(self):
-        self.pump.flush()
+        while any([pump.flush() for pump in list(self.pumps)]):
+            pass  # a connection lost in one pump may open another
 
 
 class Outcome:
@@ -537,11 +553,82 @@ def test_run_bad_endpoint_exits_2(tmp_path):
     assert err.startswith("gridctl: error: bad --server endpoint 'carrier-pigeon:7700'")
 
 
-def test_run_connection_lost_mid_command_exits_3(tmp_path):
-    """A connection that drops before the reply prints one line and exits 3."""
-    grid = Grid()
-    grid.server.handlers["STATS"] = lambda body: grid.server.transport.loseConnection()
+SERVER_A, SERVER_B = "tcp:127.0.0.1:7700", "tcp:127.0.0.1:7701"
+
+
+def drop(grid: Grid, endpoint: str | None = None):
+    """Cut the newest connection from the server's end; with ``endpoint``, that server stays down."""
+    if endpoint is not None:
+        grid.down.add(endpoint)
+    grid.server.transport.loseConnection()
+
+
+def test_run_read_lost_mid_command_is_sent_again_after_reconnect(tmp_path):
+    """A STATS whose connection drops before the reply is asked again of the next server, and the command succeeds."""
+    grid = Grid(STATS=lambda body: drop(grid, SERVER_A) if grid.server.endpoint == SERVER_A else STATS)
+    outcome = Outcome(grid, ["--server", SERVER_A, "--server", SERVER_B, "stats", "--json"], tmp_path)
+    assert outcome.code == 0
+    assert outcome.json_lines() == [STATS]
+    assert [server.endpoint for server in grid.servers] == [SERVER_A, SERVER_B]
+    assert outcome.err.getvalue() == ""
+
+
+def test_run_connection_lost_for_good_exits_3_in_one_line(tmp_path):
+    """When the only server goes away and does not come back within 60 s, gridctl says so in one line and exits 3."""
+    grid = Grid(STATS=lambda body: drop(grid, SERVER_A))
     outcome = Outcome(grid, ["stats"], tmp_path)
+    for _ in range(30):
+        grid.clock.advance(1)
+    assert not outcome.done.called  # still backing off between rounds
+    for _ in range(31):
+        grid.clock.advance(1)
     assert outcome.code == 3
-    assert outcome.err.getvalue().startswith("gridctl: lost the connection to tcp:127.0.0.1:7700: connection lost")
+    assert outcome.err.getvalue().startswith(
+        f"gridctl: lost the connection to {SERVER_A} and could not reconnect to {SERVER_A} within 60 s ("
+    )
     assert outcome.err.getvalue().count("\n") == 1
+    assert grid.clock.getDelayedCalls() == []
+
+
+def test_submit_lost_before_reply_exits_3_and_is_not_sent_again(tmp_path):
+    """A SUBMIT lost before its reply is not repeated: one line saying its outcome is unknown, and exit 3."""
+    grid = Grid(SUBMIT=lambda body: drop(grid))
+    outcome = Outcome(grid, ["--server", SERVER_A, "--server", SERVER_B, "submit", "-", "--type", "noop"], tmp_path,
+                      stdin=b"1\n")  # fmt: skip
+    assert outcome.code == 3
+    assert outcome.err.getvalue().startswith(
+        f"gridctl: the connection to {SERVER_A} was lost before the reply to SUBMIT"
+    )
+    assert "may or may not have carried it out, so it was not sent again" in outcome.err.getvalue()
+    assert outcome.err.getvalue().count("\n") == 1
+    assert sum(len(server.requests("SUBMIT")) for server in grid.servers) == 1
+    assert outcome.lines() == []
+
+
+def test_submit_wait_fails_over_and_the_progress_bar_carries_on(tmp_path):
+    """submit --wait whose server dies reconnects to the other, takes fresh states from WATCH, ends at 4/4 records."""
+    grid = Grid(
+        SUBMIT=submitted_ids,
+        WATCH=lambda body: {"jobs": [{"job": j, "state": "running", "accepted": 1, "total": 2} for j in body["jobs"]]},
+    )
+    path = records_file(tmp_path, "1\n2\n3\n4\n")
+    argv = ["--server", SERVER_A, "--server", SERVER_B, "submit", path, "--type", "noop", "--records-per-job", "2",
+            "--wait"]  # fmt: skip
+    outcome = Outcome(grid, argv, tmp_path)
+    assert outcome.lines() == ["1", "2"]
+    grid.server.push("EVENT", {"job": 1, "state": "done", "accepted": 2, "total": 2})
+    grid.flush()
+    drop(grid, SERVER_A)
+    grid.flush()
+    assert not outcome.done.called
+    assert grid.server.endpoint == SERVER_B
+    assert grid.server.requests("WATCH") == [{"rid": 2, "jobs": [2]}]  # only the unfinished job, after a new HELLO
+    grid.server.push("EVENT", {"job": 2, "state": "done", "accepted": 2, "total": 2})
+    grid.flush()
+    assert outcome.code == 0
+    assert "2/2 jobs finished" in outcome.err.getvalue()
+    assert "4/4 records" in outcome.err.getvalue()
+    assert "gridctl:" not in outcome.err.getvalue()
+
+
+STATS = {"jobs": {"queued": 1}, "workers": 0, "slots": 0, "busy": 0, "queued_runnable": 1, "dispatching": True}

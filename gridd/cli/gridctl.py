@@ -42,7 +42,9 @@ EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 _EPILOG = """\
 exit status: 0 success; 1 the server refused a request (or, with --wait, a job
 did not finish as done); 2 bad usage or unreadable input; 3 cannot connect, or
-the connection was lost.
+the connection was lost and no server took gridctl back within 60 s, or it was
+lost before the reply to a change (submit, cancel, ...), which is then not
+repeated: look before trying again. Reads and --wait reconnect, to any --server.
 """
 
 
@@ -362,6 +364,9 @@ async def run(
 
     Server refusals become ``gridctl: error: CODE: MESSAGE`` and status 1;
     connection trouble becomes one line and status 3, never a traceback.
+    The client fails over between ``args.servers`` by itself (see
+    :class:`gridd.client.Client`): a ``--wait`` whose server goes away
+    reconnects and its progress bar carries on.
     """
     out = out or sys.stdout
     err = err or sys.stderr
@@ -379,6 +384,9 @@ async def run(
         return await args.run(grid, args, out, err)
     except errors.GriddError as e:
         return _refused(err, e)
+    except (client.OutcomeUnknown, client.ReconnectFailed) as e:
+        print(f"gridctl: {e}", file=err)  # each says which connection was lost and what became of the request
+        return EXIT_CONNECT
     except ConnectionDropped as e:
         print(f"gridctl: lost the connection to {' or '.join(args.servers)}: {e}", file=err)
         return EXIT_CONNECT
@@ -433,11 +441,13 @@ def _text(value) -> str:
 
 # -- the commands --------------------------------------------------------------
 #
-# Each takes the connected ClientProtocol, the arguments and the two streams,
+# Each takes the connected client.Client, the arguments and the two streams,
 # and returns the exit status. GriddError and ConnectionDropped are left to run().
+# The client reconnects by itself: reads and --wait carry on across a lost
+# connection; a change lost before its reply fails with OutcomeUnknown.
 
 
-async def cmd_submit(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+async def cmd_submit(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     try:
         ids = await grid.submit(args.jobs)
     except Exception as e:
@@ -465,7 +475,7 @@ async def cmd_submit(grid: client.ClientProtocol, args, out: TextIO, err: TextIO
 _REDRAW_INTERVAL = 0.1
 
 
-async def _wait_with_progress(grid: client.ClientProtocol, totals: dict[int, int], err: TextIO) -> dict:
+async def _wait_with_progress(grid: client.Client, totals: dict[int, int], err: TextIO) -> dict:
     """Wait for the jobs, drawing accepted records over total on ``err`` as EVENTs arrive."""
     accepted: dict[int, int] = {}
     finished: set[int] = set()
@@ -504,7 +514,7 @@ async def _wait_with_progress(grid: client.ClientProtocol, totals: dict[int, int
         return await grid.wait(list(totals), on_event)
 
 
-async def cmd_list(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+async def cmd_list(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     page_size = min(args.limit, 1000) if args.limit else None
     table = _table("ID", "NAME", "TYPE", "STATE", "PRIORITY", "RECORDS", "ATTEMPTS", "WORKER", "UPDATED")
     count = 0
@@ -532,7 +542,7 @@ async def cmd_list(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) 
     return EXIT_OK
 
 
-async def cmd_show(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+async def cmd_show(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     job = await grid.show(args.job)
     if args.json:
         _print_json(out, job)
@@ -575,7 +585,7 @@ async def cmd_show(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) 
     return EXIT_OK
 
 
-async def cmd_workers(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+async def cmd_workers(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     workers = await grid.workers()
     if args.json:
         for worker in workers:
@@ -599,7 +609,7 @@ async def cmd_workers(grid: client.ClientProtocol, args, out: TextIO, err: TextI
     return EXIT_OK
 
 
-async def cmd_stats(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+async def cmd_stats(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     stats = await grid.stats()
     if args.json:
         _print_json(out, stats)
@@ -612,7 +622,7 @@ async def cmd_stats(grid: client.ClientProtocol, args, out: TextIO, err: TextIO)
     return EXIT_OK
 
 
-async def cmd_results(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+async def cmd_results(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     """Write the results page by page, so a million records never sit in memory.
 
     The first page is fetched before ``-o`` creates its file: an unknown job
@@ -636,7 +646,7 @@ async def cmd_results(grid: client.ClientProtocol, args, out: TextIO, err: TextI
             target.close()
 
 
-async def cmd_job_control(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+async def cmd_job_control(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     """Apply the action to each job in turn; a refusal is reported and the rest go on."""
     act = getattr(grid, args.action)
     status = EXIT_OK
@@ -653,19 +663,19 @@ async def cmd_job_control(grid: client.ClientProtocol, args, out: TextIO, err: T
 _DONE = {"drain": "drained", "undrain": "undrained", "disconnect": "disconnected"}
 
 
-async def cmd_worker(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+async def cmd_worker(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     await grid.worker_action(args.worker, args.action)
     print(f"{args.worker} {_DONE[args.action]}", file=out)
     return EXIT_OK
 
 
-async def cmd_dispatch(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+async def cmd_dispatch(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     dispatching = await grid.dispatch(args.switch == "on")
     print(f"dispatching {'on' if dispatching else 'off'}", file=out)
     return EXIT_OK
 
 
-async def cmd_credentials_add(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+async def cmd_credentials_add(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     token = await grid.add_credential(args.id, args.role, args.note)
     print(token, file=out)
     where = "the worker's secret file (twistd gridworker --secret-file)" if args.role == "worker" else "its secret file"
@@ -677,7 +687,7 @@ async def cmd_credentials_add(grid: client.ClientProtocol, args, out: TextIO, er
     return EXIT_OK
 
 
-async def cmd_credentials_list(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+async def cmd_credentials_list(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     credentials = await grid.list_credentials()
     if args.json:
         for credential in credentials:
@@ -696,7 +706,7 @@ async def cmd_credentials_list(grid: client.ClientProtocol, args, out: TextIO, e
     return EXIT_OK
 
 
-async def cmd_credentials_revoke(grid: client.ClientProtocol, args, out: TextIO, err: TextIO) -> int:
+async def cmd_credentials_revoke(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     await grid.revoke_credential(args.id)
     print(f"{args.id} revoked", file=out)
     return EXIT_OK
