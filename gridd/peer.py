@@ -157,6 +157,10 @@ class PeerProtocol(LineOnlyReceiver):
 
     def request(self, verb: str, body: dict | None = None) -> defer.Deferred:
         """Send a request; the Deferred fires with the OK body or fails with a GriddError."""
+        if self.closed.called:
+            # No reply can come on a connection that is gone: say so now
+            # rather than wait for ever.
+            return defer.fail(ConnectionDropped(f"{verb} not sent: the connection is closed"))
         rid = next(self._rids)
         body = dict(body or {}, rid=rid)
         d = self._pending[rid] = defer.Deferred()

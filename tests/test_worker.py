@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from gridd import config
 from gridd.jobtypes import Fail, JobType, Noop, RecordError, Sleep, TextStats
+from gridd.peer import ConnectionDropped
 from gridd.worker import tap
 from gridd.worker.core import RESULT_WINDOW, WorkerCore
 from gridd.worker.protocol import WorkerProtocol
@@ -181,6 +182,17 @@ def test_keepalive_server_silent_past_deadline_aborts():
     assert not w.transport.disconnected
     w.clock.advance(0.1)
     assert w.transport.disconnected
+
+
+def test_request_after_the_connection_is_lost_fails_at_once():
+    """A request made on a connection that is gone fails with ConnectionDropped instead of waiting for ever."""
+    w = Harness().welcome()
+    w.disconnect()
+    failures = []
+    w.protocol.request("SLOTS", {"slots": 1}).addErrback(failures.append)
+    [failure] = failures
+    assert failure.check(ConnectionDropped)
+    assert w.sent() == [] and w.protocol._pending == {}
 
 
 def test_ping_is_answered_with_pong():
