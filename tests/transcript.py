@@ -4,8 +4,11 @@ A transcript is executable data (protocols/transcripts/README.md has the
 format). Each ``C(name):`` line is fed to connection ``name`` in chunks of a
 chosen size; each ``S(name):`` line must be the next line that connection
 received, byte for byte; ``-- advance N`` moves the clock; ``-- closed
-name`` expects the server to have closed that connection. At the end no
-connection may hold output the transcript did not expect.
+name`` expects the server to have closed that connection; ``-- store down``
+and ``-- store up`` stop and restart the (memory) store under the running
+server, as a database outage would; ``-- shutdown`` stops the server as
+twistd does (``GriddService.stopService``). At the end no connection may
+hold output the transcript did not expect.
 
 With ``GRIDD_RECORD_TRANSCRIPTS=1`` the replay rewrites the ``S`` and
 ``-- closed`` lines from what the server actually said: review the diff
@@ -19,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -28,17 +32,21 @@ from twisted.python.failure import Failure
 from gridd.dispatcher import Dispatcher
 from gridd.server.auth import Authenticator, hash_secret
 from gridd.server.protocol import Limits, ServerFactory
+from gridd.server.service import GriddService
 from gridd.store.memory import MemoryStore
 
 TRANSCRIPTS = Path(__file__).resolve().parent.parent / "protocols" / "transcripts"
 SECRET = "s3cret"
+
+#: The ``-- `` lines a transcript may hold (protocols/transcripts/README.md).
+DIRECTIVES = ("advance", "closed", "option", "store", "shutdown")
 
 _LINE = re.compile(r"(?P<who>[CS])\((?P<conn>[\w-]+)\): (?P<text>.*)\Z")
 
 
 @dataclass
 class Step:
-    kind: str  # "C", "S", "advance", "closed", "option"
+    kind: str  # "C", "S", "advance", "closed", "option", "store", "shutdown"
     conn: str = ""
     text: str = ""
     number: int = 0
@@ -56,6 +64,8 @@ def parse(path: Path) -> tuple[list[str], list[Step]]:
             steps.append(Step(m["who"], m["conn"], m["text"], number))
         elif line.startswith("-- "):
             verb, _, arg = line[3:].partition(" ")
+            if verb not in DIRECTIVES:
+                raise ValueError(f"{path.name}:{number}: unknown directive {verb!r}")
             steps.append(Step(verb, arg if verb == "closed" else "", arg, number))
         else:
             raise ValueError(f"{path.name}:{number}: not a transcript line: {line!r}")
@@ -89,7 +99,7 @@ class Server:
             self.store,
             self.clock,
             beat=float(options.get("beat", 2.0)),
-            backoff_base=1.0,
+            backoff_base=float(options.get("backoff_base", 1.0)),
             max_line=int(options.get("max_line", 1_048_576)),
             new_lease=lambda: f"L{next(leases)}",
         )
@@ -123,6 +133,10 @@ class Server:
             secret = f"secret-{credential_id}"
             assert self.store.add_credential(credential_id, role, hash_secret(secret), 0.0).called
         assert defer.Deferred.fromCoroutine(self.dispatcher.start()).called
+        # The real service, for ``-- shutdown``; it never listens here.
+        self.service = GriddService(
+            self.store, self.dispatcher, self.factory, service.MultiService(), reactor=self.clock
+        )
 
     def connection(self, name: str) -> Connection:
         if name not in self.connections:
@@ -180,7 +194,7 @@ def replay(path: Path, chunk: int | None = None, record: bool = False) -> list[s
 
     try:
         for step in steps:
-            if step.kind in ("C", "advance") and record:
+            if step.kind in ("C", "advance", "store", "shutdown") and record:
                 observe(step.number)
             if step.kind == "C":
                 conn = server.connection(step.conn)
@@ -191,6 +205,14 @@ def replay(path: Path, chunk: int | None = None, record: bool = False) -> list[s
                 server.settle()
             elif step.kind == "advance":
                 server.clock.advance(float(step.text))
+                server.settle()
+            elif step.kind == "store":
+                assert step.text in ("down", "up"), f"{path.name}:{step.number}: -- store down or -- store up"
+                stopped = server.store.stop() if step.text == "down" else server.store.start()
+                assert stopped.called
+                server.settle()
+            elif step.kind == "shutdown":
+                assert server.service.stopService().called
                 server.settle()
             elif step.kind == "S" and not record:
                 conn = server.connection(step.conn)
