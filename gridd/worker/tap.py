@@ -52,8 +52,8 @@ class Options(usage.Options):
             "secret-file",
             None,
             None,
-            "File holding the shared secret the server wrote to DATADIR/secret "
-            "(default: $GRIDD_DATA/secret when GRIDD_DATA is set, else ./gridd-data/secret "
+            "File holding this worker's token: its credential (gridctl credentials add NAME --role worker), "
+            "or the shared secret the server wrote to DATADIR/secret (default: $GRIDD_DATA/secret when GRIDD_DATA is set, else ./gridd-data/secret "
             "when it exists, else ~/.gridd/secret).",
         ],
         [
