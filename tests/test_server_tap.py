@@ -265,7 +265,7 @@ def test_gridd_service_stopped_while_store_starts_never_listens(tmp_path, monkey
 
 
 def test_gridd_service_stop_unlistens_flushes_store_then_sends_bye(tmp_path):
-    """stopService stops listening, commits the store's writes, then sends BYE and closes connections."""
+    """stopService stops listening, commits the store's writes, sends BYE, and returns once the connections are gone."""
     top, server, reactor = build(tmp_path, "--db", "memory:")
     top.startService()
     [port] = server.started.result
@@ -292,10 +292,12 @@ def test_gridd_service_stop_unlistens_flushes_store_then_sends_bye(tmp_path):
     assert transport.value() == b"" and not transport.disconnecting, "BYE before the store was flushed"
     assert not d.called, "stopService returned before the store was flushed"
     flushed.callback(None)
-    assert d.called and not server.store._running
+    assert not server.store._running
     assert transport.value() == b'BYE {"reason":"shutdown"}\n' and transport.disconnecting
+    assert not d.called, "stopService returned before the BYE left (the reactor would drop it)"
     proto.connectionLost(None)
     assert server.factory.connections == set()
+    assert d.called
 
 
 # -- loopback and the warning ------------------------------------------------------

@@ -88,13 +88,7 @@ def live_blockers(steps: list[Step]) -> list[str]:
 
 #: Transcripts a live server is known to contradict, with why: a strict xfail,
 #: so that the fix turns into a failure until the mark is removed.
-LIVE_KNOWN_FAILURES = {
-    "shutdown": (
-        "twistd gridd closes its connections on SIGTERM without the BYE: GriddService._stop returns once "
-        "BYE is written to the transport buffers, and the reactor's during-shutdown disconnectAll then "
-        "drops them unsent"
-    ),
-}
+LIVE_KNOWN_FAILURES: dict[str, str] = {}
 _LIVE_PARAMS = [
     pytest.param(
         p,

@@ -164,7 +164,6 @@ class ServerProtocol(LineOnlyReceiver):
         self.transport.registerProducer(self._output, True)
 
     def connectionLost(self, reason):
-        self.factory.connections.discard(self)
         self._ending = "lost"
         for call in self._timers.values():
             if call.active():
@@ -174,6 +173,8 @@ class ServerProtocol(LineOnlyReceiver):
             d.callback(False)
         self._pings.clear()
         self.session.closed()
+        # Last: it may fire the shutdown's wait, and whatever follows must find this connection done.
+        self.factory.connection_gone(self)
 
     # -- lines in ---------------------------------------------------------
 
@@ -357,9 +358,25 @@ class ServerFactory(Factory):
         self.handshake_timeout = handshake_timeout
         self.limits = limits if limits is not None else Limits()
         self.connections: set[ServerProtocol] = set()
+        self._all_closed: list[defer.Deferred] = []
 
     def buildProtocol(self, addr):
         return ServerProtocol(self)
+
+    def connection_gone(self, proto: ServerProtocol):
+        self.connections.discard(proto)
+        if not self.connections:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
+
+    def when_all_closed(self) -> defer.Deferred:
+        """Fires once no connection is left: each has taken its last bytes, or was aborted at its close timeout."""
+        if not self.connections:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._all_closed.append(d)
+        return d
 
     def close_all(self, reason: str = "shutdown"):
         for proto in list(self.connections):

@@ -148,6 +148,9 @@ class GriddService(service.Service):
         # peers; then say goodbye.
         await self.store.stop()
         self.factory.close_all("shutdown")
+        # Wait for the BYEs to leave: the reactor drops what is still
+        # buffered once stopService returns. Bounded by the close timeout.
+        await self.factory.when_all_closed()
         log.info("gridd stopped: every accepted write is committed")
 
     def stopService(self):
