@@ -34,6 +34,7 @@ from typing import Any
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import connectProtocol
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
@@ -849,6 +850,8 @@ class Client:
         order = [(first + k) % len(self.endpoints) for k in range(len(self.endpoints))]
         last: Exception | None = None
         while True:
+            if self._closed:
+                raise CancelledError("the client was closed")
             delay = self._retry_policy(done - 1) if done else 0.0
             if rounds is not None and done >= rounds:
                 raise _GaveUp(last, done)
@@ -856,6 +859,8 @@ class Client:
                 raise _GaveUp(last, done)
             if delay:
                 await deferLater(self._reactor, delay)
+                if self._closed:
+                    raise CancelledError("the client was closed")
             done += 1
             self._unserved_rounds = done
             for index in order:
@@ -864,8 +869,10 @@ class Client:
                     protocol = await _connect(
                         self._reactor, self._connector, spec, self._token, self._name, self._handshake_timeout
                     )
-                except CancelledError:
-                    raise
+                except (CancelledError, ConnectingCancelledError):
+                    # A cancelled connect fails with ConnectingCancelledError,
+                    # which is no CancelledError: without this the loop went on.
+                    raise CancelledError("reconnecting was cancelled") from None
                 except (errors.ShuttingDown, errors.Unavailable) as e:
                     last = e  # this server cannot serve now; another may
                 except errors.GriddError:

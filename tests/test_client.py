@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -665,6 +665,8 @@ class Network:
 
     def __init__(self):
         self.down: set[str] = set()
+        #: Endpoints whose connect neither succeeds nor fails until cancelled (a host that drops SYNs).
+        self.hanging: set[str] = set()
         self.attempts: list[str] = []
         self.lines: list[Line] = []
 
@@ -672,6 +674,9 @@ class Network:
         self.attempts.append(spec)
         if spec in self.down:
             return defer.fail(ConnectionRefusedError(spec))
+        if spec in self.hanging:
+            # As Twisted's endpoints do: a cancelled connect fails with ConnectingCancelledError.
+            return defer.Deferred(lambda d: d.errback(ConnectingCancelledError(spec)))
         line = Line(spec, protocol)
         self.lines.append(line)
         protocol.makeConnection(line.transport)
@@ -947,6 +952,21 @@ def test_client_close_during_backoff_stops_reconnecting():
     assert clock.getDelayedCalls() == []
     assert isinstance(failure_of(client.stats()), ConnectionDropped)
     assert len(network.attempts) == 3
+
+
+def test_client_close_during_a_pending_connect_stops_reconnecting():
+    """close() while a reconnection's TCP connect hangs cancels it and tries no other endpoint."""
+    client, network, clock = connected()
+    d = client.wait([1])
+    network.last.sent()
+    network.hanging.add(B)
+    network.last.cut()  # the reconnection dials B, which hangs
+    assert network.attempts == [A, B] and not d.called
+    assert result_of(client.close()) is None
+    assert isinstance(failure_of(d), ConnectionDropped)
+    clock.advance(60)
+    assert network.attempts == [A, B]
+    assert clock.getDelayedCalls() == []
 
 
 def test_client_wait_cancelled_while_reconnecting_stops_the_reconnection():
