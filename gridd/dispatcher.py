@@ -301,8 +301,8 @@ class Dispatcher:
         self._revoked_seen: set[str] = set()
         #: The store could not record the last lease tried (an outage, said once).
         self._grants_failing = False
-        #: When the store stopped answering this server's beats (None: it answers).
-        self._store_out_since: float | None = None
+        #: When the store last took this server's beat.
+        self._last_beat_stored = clock.seconds()
         #: Before this time, other servers' stale beats are not held against them.
         self._judge_servers_after = 0.0
         #: Leases the store says are ours that no job here holds, at the last look.
@@ -327,6 +327,7 @@ class Dispatcher:
         """
         now = self.clock.seconds()
         await self.store.beat(now, self.deadline)
+        self._last_beat_stored = self.clock.seconds()
         for active in await self.store.load_active():
             if active.state != "running":
                 job = self._job_from_store(active)
@@ -396,7 +397,14 @@ class Dispatcher:
         old = self.workers.get(name)
         if old is not None:
             alive = await old.conn.ping(self.beat)
-            old = self.workers.get(name)  # the world moved while we waited
+            # The world moved while we waited: the old connection may be gone,
+            # and another newcomer under this name may have taken its place.
+            current = self.workers.get(name)
+            if self._stopped:
+                raise errors.ShuttingDown()
+            if current is not None and current is not old:
+                raise errors.NameInUse(f"worker {name!r} has just connected from {current.conn.address}")
+            old = current
             if old is not None and alive:
                 raise errors.NameInUse(f"worker {name!r} is connected from {old.conn.address}")
             if old is not None:
@@ -528,19 +536,21 @@ class Dispatcher:
         try:
             await self.store.beat(now, self.deadline)
         except Exception as e:
-            if self._store_out_since is None:
-                self._store_out_since = now
             log.warn("housekeeping: the store failed ({e}); trying again in {beat} s", e=e, beat=self.beat)
             return
-        if self._store_out_since is not None:
-            self._judge_servers_after = self.clock.seconds() + self.deadline
+        # An outage is a gap of more than a deadline between two beats that
+        # the store took: beats that failed, or one that hung (a frozen
+        # database) and then went through.
+        answered = self.clock.seconds()
+        if answered - self._last_beat_stored > self.deadline:
+            self._judge_servers_after = answered + self.deadline
             log.info(
                 "housekeeping: the store answers again after {s:.1f} s; other servers get {d:g} s to beat"
                 " before their leases are judged",
-                s=now - self._store_out_since,
+                s=answered - self._last_beat_stored,
                 d=self.deadline,
             )
-            self._store_out_since = None
+        self._last_beat_stored = answered
         if self.clock.seconds() < self._judge_servers_after:
             return
         try:
@@ -786,6 +796,8 @@ class Dispatcher:
     def _closing_failed(self, job: Job, lease: str):
         """A DONE/FAIL/RETURN did not commit: the lease goes on, unless its worker left meanwhile."""
         job.closing = False
+        if self._stopped:
+            return  # the lease stays in the store, for its worker to reattach after the restart
         if job.lease == lease and (job.worker is None or job.worker.conn not in self._worker_by_conn):
             self._end_lease_soon(job, "expired", error="worker lost")
 

@@ -54,6 +54,8 @@ class PeerProtocol(LineOnlyReceiver):
         self.ready = defer.Deferred()
         #: Fires (with None) when the connection is gone, whatever the reason.
         self.closed = defer.Deferred()
+        #: The connection is gone (set first thing in connectionLost).
+        self._lost = False
         self.bye_reason: str | None = None
 
     # -- connection events ------------------------------------------------
@@ -104,6 +106,7 @@ class PeerProtocol(LineOnlyReceiver):
         self.transport.abortConnection()
 
     def connectionLost(self, reason):
+        self._lost = True  # first: a request made from an errback below must fail too
         for call in (self._beat_call, self._deadline_call):
             if call is not None and call.active():
                 call.cancel()
@@ -157,7 +160,7 @@ class PeerProtocol(LineOnlyReceiver):
 
     def request(self, verb: str, body: dict | None = None) -> defer.Deferred:
         """Send a request; the Deferred fires with the OK body or fails with a GriddError."""
-        if self.closed.called:
+        if self._lost:
             # No reply can come on a connection that is gone: say so now
             # rather than wait for ever.
             return defer.fail(ConnectionDropped(f"{verb} not sent: the connection is closed"))

@@ -812,3 +812,72 @@ def test_store_outage_holds_dispatching_says_why_once_and_resumes_by_itself():
     assert sum("dispatching held" in f for f in said) == 1
     assert sum("dispatching again" in f for f in said) == 1
     assert {g.state(i)["attempts"] for i in pushed} == {1}
+
+
+class FrozenBeats(MemoryStore):
+    """A memory store whose beats, while ``frozen``, hang until ``thaw`` (a database that froze, then went on)."""
+
+    def __init__(self, server_id=None):
+        super().__init__(server_id)
+        self.frozen = False
+        self.held: list[tuple[defer.Deferred, float, float]] = []
+
+    def beat(self, now, deadline):
+        if not self.frozen:
+            return super().beat(now, deadline)
+        d = defer.Deferred()
+        self.held.append((d, now, deadline))
+        return d
+
+    def thaw(self):
+        self.frozen = False
+        held, self.held = self.held, []
+        for d, now, deadline in held:
+            super().beat(now, deadline).chainDeferred(d)
+
+
+def test_store_that_hangs_then_answers_does_not_expire_live_servers_leases():
+    """A beat that hung past every deadline and then went through counts as an outage: the others get time to beat."""
+    store = FrozenBeats(server_id="A")
+    a = Grid(store, lease_prefix="A", sync_interval=0.5, reattach_grace=2.0)
+    b = Grid(store.sibling("B"), lease_prefix="B", sync_interval=0.5, reattach_grace=2.0, clock=a.clock)
+    wa = a.worker("wa")
+    [job_id] = a.submit()
+    [job] = wa.take("JOB")
+    a.store.frozen = b.store.frozen = True
+    for _ in range(60):  # 30 s frozen: both servers' last stored beats are stale
+        a.clock.advance(0.5)
+        a.d.seen(wa)
+    b.store.thaw()  # B's hung beat goes through first ...
+    for _ in range(6):
+        a.clock.advance(0.5)
+        a.d.seen(wa)
+    a.store.thaw()  # ... A's a moment later
+    for _ in range(20):
+        a.clock.advance(0.5)
+        a.d.seen(wa)
+    view = a.state(job_id)
+    assert (view["state"], view["lease"], view["worker"]) == ("running", job["lease"], "wa")
+    assert "released" not in [h["event"] for h in view["history"]]
+    a.d.stop()
+    b.d.stop()
+
+
+def test_two_newcomers_racing_for_a_dead_name_one_wins_the_other_is_refused():
+    """Two HELLOs that both pinged the same dead connection: the first takes the name, the second gets name_in_use."""
+    g = Grid()
+    old = g.worker("w1")
+    pings = []
+    old.ping = lambda timeout: pings.append(defer.Deferred()) or pings[-1]
+    first, second = FakeConnection("10.0.0.2:1"), FakeConnection("10.0.0.3:1")
+    hello = {"name": "w1", "slots": 1, "types": {"noop": "1.0"}}
+    d1 = defer.ensureDeferred(g.d.worker_hello(first, dict(hello)))
+    d2 = defer.ensureDeferred(g.d.worker_hello(second, dict(hello)))
+    assert len(pings) == 2
+    pings[0].callback(False)  # the old connection is dead: the first newcomer takes the name
+    assert d1.called and g.d.workers["w1"].conn is first and old.dropped
+    pings[1].callback(False)
+    failures = []
+    d2.addErrback(failures.append)
+    assert failures and failures[0].check(errors.NameInUse)
+    assert g.d.workers["w1"].conn is first and first.dropped is None

@@ -165,16 +165,19 @@ class ServerProtocol(LineOnlyReceiver):
 
     def connectionLost(self, reason):
         self._ending = "lost"
-        for call in self._timers.values():
-            if call.active():
-                call.cancel()
-        self._timers.clear()
-        for d in self._pings.values():
-            d.callback(False)
-        self._pings.clear()
-        self.session.closed()
-        # Last: it may fire the shutdown's wait, and whatever follows must find this connection done.
-        self.factory.connection_gone(self)
+        try:
+            for call in self._timers.values():
+                if call.active():
+                    call.cancel()
+            self._timers.clear()
+            pings, self._pings = self._pings, {}
+            for d in pings.values():
+                d.callback(False)
+            self.session.closed()
+        finally:
+            # Last, and whatever happened: it may fire the shutdown's wait,
+            # which must find this connection done.
+            self.factory.connection_gone(self)
 
     # -- lines in ---------------------------------------------------------
 

@@ -147,7 +147,7 @@ class MemoryStore:
 
         It writes as ``server_id`` and is started and stopped on its own.
         """
-        other = MemoryStore(server_id)
+        other = type(self)(server_id)
         other._data = self._data
         other._jobs = self._data.jobs
         return other
