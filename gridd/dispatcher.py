@@ -288,6 +288,8 @@ class Dispatcher:
         self.jobs: dict[int, Job] = {}
         self.workers: dict[str, Worker] = {}
         self._worker_by_conn: dict[IConnection, Worker] = {}
+        #: Connections whose worker HELLO is being handled (and that are still there).
+        self._hellos: set[IConnection] = set()
         self._watchers: dict[IConnection, set[int] | None] = {}
         self._queue = _RunQueue()
         #: Why recently ended leases ended, for a reconnecting worker's ``lost``.
@@ -392,11 +394,21 @@ class Dispatcher:
 
     async def worker_hello(self, conn: IConnection, hello: dict) -> dict:
         """Register a worker; reattach the leases it still holds. Returns kept/lost."""
+        self._hellos.add(conn)
+        try:
+            return await self._worker_hello(conn, hello)
+        finally:
+            self._hellos.discard(conn)
+
+    async def _worker_hello(self, conn: IConnection, hello: dict) -> dict:
         name = hello["name"]
         holding = {h["lease"]: h["job"] for h in hello.get("holding", [])}
         old = self.workers.get(name)
         if old is not None:
             alive = await old.conn.ping(self.beat)
+            if conn not in self._hellos:
+                # The newcomer left while we waited: it supersedes nobody.
+                raise errors.ShuttingDown("connection closed during the handshake")
             # The world moved while we waited: the old connection may be gone,
             # and another newcomer under this name may have taken its place.
             current = self.workers.get(name)
@@ -485,6 +497,7 @@ class Dispatcher:
 
     def connection_lost(self, conn: IConnection):
         self._watchers.pop(conn, None)
+        self._hellos.discard(conn)
         worker = self._worker_by_conn.get(conn)
         if worker is None:
             return

@@ -404,8 +404,15 @@ BAD_INPUT = {
         "w1", b'RESULT {"rid":28,"job":1,"lease":"L1","results":[{"i":1,"out":"\\ud800"}]}\n', "bad_json", None, False
     ),
     "hello-lone-surrogate-token": Bad(
-        "new", b'HELLO {"rid":1,"proto":1,"role":"client","name":"x","token":"\\udc00"}\n', "bad_json", None, False
+        "new", b'HELLO {"rid":1,"proto":1,"role":"client","name":"x","token":"\\udc00"}\n', "bad_json", None, True
     ),
+    # Before the HELLO is accepted, any refused line ends the connection.
+    "garbage-before-hello": Bad("new", b"\x16\x03\x01\x02\x00\x01\n", "bad_line", None, True),
+    "bad-json-hello": Bad("new", b'HELLO {"rid":1,\n', "bad_json", None, True),
+    "hello-without-name": Bad(
+        "new", _line("HELLO", {"rid": 1, "proto": 1, "role": "client", "token": "s3cret"}), "bad_request", 1, True
+    ),
+    "unknown-verb-before-hello": Bad("new", b'FROB {"rid":3}\n', "unknown_verb", 3, True),
 }
 
 
@@ -495,12 +502,12 @@ def test_server_handshake_deadline_closes_silent_connection(stack):
     assert peer.lost
 
 
-def test_server_handshake_deadline_counts_from_connect_not_last_line(stack):
-    """Lines that are not a valid HELLO do not extend the handshake deadline."""
+def test_server_handshake_deadline_counts_from_connect_not_last_bytes(stack):
+    """Bytes of a HELLO still being sent do not extend the handshake deadline."""
     peer = stack.connect()
     stack.advance(HANDSHAKE - 1)
-    peer.send_raw(b"HELLO {broken\n")
-    assert peer.take("ERR")[0]["code"] == "bad_json"
+    peer.send_raw(b'HELLO {"rid":1,"proto":1,')
+    assert peer.take_all() == []
     stack.advance(1)
     assert peer.take("ERR")[0]["code"] == "handshake_timeout"
     assert peer.lost
@@ -648,19 +655,18 @@ def test_server_name_arbitration_unheld_lease_of_old_connection_ends(world):
     assert (view["state"], view["lease"], view["accepted"]) == ("running", "L2", 1)
 
 
-def test_server_second_hello_during_arbitration_refused(world):
-    """A second HELLO on a connection whose first HELLO is still pending gets already_ready, and one worker results."""
+def test_server_second_hello_during_arbitration_refused_and_closed(world):
+    """A second HELLO while the first is still pending gets already_ready and ends the connection; w1 keeps its lease."""
     stack = world.stack
     new = _reconnect_w1(stack, holding=[{"job": 1, "lease": "L1"}])
     new.send("HELLO", {**_HELLO, "rid": 2, "role": "worker", "name": "w9", "slots": 1, "types": {"noop": "1"}})
     err = new.reply(2)
-    assert (err.verb, err.body["code"]) == ("ERR", "already_ready")
-    stack.advance(BEAT)
-    assert new.reply(1).verb == "OK"
-    names = sorted(w["name"] for w in world.c1.request("WORKERS").body["workers"])
-    assert names == ["w1", "w2"]
-    stack.advance(BEAT)
-    assert new.take("BEAT") == [{}]  # one beat timer, not two
+    assert (err.verb, err.body["code"]) == ("ERR", "already_ready") and new.lost
+    stack.advance(BEAT)  # the PING goes unanswered, but the newcomer is gone: it supersedes nobody
+    assert new.reply(1) is None
+    assert not world.w1.lost
+    workers = {w["name"]: w for w in world.c1.request("WORKERS").body["workers"]}
+    assert sorted(workers) == ["w1", "w2"] and workers["w1"]["running"] == [1]
 
 
 # -- shutdown --------------------------------------------------------------------

@@ -283,6 +283,9 @@ async def test_transcript_replays_against_a_live_server(path, reactor, tmp_path)
         for item in _blocks(steps):
             if isinstance(item, list):
                 await _expect(item, conns, cursor, norm, reactor, path.name)
+            elif item.kind == "connect":
+                conns[item.conn] = LineClient()
+                await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", grid.port), conns[item.conn])
             elif item.kind == "C":
                 if item.conn not in conns:
                     conns[item.conn] = LineClient()

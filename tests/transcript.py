@@ -3,8 +3,8 @@
 A transcript is executable data (protocols/transcripts/README.md has the
 format). Each ``C(name):`` line is fed to connection ``name`` in chunks of a
 chosen size; each ``S(name):`` line must be the next line that connection
-received, byte for byte; ``-- advance N`` moves the clock; ``-- closed
-name`` expects the server to have closed that connection; ``-- store down``
+received, byte for byte; ``-- advance N`` moves the clock; ``-- connect name`` opens a
+connection that sends nothing; ``-- closed name`` expects the server to have closed that connection; ``-- store down``
 and ``-- store up`` stop and restart the (memory) store under the running
 server, as a database outage would; ``-- shutdown`` stops the server as
 twistd does (``GriddService.stopService``). At the end no connection may
@@ -39,14 +39,14 @@ TRANSCRIPTS = Path(__file__).resolve().parent.parent / "protocols" / "transcript
 SECRET = "s3cret"
 
 #: The ``-- `` lines a transcript may hold (protocols/transcripts/README.md).
-DIRECTIVES = ("advance", "closed", "option", "store", "shutdown")
+DIRECTIVES = ("advance", "closed", "connect", "option", "store", "shutdown")
 
 _LINE = re.compile(r"(?P<who>[CS])\((?P<conn>[\w-]+)\): (?P<text>.*)\Z")
 
 
 @dataclass
 class Step:
-    kind: str  # "C", "S", "advance", "closed", "option", "store", "shutdown"
+    kind: str  # "C", "S", "advance", "closed", "connect", "option", "store", "shutdown"
     conn: str = ""
     text: str = ""
     number: int = 0
@@ -66,7 +66,7 @@ def parse(path: Path) -> tuple[list[str], list[Step]]:
             verb, _, arg = line[3:].partition(" ")
             if verb not in DIRECTIVES:
                 raise ValueError(f"{path.name}:{number}: unknown directive {verb!r}")
-            steps.append(Step(verb, arg if verb == "closed" else "", arg, number))
+            steps.append(Step(verb, arg if verb in ("closed", "connect") else "", arg, number))
         else:
             raise ValueError(f"{path.name}:{number}: not a transcript line: {line!r}")
     return raw, steps
@@ -194,9 +194,12 @@ def replay(path: Path, chunk: int | None = None, record: bool = False) -> list[s
 
     try:
         for step in steps:
-            if step.kind in ("C", "advance", "store", "shutdown") and record:
+            if step.kind in ("C", "advance", "connect", "store", "shutdown") and record:
                 observe(step.number)
-            if step.kind == "C":
+            if step.kind == "connect":
+                server.connection(step.conn)
+                server.settle()
+            elif step.kind == "C":
                 conn = server.connection(step.conn)
                 data = step.text.encode("utf-8") + b"\n"
                 size = chunk or len(data)

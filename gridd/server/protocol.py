@@ -252,7 +252,8 @@ class ServerProtocol(LineOnlyReceiver):
         if self.transport is None or self.session.state == "closed":
             return
         self.send("ERR", err.to_body(rid))
-        if err.close or close:
+        # Until its HELLO is accepted a connection gets one chance: any refusal ends it.
+        if err.close or close or self.session.state == "connected":
             log.info("closing {addr}: {code}", addr=self.address, code=err.code)
             self._close()
 
