@@ -467,6 +467,14 @@ class Dispatcher:
         )
         for job in taken:
             self._cancel_timer(job)
+            if job.leased_at is not None and job.leased_at + job.timeout <= now:
+                # Its run-time limit passed while no connection held it: the
+                # worker is told now, in ``lost``, and the attempt counts.
+                lost.append({"job": job.id, "lease": job.lease, "reason": "timeout"})
+                self._end_lease_soon(
+                    job, "timeout", error=f"run-time limit of {job.timeout:g} s exceeded", backoff=True
+                )
+                continue
             self._bind(worker, job)
             kept.append({"job": job.id, "lease": job.lease, "todo": sorted(job.pending)})
         self.workers[name] = worker

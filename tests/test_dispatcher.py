@@ -699,8 +699,8 @@ def test_runtime_limit_counts_from_the_grant_across_a_server_restart():
     g2.d.stop()
 
 
-def test_reattached_lease_past_its_limit_times_out_at_once():
-    """A lease whose run-time limit passed while no connection held it is revoked as soon as it is reattached."""
+def test_reattached_lease_past_its_limit_is_lost_with_reason_timeout():
+    """A lease whose run-time limit passed while no connection held it is reported lost (timeout) at the reattach."""
     store = MemoryStore(server_id="first-run")
     g = Grid(store)
     w = g.worker("w1")
@@ -708,11 +708,16 @@ def test_reattached_lease_past_its_limit_times_out_at_once():
     [job] = w.take("JOB")
     g.d.stop()
     g.clock.advance(6.0)
-    g2 = Grid(store.sibling("second-run"), clock=g.clock)
+    g2 = Grid(store.sibling("second-run"), clock=g.clock, backoff_base=1.0)
     back = g2.worker("w1", holding=[{"job": job_id, "lease": job["lease"]}])
-    assert back.hello_reply["kept"][0]["lease"] == job["lease"]
-    g2.clock.advance(0)
-    assert back.take("REVOKE") == [{"job": job_id, "lease": job["lease"], "reason": "timeout"}]
+    assert back.hello_reply == {"kept": [], "lost": [{"job": job_id, "lease": job["lease"], "reason": "timeout"}]}
+    assert not back.take("REVOKE")
+    released = [h for h in g2.state(job_id)["history"] if h["event"] == "released"]
+    assert released[-1]["detail"]["reason"] == "timeout"
+    g2.clock.advance(1.0)  # the failed attempt's backoff
+    g2.d.seen(back)
+    [again] = back.take("JOB")
+    assert (again["job"], again["attempt"]) == (job_id, 2)
     g2.d.stop()
 
 
