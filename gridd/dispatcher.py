@@ -249,6 +249,48 @@ class RateCounter:
         return sum(counts[kind] for number, counts in self._slots if number >= first)
 
 
+class _Complaint:
+    """A failure that recurs on a timer (a store out of reach), said once, then every ``every`` seconds, then its end.
+
+    An outage of an hour would otherwise log a line every beat and every
+    sync: thousands of lines that bury the one that says why.
+    """
+
+    def __init__(self, clock, what: str, every: float = 60.0):
+        self.clock = clock
+        self.what = what
+        self.every = every
+        self.since: float | None = None
+        self._said = 0.0
+        self._tries = 0
+
+    def failed(self, error: BaseException, retry: float):
+        now = self.clock.seconds()
+        self._tries += 1
+        if self.since is None:
+            self.since = self._said = now
+            log.warn("{what} failed ({e}); trying again every {r:g} s", what=self.what, e=error, r=retry)
+        elif now - self._said >= self.every:
+            self._said = now
+            log.warn(
+                "{what} still failing after {s:.0f} s ({n} tries; last: {e})",
+                what=self.what,
+                s=now - self.since,
+                n=self._tries,
+                e=error,
+            )
+
+    def ok(self):
+        if self.since is not None:
+            log.info(
+                "{what} works again after {s:.1f} s ({n} failed tries)",
+                what=self.what,
+                s=self.clock.seconds() - self.since,
+                n=self._tries,
+            )
+            self.since, self._tries = None, 0
+
+
 class Dispatcher:
     """Hands runnable jobs to matching workers and keeps their leases honest."""
 
@@ -303,6 +345,8 @@ class Dispatcher:
         self._revoked_seen: set[str] = set()
         #: The store could not record the last lease tried (an outage, said once).
         self._grants_failing = False
+        self._housekeeping_trouble = _Complaint(clock, "housekeeping (this server's beat in the store)")
+        self._sync_trouble = _Complaint(clock, "sync with the shared store")
         #: When the store last took this server's beat.
         self._last_beat_stored = clock.seconds()
         #: Before this time, other servers' stale beats are not held against them.
@@ -557,7 +601,7 @@ class Dispatcher:
         try:
             await self.store.beat(now, self.deadline)
         except Exception as e:
-            log.warn("housekeeping: the store failed ({e}); trying again in {beat} s", e=e, beat=self.beat)
+            self._housekeeping_trouble.failed(e, self.beat)
             return
         # An outage is a gap of more than a deadline between two beats that
         # the store took: beats that failed, or one that hung (a frozen
@@ -573,12 +617,14 @@ class Dispatcher:
             )
         self._last_beat_stored = answered
         if self.clock.seconds() < self._judge_servers_after:
+            self._housekeeping_trouble.ok()
             return
         try:
             ended = await self.store.expire_servers(self.clock.seconds(), self.reattach_grace)
         except Exception as e:
-            log.warn("housekeeping: the store failed ({e}); trying again in {beat} s", e=e, beat=self.beat)
+            self._housekeeping_trouble.failed(e, self.beat)
             return
+        self._housekeeping_trouble.ok()
         if ended:
             log.info("leases of gone servers ended, jobs re-queued or failed: {ids}", ids=ended)
             await self._reload(*ended)
@@ -597,7 +643,9 @@ class Dispatcher:
             await self._sync_watched()
             await self._sync_revocations()
         except Exception as e:
-            log.warn("sync with the shared store failed ({e}); trying again in {s} s", e=e, s=self.sync_interval)
+            self._sync_trouble.failed(e, self.sync_interval)
+        else:
+            self._sync_trouble.ok()
 
     async def _sync_runnable(self):
         ids = await self.store.runnable(self.clock.seconds(), 1000)

@@ -886,3 +886,26 @@ def test_two_newcomers_racing_for_a_dead_name_one_wins_the_other_is_refused():
     d2.addErrback(failures.append)
     assert failures and failures[0].check(errors.NameInUse)
     assert g.d.workers["w1"].conn is first and first.dropped is None
+
+
+def test_store_outage_is_logged_once_then_every_minute_then_its_end():
+    """A long store outage says so once, then once a minute with a count, and once when it is over."""
+    from twisted.logger import globalLogPublisher
+
+    two = TwoServers()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        run(two.a.store.stop())
+        two.advance(150.0)  # 75 beats, 300 syncs
+        run(two.a.store.start())
+        two.advance(2.0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    # (which loop, what was said): "{what} failed ...", "{what} still failing ...", "{what} works again ..."
+    lines = [(e["what"].split()[0], e["log_format"].split(" ")[1]) for e in events if "what" in e]
+    assert lines.count(("housekeeping", "failed")) == 1 and lines.count(("sync", "failed")) == 1
+    assert lines.count(("housekeeping", "still")) == 2 and lines.count(("sync", "still")) == 2
+    assert lines.count(("housekeeping", "works")) == 1 and lines.count(("sync", "works")) == 1
+    two.a.d.stop()
+    two.b.d.stop()
