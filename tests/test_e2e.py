@@ -244,6 +244,33 @@ async def test_e2e_suspended_worker_is_replaced_and_its_late_results_refused(rea
     await client.close()
 
 
+async def restart_and_check_nothing_acknowledged_is_lost(grid, reactor, watcher, ids):
+    """With the server down: what it acknowledged is in the store. Restarted: leases reattach, the run completes,
+    and no result accepted before the stop was lost or replaced."""
+    # What the stopped server committed, and what it had acknowledged: EVENTs
+    # (sent only after a commit) and the DONEs workers saw answered.
+    seen = {job: dict(s) for job, s in watcher.status.items()}
+    done = done_by_workers(grid)
+    snapshot = accepted_records(grid)
+    states = dict(grid.db_rows("SELECT id, state FROM jobs"))
+    assert set(ids) <= set(states), "an acknowledged submit is missing"
+    assert_acknowledged_kept(snapshot, states, seen, done)
+    # A lease granted just before the stop, whose JOB never left, waits out the
+    # reattach grace before it is re-queued: keep that short here.
+    server = await grid.start_server("--reattach-grace", "5")
+    for n in (1, 2, 3):
+        await server.wait_for(rf"worker w{n} connected")
+    # Workers came back holding leases the restarted server still honours.
+    assert any(int(line.rsplit("kept ", 1)[1].split(",")[0]) > 0 for line in server.matching(r"kept \d+"))
+    client, _ = await run_with_client(grid, reactor)
+    final = await client.wait(ids)
+    assert set(final) == set(ids)
+    assert_every_record_once(grid, ids)
+    end = accepted_records(grid)
+    assert {key: end.get(key) for key in snapshot} == snapshot
+    await client.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_e2e_server_killed_and_restarted_loses_nothing(reactor, grid):
     """SIGKILL the server mid-run and restart it: every acknowledged job and result survives and the run completes."""
@@ -253,29 +280,7 @@ async def test_e2e_server_killed_and_restarted_loses_nothing(reactor, grid):
     grid.server.send_signal(signal.SIGKILL)
     await grid.server.when_ended()
     await client.closed
-    # What the dead server committed, and what it had acknowledged: EVENTs
-    # (sent only after a commit) and the DONEs workers saw answered.
-    seen = {job: dict(s) for job, s in watcher.status.items()}
-    done = done_by_workers(grid)
-    snapshot = accepted_records(grid)
-    states = dict(grid.db_rows("SELECT id, state FROM jobs"))
-    assert set(ids) <= set(states), "an acknowledged submit is missing"
-    assert_acknowledged_kept(snapshot, states, seen, done)
-    # A lease granted just before the kill, whose JOB never left, waits out the
-    # reattach grace before it is re-queued: keep that short here.
-    server = await grid.start_server("--reattach-grace", "5")
-    for n in (1, 2, 3):
-        await server.wait_for(rf"worker w{n} connected")
-    # Workers came back holding leases the restarted server still honours.
-    assert any(int(line.rsplit("kept ", 1)[1].split(",")[0]) > 0 for line in server.matching(r"kept \d+"))
-    client, watcher = await run_with_client(grid, reactor)
-    final = await client.wait(ids)
-    assert set(final) == set(ids)
-    assert_every_record_once(grid, ids)
-    # No result accepted before the kill was lost or replaced by another.
-    end = accepted_records(grid)
-    assert {key: end.get(key) for key in snapshot} == snapshot
-    await client.close()
+    await restart_and_check_nothing_acknowledged_is_lost(grid, reactor, watcher, ids)
 
 
 @pytest_twisted.ensureDeferred
@@ -287,6 +292,7 @@ async def test_e2e_server_terminated_stops_cleanly_and_loses_nothing(reactor, gr
     stopping = grid.server
     code = await stopping.stop(signal.SIGTERM)
     await client.closed
+    assert client.bye_reason == "shutdown"  # told why before the connection closed
     # twistd shuts down, then ends itself with the signal that stopped it
     # (twisted.application.app._exitWithSignal); a crash exits with a status.
     assert (code, stopping.exit_signal) == (None, signal.SIGTERM), f"see {stopping.log_path}"
@@ -294,24 +300,8 @@ async def test_e2e_server_terminated_stops_cleanly_and_loses_nothing(reactor, gr
     assert stopping.matching(r"\] Server Shut Down\.$")
     bad = stopping.matching(r"#(critical|error)\]|Traceback|Unhandled")
     assert bad == [], f"see {stopping.log_path}"
-    seen = {job: dict(s) for job, s in watcher.status.items()}
-    done = done_by_workers(grid)
-    snapshot = accepted_records(grid)
-    states = dict(grid.db_rows("SELECT id, state FROM jobs"))
-    assert set(ids) <= set(states), "an acknowledged submit is missing"
-    assert_acknowledged_kept(snapshot, states, seen, done)
-    server = await grid.start_server("--reattach-grace", "5")
-    for n in (1, 2, 3):
-        await server.wait_for(rf"worker w{n} connected")
     # Leases outlive a server that stops (PROTOCOL.md 6.2): the workers
     # reattach them, and no job lost an attempt as if its worker had gone.
-    assert any(int(line.rsplit("kept ", 1)[1].split(",")[0]) > 0 for line in server.matching(r"kept \d+"))
-    client, watcher = await run_with_client(grid, reactor)
-    final = await client.wait(ids)
-    assert set(final) == set(ids)
-    assert_every_record_once(grid, ids)
-    end = accepted_records(grid)
-    assert {key: end.get(key) for key in snapshot} == snapshot
+    await restart_and_check_nothing_acknowledged_is_lost(grid, reactor, watcher, ids)
     released = grid.db_rows("SELECT job_id, detail FROM job_events WHERE event = 'released'")
     assert [job for job, detail in released if json.loads(detail)["reason"] == "disconnected"] == []
-    await client.close()
