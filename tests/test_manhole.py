@@ -10,6 +10,7 @@ processes' logs); they wait on the prompt or on log lines, never on time.
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import signal
@@ -647,41 +648,180 @@ async def test_manhole_drained_worker_gets_no_new_job(manhole_grid, client):
         await c.close()
 
 
-OVERVIEW_JOBS = re.compile(r"^jobs\s+(.*)$", re.M)
+#: The job states, as the schema's CHECK constraint lists them.
+STATES = ("queued", "running", "paused", "done", "failed", "cancelled")
+
+
+def parse_overview(shown: str) -> dict:
+    """The figures printed by ``grid.overview()``: dispatching, jobs by state, workers, queue depth, rates."""
+    lines = shown.splitlines()
+
+    def line(label: str) -> str:
+        [found] = [text for text in lines if text.split(" ", 1)[0] == label]
+        return found[len(label) :].strip()
+
+    def number(text: str) -> int | float:
+        text = text.replace(",", "")
+        return float(text) if "." in text else int(text)
+
+    def table(title: str) -> tuple[list[str], list[list[str]]]:
+        at = lines.index(title)
+        rows = []
+        for text in lines[at + 2 :]:
+            if not text.strip():
+                break
+            rows.append(text.split())
+        return lines[at + 1].split(), rows
+
+    jobs = re.findall(r"([a-z]+) ([\d,]+)", line("jobs"))
+    assert "  ".join(f"{state} {n}" for state, n in jobs) == line("jobs"), line("jobs")
+    workers = re.fullmatch(r"([\d,]+) connected +([\d,]+) slots +([\d,]+) busy +([\d,]+) drained", line("workers"))
+    assert workers, line("workers")
+    queue = []
+    if "queued by type and priority: none" not in lines:
+        header, rows = table("queued by type and priority")
+        assert header == ["type", "priority", "queued"]
+        queue = [(t, int(p), number(n)) for t, p, n in rows]
+    header, rows = table("per minute, over the last")
+    assert header[1::2] == ["min"] * len(header[::2]), header
+    windows = [int(m) for m in header[::2]]
+    return {
+        "dispatching": line("dispatching").split()[0],
+        "jobs": {state: number(n) for state, n in jobs},
+        "workers": dict(zip(("connected", "slots", "busy", "drained"), map(number, workers.groups()), strict=True)),
+        "queue": queue,
+        "per_minute": {kind: dict(zip(windows, map(number, values), strict=True)) for kind, *values in rows},
+    }
+
+
+def read_store(db: Path) -> dict:
+    """The figures an overview should show, read with SQL from the server's SQLite file (read only, beside the
+    running server: WAL lets a reader in while it writes)."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(db.as_uri() + "?mode=ro", uri=True)) as conn:
+        by_state = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        queue = conn.execute(
+            "SELECT type, priority, COUNT(*) FROM jobs WHERE state = 'queued' GROUP BY type, priority"
+        ).fetchall()
+        ended = dict(
+            conn.execute(
+                "SELECT json_extract(detail, '$.to'), COUNT(*) FROM job_events"
+                " WHERE event IN ('released', 'state') AND json_extract(detail, '$.to') IN ('failed', 'cancelled')"
+                " GROUP BY 1"
+            ).fetchall()
+        )
+        [(submitted, done, first)] = conn.execute(
+            "SELECT SUM(event = 'submitted'), SUM(event = 'completed'), MIN(at) FROM job_events"
+        ).fetchall()
+        [(records,)] = conn.execute("SELECT COUNT(*) FROM records WHERE accepted_at IS NOT NULL").fetchall()
+    return {
+        "jobs": {state: by_state.pop(state, 0) for state in STATES} | by_state,
+        "queue": {(t, p): n for t, p, n in queue},
+        # Every event of this server so far: the 15-minute window's counts, if it began less than 15 minutes ago.
+        "events": {
+            "submitted": submitted,
+            "records": records,
+            "done": done,
+            "failed": ended.get("failed", 0),
+            "cancelled": ended.get("cancelled", 0),
+        },
+        "first_event": first,
+    }
+
+
+async def all_running(client, job_ids: list[int]):
+    """Fire once the server has said (WATCH reply or EVENT) that each of these jobs runs."""
+    from twisted.internet import reactor
+
+    waiting = set(job_ids)
+    running = defer.Deferred()
+
+    def seen(status):
+        if running.called:
+            return
+        if status["state"] not in ("queued", "running"):
+            running.errback(AssertionError(f"job {status['job']} is {status['state']}: it will not run"))
+            return
+        if status["state"] == "running":
+            waiting.discard(status["job"])
+        if not waiting:
+            running.callback(None)
+
+    try:
+        for status in await client.watch(job_ids, seen):
+            seen(status)
+        await running.addTimeout(WAIT, reactor)
+    finally:
+        client.unwatch(seen)
 
 
 @pytest.mark.e2e
 @pytest_twisted.ensureDeferred
 async def test_manhole_overview_figures_match_the_store(manhole_grid, client):
-    """The overview's job counts, queue depth and recent submissions agree with the store (client STATS)."""
+    """The overview's jobs by state, queue by type and priority, workers and recent counts are those read
+    with SQL from the database file and those of the workers this test runs."""
     grid = manhole_grid
     c = await console(grid)
+    ending: list[int] = []  # this test's jobs that have not ended, cancelled when it is over
     try:
-        [failing] = await client.submit([{"type": "fail", "records": [1], "retries": 0}])
-        await client.wait([failing])
+        # Jobs that end: one fails (no retry), one is done.
+        [failed] = await client.submit([{"type": "fail", "records": [0], "retries": 0}])
+        [done] = await client.submit([{"type": "noop", "records": [0, 1]}])
+        ended = await client.wait([failed, done])
+        assert (ended[failed]["state"], ended[done]["state"]) == ("failed", "done")
+        # Three that run until cancelled, in 3 of the 4 slots.
+        running = await client.submit(sleep_jobs(3, seconds=3600, records=1))
+        ending += running
+        await all_running(client, running)
+        # With the stop switch on nothing more starts, and the running jobs go on: the state holds still.
         assert await c.run("grid.stop_dispatching()") == "dispatching is OFF\n"
         queued = await client.submit(
-            sleep_jobs(3, priority=5) + [{"type": "noop", "records": [1]}, {"type": "noop", "records": [2]}]
+            sleep_jobs(3, priority=5)
+            + [{"type": "noop", "records": [0], "priority": 5}]
+            + [{"type": "noop", "records": [0], "priority": -2} for _ in range(3)]
         )
-        await c.run(f"grid.pause({queued[0]})")
+        ending += queued
+        paused, cancelled = queued[4], queued[0]
+        assert await c.run(f"grid.pause({paused})") == f"job {paused} is paused\n"
+        assert await client.cancel(cancelled) == "cancelled"
+
+        db = grid.data / "gridd.db"
+        expected = read_store(db)
         shown = await c.run("grid.overview()")
-        stats = await client.stats()
-        figures = dict(re.findall(r"(\w+) ([\d,]+)", OVERVIEW_JOBS.search(shown).group(1)))
-        assert {state: int(n.replace(",", "")) for state, n in figures.items()} == stats["jobs"]
-        assert stats["jobs"]["failed"] >= 1 and stats["jobs"]["paused"] >= 1
-        assert "dispatching  OFF" in shown
-        assert re.search(r"^\s+sleep\s+5\s+2$", shown, re.M) and re.search(r"^\s+noop\s+0\s+2$", shown, re.M)
-        queue_rows = re.findall(r"^\s+\w+\s+-?\d+\s+(\d+)$", shown.split("queued by type and priority")[1], re.M)
-        assert sum(int(n) for n in queue_rows) == stats["jobs"]["queued"]
-        assert f"workers      2 connected  4 slots  {stats['busy']} busy" in shown
-        submitted = int(re.search(r"^\s+submitted\s+([\d,]+)", shown, re.M).group(1).replace(",", ""))
-        assert submitted >= 6
-        assert await c.run("_.data['jobs'] == " + repr(stats["jobs"])) == "True\n"
+        recent = await c.run("{kind: counts[15] for kind, counts in _.data['recent'].items()}")
+        assert read_store(db) == expected, "the state moved while the overview was taken"
+        figures = parse_overview(shown)
+
+        # The set-up is in the store as this test made it (the module's other tests leave no job unfinished).
+        assert expected["queue"] == {("sleep", 5): 2, ("noop", 5): 1, ("noop", -2): 2}
+        assert (expected["jobs"]["running"], expected["jobs"]["paused"]) == (3, 1)
+        assert min(expected["jobs"][s] for s in ("done", "failed", "cancelled")) >= 1
+
+        assert figures["dispatching"] == "OFF"
+        assert figures["jobs"] == expected["jobs"]
+        assert {(t, p): n for t, p, n in figures["queue"]} == expected["queue"]
+        assert [p for _, p, _ in figures["queue"]] == sorted((p for _, p, _ in figures["queue"]), reverse=True)
+        # Two workers of 2 slots each (the fixture), busy with this test's 3 running jobs.
+        assert figures["workers"] == {"connected": 2, "slots": 4, "busy": 3, "drained": 0}
+
+        # Rates: this server's whole life fits in the last 15 minutes, so that window counts every event.
+        assert expected["first_event"] > grid.reactor.seconds() - 14 * 60
+        assert ast.literal_eval(recent) == expected["events"]
+        assert set(figures["per_minute"]) == set(expected["events"])
+        for kind, count in expected["events"].items():
+            assert figures["per_minute"][kind][15] == pytest.approx(count / 15, abs=0.05 + 1e-9), kind
     finally:
+        for job in ending:
+            try:
+                await client.cancel(job)
+            except errors.InvalidState:
+                pass  # it ended already
         await c.run("grid.start_dispatching()")
-        await c.run(f"grid.cancel({queued[0]})")
         await c.close()
-    await client.wait(queued)
+    await client.wait(ending)
+    assert_no_server_errors(grid)
 
 
 @pytest.mark.e2e
