@@ -161,7 +161,7 @@ def test_overview_figures_add_up_to_what_happened():
 
 
 def test_overview_text_shows_exact_figures_of_a_known_grid():
-    """Jobs in every state, a queue of two types at three priorities and two workers render as these exact lines."""
+    """Jobs in every state, a queue of two types at two priorities and two workers render as these exact lines."""
     c = Console()
     w1 = c.worker("w1", slots=3)
     done_id, failed_id = c.submit({"records": ["a", "b"]}, {"retries": 0})
