@@ -14,9 +14,10 @@ Two layers:
   server endpoint, and after a loss it reconnects (with backoff, within a
   bound) to any of them when it next needs a connection. ``wait()`` carries on
   across a reconnect; requests that only read are sent again; a request that
-  changes state and lost its connection before the reply is never sent again
-  (its outcome is unknown, PROTOCOL.md section 2) and fails with
-  :class:`OutcomeUnknown`.
+  changes state and lost its connection after it was written and before the
+  reply is never sent again (its outcome is unknown, PROTOCOL.md section 2)
+  and fails with :class:`OutcomeUnknown`, while one that could not be written
+  at all (:class:`NotSent`) is sent once the client has reconnected.
 
 :class:`BlockingClient` offers the methods of :class:`Client` to scripts that
 do not run a reactor themselves.
@@ -25,6 +26,7 @@ do not run a reactor themselves.
 from __future__ import annotations
 
 import atexit
+import copy
 import inspect
 import operator
 import threading
@@ -55,6 +57,7 @@ __all__ = [
     "split_submit",
     "BlockingClient",
     "ConnectionDropped",
+    "NotSent",
     "OutcomeUnknown",
     "ReconnectFailed",
 ]
@@ -105,24 +108,45 @@ class ClientProtocol(PeerProtocol):
 
         The jobs go out in as few SUBMITs as the limits allow (10,000 jobs and
         ``max_line`` bytes each), one after the other. Each SUBMIT commits
-        atomically but the whole call does not: when a later one fails, the
-        exception's ``submitted`` attribute lists the ids already committed.
+        atomically but the whole call does not, so whatever it fails with
+        says what became of every job, in ranges of indexes into ``jobs``:
+
+        - ``submitted``: the ids the SUBMITs answered OK committed, those of
+          ``jobs[:len(submitted)]``;
+        - ``unknown``: the jobs of the SUBMIT that was written and got no
+          reply (``ConnectionDropped``): they may or may not exist;
+        - ``refused``: the jobs of the SUBMIT the server refused (a
+          ``gridd.errors`` class): none of them exists;
+        - ``not_sent``: the jobs after those; when a SUBMIT could not be
+          written (:class:`NotSent`), its jobs and all later ones: none of
+          them exists.
+
         A job too big for any line fails with ``LineTooLong`` before anything
         is sent.
         """
         return Deferred.fromCoroutine(self._submit(list(jobs)))
 
     async def _submit(self, jobs: list[dict]) -> list[int]:
-        chunks = list(split_submit(jobs, self.max_line))
-        ids: list[int] = []
+        submission = _Submission(jobs)
+        try:
+            chunks = list(split_submit(jobs, self.max_line))
+        except errors.GriddError as e:
+            submission.failed(e)
+            raise
         for chunk in chunks:
             try:
                 reply = await self.request("SUBMIT", {"jobs": chunk})
-            except Exception as e:
-                e.submitted = list(ids)
+            except NotSent as e:
+                submission.failed(e)
                 raise
-            ids.extend(reply["jobs"])
-        return ids
+            except errors.GriddError as e:
+                submission.failed(e, chunk, "refused")
+                raise
+            except Exception as e:
+                submission.failed(e, chunk, "unknown")
+                raise
+            submission.committed(chunk, reply["jobs"])
+        return submission.ids
 
     # -- reading ----------------------------------------------------------
 
@@ -328,10 +352,24 @@ class ClientProtocol(PeerProtocol):
         self.transport.loseConnection()
         return closed
 
+    @property
+    def usable(self) -> bool:
+        """Whether a request made now would be written to an open connection: not lost, nor closing."""
+        return not (self.lost or self._lost or getattr(self.transport, "disconnecting", False))
+
     def request(self, verb: str, body: dict | None = None) -> Deferred:
-        """Send a request; on a connection already lost, fail at once with ConnectionDropped (nothing is sent)."""
-        if self.lost:
-            return fail(ConnectionDropped(f"not connected: {verb} was not sent"))
+        """Send a request; on a connection lost or closing, write nothing and fail at once with :class:`NotSent`.
+
+        A connection whose transport says it is closing (``disconnecting``:
+        after ``loseConnection``, and over TLS after ``abortConnection`` too,
+        as when the server fell silent past its deadline) might still carry
+        the line out, or might drop it: writing nothing keeps "not sent"
+        certain. A plain TCP connection that was aborted does not say so
+        until it is lost: a line written there counts as sent.
+        """
+        if not self.usable:
+            state = "lost" if self.lost or self._lost else "closing"
+            return fail(NotSent(f"{verb} not sent: the connection is {state}"))
         return super().request(verb, body)
 
     def connectionLost(self, reason):
@@ -347,16 +385,18 @@ class ClientProtocol(PeerProtocol):
         return self.request(verb, body).addCallback(operator.itemgetter(field))
 
 
-def split_submit(jobs: list[dict], max_line: int) -> Iterator[list[dict]]:
-    """Split jobs into SUBMIT batches of at most 10,000 jobs whose line fits ``max_line``.
+def split_submit(jobs: list[dict], max_line: int, start: int = 0) -> Iterator[list[dict]]:
+    """Split ``jobs[start:]`` into SUBMIT batches of at most 10,000 jobs whose line fits ``max_line``.
 
     Sizes are measured with :func:`gridd.wire.encode` itself, with room for
     the widest ``rid``. The reply fits too: an id takes fewer bytes than the
-    smallest job. Raises ``LineTooLong`` for a job no line can hold.
+    smallest job. Raises ``LineTooLong`` for a job no line can hold, naming
+    its index in ``jobs``.
     """
     chunk: list[dict] = []
     size = _SUBMIT_ENVELOPE
-    for index, job in enumerate(jobs):
+    for index in range(start, len(jobs)):
+        job = jobs[index]
         job_size = len(wire.encode("SUBMIT", {"jobs": [job], "rid": _MAX_RID})) - 1 - _SUBMIT_ENVELOPE
         if _SUBMIT_ENVELOPE + job_size > max_line:
             raise errors.LineTooLong(
@@ -373,21 +413,49 @@ def split_submit(jobs: list[dict], max_line: int) -> Iterator[list[dict]]:
         yield chunk
 
 
+class NotSent(ConnectionDropped):
+    """A request was not written: its connection was already lost, or closing.
+
+    No server saw it, so sending it again cannot make it happen twice: the
+    :class:`Client` does, once it has reconnected. Only a
+    :class:`ClientProtocol`, which never reconnects, fails a call with it.
+    """
+
+
 class OutcomeUnknown(ConnectionDropped):
-    """A request that changes state lost its connection after it was sent and before its reply.
+    """A request that changes state lost its connection after it was written and before its reply.
 
     The server may or may not have carried it out (PROTOCOL.md section 2), so
     the client does not send it again: look (``show``, ``list_jobs``) before
-    repeating it. ``verb`` names the request. For a ``submit`` that took
-    several SUBMITs, ``submitted`` lists the ids the earlier ones committed;
-    the jobs of the lost SUBMIT are not among them, whether or not they were
-    committed. The :class:`Client` stays usable: its next call reconnects.
+    repeating it. ``verb`` names the request and ``endpoint`` the server it
+    went to. For a ``submit`` the ranges of indexes into its ``jobs`` say
+    what became of each job (see :meth:`ClientProtocol.submit`):
+    ``submitted`` lists the ids that earlier SUBMITs committed, ``unknown`` is
+    the range of the lost SUBMIT, ``not_sent`` that of the jobs after it;
+    ``refused`` is empty. For any other verb all of them are empty. The
+    :class:`Client` stays usable: its next call reconnects.
     """
 
-    def __init__(self, message: str, verb: str, submitted: list[int] | None = None):
+    def __init__(
+        self,
+        message: str,
+        verb: str,
+        submitted: list[int] | None = None,
+        *,
+        unknown: range = range(0),
+        not_sent: range = range(0),
+        endpoint: str | None = None,
+    ):
         super().__init__(message)
         self.verb = verb
+        self.endpoint = endpoint
         self.submitted = list(submitted or [])
+        self.unknown = unknown
+        self.refused = range(unknown.start, unknown.start)
+        self.not_sent = not_sent
+
+    def __reduce__(self):
+        return _rebuilt, (type(self), self.args, self.__dict__)
 
 
 class ReconnectFailed(ConnectionDropped):
@@ -396,13 +464,85 @@ class ReconnectFailed(ConnectionDropped):
     ``rounds`` is how many rounds over the endpoints were tried since the
     client was last served, and ``last_error`` why the last attempt failed
     (or why the connection was lost, when no round was allowed). A request
-    that changes state and fails with this was not sent.
+    that changes state and fails with this was not sent; from a ``submit``
+    it carries ``submitted`` (the ids of the SUBMITs committed before) and
+    ``not_sent``, like :class:`OutcomeUnknown`.
     """
 
     def __init__(self, message: str, rounds: int, last_error: Exception | None):
         super().__init__(message)
         self.rounds = rounds
         self.last_error = last_error
+
+    def __reduce__(self):
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(cls, args, state):
+    """Unpickle (or copy) an exception whose ``__init__`` takes more than its message."""
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class _Submission:
+    """A submit under way: its jobs, the ids committed so far, and what became of each job when it fails."""
+
+    def __init__(self, jobs: list[dict]):
+        self.jobs = jobs
+        self.ids: list[int] = []
+        #: ``jobs[:done]`` are committed.
+        self.done = 0
+
+    def committed(self, chunk: list[dict], ids: list[int]) -> None:
+        self.ids.extend(ids)
+        self.done += len(chunk)
+
+    def fates(self, chunk: list[dict] | None = None, fate: str | None = None) -> dict:
+        """Each job's fate, in ranges of indexes: ``chunk``, the next jobs, is ``fate`` or, without one, not sent."""
+        end = self.done + (len(chunk) if chunk is not None else 0)
+        none = range(self.done, self.done)
+        return {
+            "submitted": list(self.ids),
+            "unknown": range(self.done, end) if fate == "unknown" else none,
+            "refused": range(self.done, end) if fate == "refused" else none,
+            "not_sent": range(end, len(self.jobs)),
+        }
+
+    def failed(self, error: Exception, chunk: list[dict] | None = None, fate: str | None = None) -> Exception:
+        """Give the exception a failed submit raises the fate of each job (see :meth:`ClientProtocol.submit`)."""
+        for name, value in self.fates(chunk, fate).items():
+            setattr(error, name, value)
+        return error
+
+    def outcome_unknown(self, chunk: list[dict], spec: str | None, cause: ConnectionDropped) -> OutcomeUnknown:
+        """The OutcomeUnknown of a SUBMIT (of ``chunk``) that lost its connection after it was written."""
+        fates = self.fates(chunk, "unknown")
+        message = _unknown_message(spec, "SUBMIT", cause)
+        unknown, not_sent = fates["unknown"], fates["not_sent"]
+        if self.ids or not_sent:  # more than one SUBMIT: say which jobs exist
+            parts = [f"jobs[:{self.done}] were committed (ids in .submitted)"] if self.ids else []
+            parts.append(f"jobs[{unknown.start}:{unknown.stop}] may or may not have been (.unknown)")
+            if not_sent:
+                parts.append(f"jobs[{not_sent.start}:{not_sent.stop}] were not sent (.not_sent)")
+            message += f". Of {len(self.jobs)} jobs, " + ", ".join(parts)
+        return OutcomeUnknown(message, "SUBMIT", fates["submitted"], unknown=unknown, not_sent=not_sent, endpoint=spec)
+
+
+def _unknown_message(spec: str | None, verb: str, cause: ConnectionDropped) -> str:
+    return (
+        f"the connection to {spec} was lost before the reply to {verb} ({cause}): the server may or may"
+        " not have carried it out, so it was not sent again; look before repeating it"
+    )
+
+
+def _own(error: Exception) -> Exception:
+    """A copy of an exception that several calls may share (a failed reconnection), to annotate safely."""
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error
 
 
 class _GaveUp(Exception):
@@ -447,9 +587,9 @@ def _sent_once(name: str, verb: str):
     return _described(
         call,
         name,
-        f"Changes state: if the connection is lost after {verb} went out and before its reply,"
-        " fails with OutcomeUnknown and is not sent again (a connection already lost is"
-        " reconnected before anything is sent).",
+        f"Changes state: if the connection is lost after {verb} was written and before its reply,"
+        " fails with OutcomeUnknown and is not sent again. A connection found lost or closing"
+        f" before {verb} was written is replaced first: the client reconnects, then sends it once.",
     )
 
 
@@ -497,10 +637,15 @@ class Client:
       ``results`` go on from the page that was lost.
     - ``submit``, ``cancel``, ``pause``, ``resume``, ``requeue``,
       ``worker_action``, ``dispatch``, ``add_credential`` and
-      ``revoke_credential`` change state. A connection found lost before
-      sending is reconnected first; one lost after the request went out and
-      before its reply fails the call with :class:`OutcomeUnknown`, and the
-      request is not sent again. The client stays usable.
+      ``revoke_credential`` change state, and are never written twice. A
+      connection lost after the request was written and before its reply
+      fails the call with :class:`OutcomeUnknown`, and the request is not
+      sent again. A request that could not be written, because its
+      connection was found lost or closing first (:class:`NotSent`), is sent
+      once the client has reconnected, like a call that starts with no
+      connection: nothing reached any server, so this cannot make it happen
+      twice, and failing instead would leave a submit of several SUBMITs
+      half done for its caller to finish. The client stays usable.
     - a :meth:`watch` callback lives as long as the connection that
       registered it (``closed`` fires when that connection is lost): use
       :meth:`wait` to follow jobs across reconnects.
@@ -588,7 +733,25 @@ class Client:
 
     # -- the calls ---------------------------------------------------------
 
-    submit = _sent_once("submit", "SUBMIT")
+    def submit(self, jobs: Iterable[dict]) -> Deferred[list[int]]:
+        """Submit JOBSPEC dicts (PROTOCOL.md 9.1); fire with their ids, in order.
+
+        As :meth:`ClientProtocol.submit`: as few SUBMITs as the limits allow,
+        one after the other, each committed atomically; whatever the call
+        fails with carries ``submitted``, ``unknown``, ``refused`` and
+        ``not_sent``, which say what became of each job.
+
+        Changes state, so no SUBMIT is written twice. One whose connection is
+        lost after it was written and before its reply fails the call with
+        :class:`OutcomeUnknown`: its jobs are ``unknown``, the later ones
+        ``not_sent``, and nothing more is sent. One that could not be written
+        (its connection was found lost or closing first) reached no server:
+        the client reconnects and sends it and the rest there, split anew if
+        the new server's ``max_line`` differs. When no server takes the
+        client back, :class:`ReconnectFailed` carries the same attributes.
+        """
+        return Deferred.fromCoroutine(self._submit(list(jobs)))
+
     show = _resent("show")
     list_jobs = _resent("list_jobs")
     results_page = _resent("results_page")
@@ -709,29 +872,69 @@ class Client:
             return result
 
     async def _change(self, verb: str, call: Callable[[ClientProtocol], Deferred]):
-        """Run a request that changes state: never sent again once it may have reached a server."""
-        protocol = await self._live()
-        spec = self.endpoint
-        try:
-            result = await call(protocol)
-        except ConnectionDropped as e:
-            submitted = getattr(e, "submitted", [])
-            committed = (
-                f"; {len(submitted)} jobs of earlier SUBMITs were committed (their ids are in .submitted)"
-                if submitted
-                else ""
-            )
-            raise OutcomeUnknown(
-                f"the connection to {spec} was lost before the reply to {verb} ({e}): the server may or may"
-                f" not have carried it out, so it was not sent again; look before repeating it{committed}",
-                verb,
-                submitted,
-            ) from e
-        except errors.GriddError:
+        """Run a request that changes state: never sent again once it was written.
+
+        A request that was not written (NotSent) is sent on the next
+        connection: no server saw it.
+        """
+        while True:
+            protocol = await self._live()
+            spec = self.endpoint
+            try:
+                result = await call(protocol)
+            except NotSent as e:
+                self._dropped(e, verb)
+                continue
+            except ConnectionDropped as e:
+                raise OutcomeUnknown(_unknown_message(spec, verb, e), verb, endpoint=spec) from e
+            except errors.GriddError:
+                self._served()
+                raise
             self._served()
-            raise
-        self._served()
-        return result
+            return result
+
+    async def _submit(self, jobs: list[dict]) -> list[int]:
+        """Send the SUBMITs one after the other, each SUBMIT not written again on the next connection."""
+        submission = _Submission(jobs)
+        if self._closed:
+            raise submission.failed(ConnectionDropped("the client was closed"))
+        chunks: list[list[dict]] = []
+        max_line = None
+        while submission.done < len(jobs):
+            try:
+                protocol = await self._live()
+            except Exception as e:
+                raise submission.failed(_own(e)) from e.__cause__
+            spec = self.endpoint
+            if protocol.max_line != max_line:  # a new server may take shorter lines
+                max_line = protocol.max_line
+                try:
+                    chunks = list(split_submit(jobs, max_line, submission.done))
+                except errors.GriddError as e:
+                    submission.failed(e)
+                    raise
+            chunk = chunks[0]
+            try:
+                reply = await protocol.request("SUBMIT", {"jobs": chunk})
+            except NotSent as e:
+                try:
+                    self._dropped(e, "SUBMIT")
+                except ConnectionDropped as closed:
+                    raise submission.failed(closed) from e
+                continue
+            except ConnectionDropped as e:
+                raise submission.outcome_unknown(chunk, spec, e) from e
+            except errors.GriddError as e:
+                self._served()
+                submission.failed(e, chunk, "refused")
+                raise
+            except Exception as e:
+                submission.failed(e, chunk, "unknown")
+                raise
+            self._served()
+            submission.committed(chunk, reply["jobs"])
+            chunks.pop(0)
+        return submission.ids
 
     def _served(self) -> None:
         """A reply or an EVENT arrived: the next loss gets a fresh reconnection bound."""
@@ -761,7 +964,7 @@ class Client:
         if self._closed:
             raise ConnectionDropped("the client was closed")
         protocol = self._protocol
-        if protocol is not None and not protocol.lost:
+        if protocol is not None and protocol.usable:
             return protocol
         waiter: Deferred[ClientProtocol] = Deferred(self._forget)
         self._waiters.append(waiter)

@@ -20,6 +20,7 @@ from gridd.client import (
     BlockingClient,
     Client,
     ClientProtocol,
+    NotSent,
     OutcomeUnknown,
     ReconnectFailed,
     connect,
@@ -391,6 +392,27 @@ def test_client_submit_later_batch_error_lists_submitted_ids():
     error = failure_of(d)
     assert isinstance(error, errors.Unavailable)
     assert error.submitted == list(range(1, 10_001))
+    assert (error.unknown, error.refused, error.not_sent) == (range(0), range(10_000, 10_001), range(0))
+    lose(protocol)
+
+
+def test_client_protocol_submit_on_a_lost_connection_fails_not_sent():
+    """A ClientProtocol (it never reconnects) fails a submit on its lost connection with NotSent, no job sent."""
+    protocol, transport, _ = handshake()
+    lose(protocol)
+    error = failure_of(protocol.submit([{"type": "noop", "records": [n]} for n in range(3)]))
+    assert isinstance(error, NotSent) and isinstance(error, ConnectionDropped)
+    assert (error.submitted, error.unknown, error.refused, error.not_sent) == ([], range(0), range(0), range(0, 3))
+    assert sent(transport) == []
+
+
+def test_client_protocol_request_on_a_closing_connection_writes_nothing():
+    """Once the connection is closing (loseConnection called), a request writes nothing and fails with NotSent."""
+    protocol, transport, _ = handshake()
+    transport.loseConnection()
+    error = failure_of(protocol.cancel(7))
+    assert isinstance(error, NotSent) and "CANCEL not sent: the connection is closing" in str(error)
+    assert sent(transport) == []
     lose(protocol)
 
 
@@ -640,18 +662,22 @@ class Line:
         self.spec = spec
         self.protocol = protocol
         self.transport = StringTransport()
+        #: Every message this connection carried to the server, read or not yet.
+        self.seen: list[wire.Message] = []
 
     def sent(self) -> list[wire.Message]:
-        return sent(self.transport)
+        messages = sent(self.transport)
+        self.seen.extend(messages)
+        return messages
 
     def answer(self, request: wire.Message, **body) -> None:
         reply(self.protocol, "OK", dict(body, rid=request.rid))
 
-    def greet(self) -> None:
-        """Answer the HELLO this connection opened with."""
+    def greet(self, **welcome) -> None:
+        """Answer the HELLO this connection opened with (WELCOME, with these fields changed)."""
         [hello] = self.sent()
         assert (hello.verb, hello.body["role"]) == ("HELLO", "client")
-        self.answer(hello, **WELCOME)
+        self.answer(hello, **dict(WELCOME, **welcome))
 
     def event(self, job, state, accepted=0, total=3) -> None:
         event(self.protocol, job, state, accepted, total)
@@ -685,6 +711,12 @@ class Network:
     @property
     def last(self) -> Line:
         return self.lines[-1]
+
+    def seen(self, verb: str) -> list[tuple[str, wire.Message]]:
+        """Every ``verb`` line any server was sent, with its endpoint, in order."""
+        for line in self.lines:
+            line.sent()
+        return [(line.spec, message) for line in self.lines for message in line.seen if message.verb == verb]
 
 
 def connected(endpoints=(A, B), **options) -> tuple[Client, Network, Clock]:
@@ -816,20 +848,89 @@ def test_client_submit_lost_before_reply_raises_outcome_unknown_and_is_not_resen
     b.cut()
 
 
-def test_client_submit_lost_in_a_later_batch_lists_the_committed_ids():
-    """When the connection drops during the second SUBMIT, OutcomeUnknown carries the ids the first one committed."""
-    client, network, _ = connected()
-    a = network.last
-    d = client.submit([{"type": "noop", "records": [n]} for n in range(10_001)])
+#: Six jobs of one size, and the max_line that holds exactly two of them per SUBMIT: three SUBMITs.
+SIX_JOBS = [{"type": "noop", "records": [f"record {n}"]} for n in range(6)]
+TWO_PER_LINE = len(wire.encode("SUBMIT", {"jobs": SIX_JOBS[:2], "rid": 2**53 - 1})) - 1
+
+
+def test_client_submit_lost_in_a_later_batch_names_committed_unknown_and_unsent_jobs():
+    """Lost after SUBMIT 1's OK, before SUBMIT 2's reply: 1's ids submitted, 2 unknown, 3 not sent, nothing re-sent."""
+    assert [len(chunk) for chunk in split_submit(SIX_JOBS, TWO_PER_LINE)] == [2, 2, 2]
+    clock, network = Clock(), Network()
+    d = connect(clock, [A, B], "s3cret", "tester", connector=network, retry_policy=STEADY)
+    network.last.greet(max_line=TWO_PER_LINE)
+    client, a = result_of(d), network.last
+    d = client.submit(SIX_JOBS)
     [first] = a.sent()
-    a.answer(first, jobs=list(range(1, 10_001)))
+    assert first.body["jobs"] == SIX_JOBS[0:2]
+    a.answer(first, jobs=[11, 12])
     [second] = a.sent()
+    assert second.body["jobs"] == SIX_JOBS[2:4]
     a.cut()
     error = failure_of(d)
-    assert isinstance(error, OutcomeUnknown)
-    assert error.submitted == list(range(1, 10_001))
-    assert "10000 jobs of earlier SUBMITs were committed" in str(error)
-    assert network.attempts == [A]
+    assert isinstance(error, OutcomeUnknown) and error.verb == "SUBMIT" and error.endpoint == A
+    assert error.submitted == [11, 12]
+    assert (error.unknown, error.refused, error.not_sent) == (range(2, 4), range(0), range(4, 6))
+    assert str(error).endswith(
+        "Of 6 jobs, jobs[:2] were committed (ids in .submitted), jobs[2:4] may or may not have been (.unknown),"
+        " jobs[4:6] were not sent (.not_sent)"
+    )
+    assert network.attempts == [A]  # no reconnection: nothing could be sent again
+    stats = client.stats()
+    network.last.greet()
+    [request] = network.last.sent()
+    network.last.answer(request, jobs={}, workers=0, slots=0, busy=0, dispatching=True)
+    assert result_of(stats)["workers"] == 0
+    assert [(spec, m.body["jobs"]) for spec, m in network.seen("SUBMIT")] == [(A, SIX_JOBS[0:2]), (A, SIX_JOBS[2:4])]
+    network.last.cut()
+
+
+def test_client_submit_batch_not_written_is_sent_on_the_next_connection():
+    """A SUBMIT that finds its connection closing after the first OK goes on a new connection: each batch once."""
+    clock, network = Clock(), Network()
+    d = connect(clock, [A, B], "s3cret", "tester", connector=network, retry_policy=STEADY)
+    network.last.greet(max_line=TWO_PER_LINE)
+    client, a = result_of(d), network.last
+    d = client.submit(SIX_JOBS)
+    [first] = a.sent()
+    a.transport.loseConnection()  # the connection starts closing...
+    # ...and the first OK is handled in that same turn (a LineOnlyReceiver would drop the lines after
+    # the close, so hand the line over directly).
+    a.protocol.lineReceived(wire.encode("OK", {"rid": first.rid, "jobs": [11, 12]}).rstrip(b"\n"))
+    assert a.sent() == [] and network.attempts == [A, B]
+    b = network.last
+    b.greet(max_line=TWO_PER_LINE)
+    [second] = b.sent()
+    b.answer(second, jobs=[13, 14])
+    [third] = b.sent()
+    b.answer(third, jobs=[15, 16])
+    assert result_of(d) == [11, 12, 13, 14, 15, 16]
+    assert [(spec, m.body["jobs"]) for spec, m in network.seen("SUBMIT")] == [
+        (A, SIX_JOBS[0:2]),
+        (B, SIX_JOBS[2:4]),
+        (B, SIX_JOBS[4:6]),
+    ]
+    a.cut()
+    b.cut()
+
+
+def test_client_submit_unwritten_batch_with_no_server_back_carries_the_committed_ids():
+    """A SUBMIT not written that finds no server to go to: ReconnectFailed names the jobs committed and not sent."""
+    clock, network = Clock(), Network()
+    d = connect(clock, [A, B], "s3cret", "tester", connector=network, reconnect_rounds=1)
+    network.last.greet(max_line=TWO_PER_LINE)
+    client, a = result_of(d), network.last
+    d = client.submit(SIX_JOBS)
+    [first] = a.sent()
+    network.down.update({A, B})
+    a.transport.loseConnection()
+    a.protocol.lineReceived(wire.encode("OK", {"rid": first.rid, "jobs": [11, 12]}).rstrip(b"\n"))
+    error = failure_of(d)
+    assert isinstance(error, ReconnectFailed)
+    assert error.submitted == [11, 12]
+    assert (error.unknown, error.refused, error.not_sent) == (range(0), range(0), range(2, 6))
+    assert len(network.seen("SUBMIT")) == 1
+    a.cut()
 
 
 def test_client_write_on_a_connection_lost_while_idle_reconnects_before_sending():
@@ -843,6 +944,25 @@ def test_client_write_on_a_connection_lost_while_idle_reconnects_before_sending(
     assert (cancel.verb, cancel.body["job"]) == ("CANCEL", 7)
     b.answer(cancel, state="cancelled")
     assert result_of(d) == "cancelled"
+    assert [spec for spec, _ in network.seen("CANCEL")] == [B]
+    b.cut()
+
+
+def test_client_cancel_on_a_closing_connection_is_sent_once_after_reconnecting():
+    """A CANCEL made after the client aborted a silent server, before that loss is reported, goes to the next only."""
+    client, network, clock = connected()
+    a = network.last
+    clock.advance(WELCOME["deadline"])  # silent past its deadline: the client aborts the connection
+    assert a.transport.disconnecting and not a.protocol.lost
+    d = client.cancel(7)
+    assert network.attempts == [A, B]
+    b = network.last
+    b.greet()
+    a.cut()  # the aborted connection is reported gone only now
+    [cancel] = b.sent()
+    b.answer(cancel, state="cancelled")
+    assert result_of(d) == "cancelled"
+    assert [(spec, m.body["job"]) for spec, m in network.seen("CANCEL")] == [(B, 7)]
     b.cut()
 
 

@@ -334,7 +334,10 @@ def test_submit_later_batch_refused_still_prints_committed_ids(tmp_path):
     outcome = Outcome(grid, ["submit", "-", "--type", "noop", "--records-per-job", "1"], tmp_path, stdin=records)
     assert outcome.code == 1
     assert len(outcome.lines()) == 10_000
-    assert outcome.err.getvalue() == "gridctl: error: unavailable: store down\n"
+    assert outcome.err.getvalue() == (
+        "gridctl: error: unavailable: store down\n"
+        "gridctl: of 10001 jobs: jobs 1-10000 submitted (ids on stdout); job 10001 refused\n"
+    )
 
 
 # -- reading commands ----------------------------------------------------------------------
@@ -590,19 +593,85 @@ def test_run_connection_lost_for_good_exits_3_in_one_line(tmp_path):
     assert grid.clock.getDelayedCalls() == []
 
 
+LOST = "connection lost: Connection was closed cleanly: Connection done."
+
+
 def test_submit_lost_before_reply_exits_3_and_is_not_sent_again(tmp_path):
-    """A SUBMIT lost before its reply is not repeated: one line saying its outcome is unknown, and exit 3."""
+    """A SUBMIT lost before its reply is not repeated: two lines saying so and that its job may exist, and exit 3."""
     grid = Grid(SUBMIT=lambda body: drop(grid))
     outcome = Outcome(grid, ["--server", SERVER_A, "--server", SERVER_B, "submit", "-", "--type", "noop"], tmp_path,
                       stdin=b"1\n")  # fmt: skip
     assert outcome.code == 3
-    assert outcome.err.getvalue().startswith(
-        f"gridctl: the connection to {SERVER_A} was lost before the reply to SUBMIT"
+    assert outcome.err.getvalue() == (
+        f"gridctl: lost the connection to {SERVER_A} before the reply to a SUBMIT ({LOST}); it was not sent again\n"
+        "gridctl: of 1 job: job 1 may or may not have been submitted: look (gridctl list) before submitting it again\n"
     )
-    assert "may or may not have carried it out, so it was not sent again" in outcome.err.getvalue()
-    assert outcome.err.getvalue().count("\n") == 1
     assert sum(len(server.requests("SUBMIT")) for server in grid.servers) == 1
     assert outcome.lines() == []
+
+
+def six_jobs_two_per_submit(tmp_path, extra_argv: list[str]):
+    """gridctl submit of six one-record jobs to a server whose max_line holds two per SUBMIT, the second SUBMIT lost."""
+    argv = ["submit", "-", "--type", "noop", "--name", "batch", "--records-per-job", "1", *extra_argv]
+    jobs = gridctl.build_jobs(gridctl.build_parser().parse_args(argv), [1, 2, 3, 4, 5, 6])
+    max_line = len(wire.encode("SUBMIT", {"jobs": jobs[:2], "rid": 2**53 - 1})) - 1
+    assert [len(chunk) for chunk in client.split_submit(jobs, max_line)] == [2, 2, 2]
+
+    def submit(body):
+        if sum(len(server.requests("SUBMIT")) for server in grid.servers) == 2:
+            return drop(grid)
+        return submitted_ids(body)
+
+    grid = Grid(HELLO=lambda body: dict(WELCOME, max_line=max_line), SUBMIT=submit)
+    outcome = Outcome(grid, ["--server", SERVER_A, "--server", SERVER_B, *argv], tmp_path, stdin=b"1\n2\n3\n4\n5\n6\n")
+    assert [len(body["jobs"]) for server in grid.servers for body in server.requests("SUBMIT")] == [2, 2]
+    return outcome
+
+
+def test_submit_lost_in_a_later_batch_says_which_jobs_exist(tmp_path):
+    """Lost after SUBMIT 1's OK, before SUBMIT 2's reply: 1's ids on stdout; stderr: submitted, unknown, not sent."""
+    outcome = six_jobs_two_per_submit(tmp_path, [])
+    assert outcome.code == 3
+    assert outcome.lines() == ["1", "2"]
+    assert outcome.err.getvalue() == (
+        f"gridctl: lost the connection to {SERVER_A} before the reply to a SUBMIT ({LOST}); it was not sent again\n"
+        "gridctl: of 6 jobs: jobs 1-2 submitted (ids on stdout); jobs 3-4 may or may not have been submitted:"
+        " look (gridctl list) before submitting them again; jobs 5-6 not sent\n"
+    )
+
+
+def test_submit_json_lost_in_a_later_batch_ends_with_an_error_line(tmp_path):
+    """With --json, the committed jobs' lines are followed by one error line whose ranges a script can act on."""
+    outcome = six_jobs_two_per_submit(tmp_path, ["--json"])
+    assert outcome.code == 3
+    *jobs, error = outcome.json_lines()
+    assert jobs == [{"job": 1, "name": "batch [1/6]", "records": 1}, {"job": 2, "name": "batch [2/6]", "records": 1}]
+    assert error.pop("message") == (
+        f"lost the connection to {SERVER_A} before the reply to a SUBMIT ({LOST}); it was not sent again"
+    )
+    assert error == {
+        "error": "outcome_unknown",
+        "submitted": [1, 2],
+        "unknown": [3, 4],
+        "refused": None,
+        "not_sent": [5, 6],
+    }
+    assert outcome.err.getvalue().count("\n") == 2
+
+
+def test_submit_json_refused_ends_with_an_error_line(tmp_path):
+    """With --json, a SUBMIT refused outright prints no job and one error line naming every job refused."""
+
+    def refuse(body):
+        raise errors.BadRequest("SUBMIT: invalid field 'jobs'")
+
+    outcome = Outcome(Grid(SUBMIT=refuse), ["submit", "-", "--type", "noop", "--json"], tmp_path, stdin=b"1\n")
+    assert outcome.code == 1
+    assert outcome.json_lines() == [
+        {"error": "bad_request", "message": "SUBMIT: invalid field 'jobs'", "submitted": None, "unknown": None,
+         "refused": [1, 1], "not_sent": None}
+    ]  # fmt: skip
+    assert outcome.err.getvalue() == "gridctl: error: bad_request: SUBMIT: invalid field 'jobs'\n"
 
 
 def test_submit_wait_fails_over_and_the_progress_bar_carries_on(tmp_path):

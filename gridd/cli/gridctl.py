@@ -44,7 +44,22 @@ exit status: 0 success; 1 the server refused a request (or, with --wait, a job
 did not finish as done); 2 bad usage or unreadable input; 3 cannot connect, or
 the connection was lost and no server took gridctl back within 60 s, or it was
 lost before the reply to a change (submit, cancel, ...), which is then not
-repeated: look before trying again. Reads and --wait reconnect, to any --server.
+repeated: look before trying again. Reads and --wait reconnect, to any --server;
+so does a change that had not been sent yet, which is then sent there once.
+
+a failed submit: many jobs go out in several SUBMITs, each committed on its
+own. stdout still lists the jobs that were committed (ids, or with --json their
+usual lines), and stderr says which jobs were committed, which may or may not
+have been (their SUBMIT was sent and the connection was lost before its reply:
+look with gridctl list before submitting them again), and which were refused
+or not sent (those do not exist: submit them again). With --json the last
+stdout line is then
+  {"error": CODE, "message": TEXT, "submitted": [FIRST, LAST],
+   "unknown": [FIRST, LAST], "refused": [FIRST, LAST], "not_sent": [FIRST, LAST]}
+where CODE is the server's error code, or outcome_unknown, reconnect_failed or
+connection_lost; each range (null when empty) counts jobs from 1 in the order
+they were built (job N holds records (N-1)*R+1 to N*R with --records-per-job
+R), and the job lines before it are those of "submitted", in order.
 """
 
 
@@ -442,24 +457,20 @@ def _text(value) -> str:
 # -- the commands --------------------------------------------------------------
 #
 # Each takes the connected client.Client, the arguments and the two streams,
-# and returns the exit status. GriddError and ConnectionDropped are left to run().
-# The client reconnects by itself: reads and --wait carry on across a lost
-# connection; a change lost before its reply fails with OutcomeUnknown.
+# and returns the exit status. GriddError and ConnectionDropped are left to run(),
+# except by submit, which says what became of each job. The client reconnects by
+# itself: reads and --wait carry on across a lost connection; a change lost after
+# it was sent and before its reply fails with OutcomeUnknown.
 
 
 async def cmd_submit(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     try:
         ids = await grid.submit(args.jobs)
-    except Exception as e:
-        # Earlier SUBMITs committed: say which jobs exist before reporting the error.
-        for job in getattr(e, "submitted", []):
-            print(job, file=out)
-        raise
-    for job, spec in zip(ids, args.jobs, strict=True):
-        if args.json:
-            _print_json(out, {"job": job, "name": spec.get("name"), "records": len(spec["records"])})
-        else:
-            print(job, file=out)
+    except (errors.GriddError, ConnectionDropped) as e:
+        if not hasattr(e, "not_sent"):  # submit() gives every failure the fate of each job
+            raise
+        return _submit_failed(e, args, out, err)
+    _print_submitted(ids, args, out)
     if not args.wait:
         return EXIT_OK
     out.flush()
@@ -469,6 +480,69 @@ async def cmd_submit(grid: client.Client, args, out: TextIO, err: TextIO) -> int
     for status in unfinished:
         print(f"gridctl: job {status['job']} {status['state']}", file=err)
     return EXIT_SERVER_ERROR if unfinished else EXIT_OK
+
+
+def _print_submitted(ids: list[int], args, out: TextIO) -> None:
+    """One line per committed job: its id, or with --json its id, name and number of records."""
+    for job, spec in zip(ids, args.jobs, strict=False):  # a failed submit committed fewer
+        if args.json:
+            _print_json(out, {"job": job, "name": spec.get("name"), "records": len(spec["records"])})
+        else:
+            print(job, file=out)
+
+
+def _submit_failed(e: Exception, args, out: TextIO, err: TextIO) -> int:
+    """Report a submit that failed, maybe part way: the jobs it committed, then what became of the others."""
+    _print_submitted(e.submitted, args, out)
+    if isinstance(e, errors.GriddError):
+        code, status, message = e.code, EXIT_SERVER_ERROR, e.message
+        print(f"gridctl: error: {e.code}: {e.message}", file=err)
+    else:
+        status = EXIT_CONNECT
+        if isinstance(e, client.OutcomeUnknown):
+            code = "outcome_unknown"
+            cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
+            message = f"lost the connection to {e.endpoint} before the reply to a SUBMIT{cause}; it was not sent again"
+        elif isinstance(e, client.ReconnectFailed):
+            code, message = "reconnect_failed", str(e)
+        else:
+            code, message = "connection_lost", f"lost the connection to {' or '.join(args.servers)}: {e}"
+        print(f"gridctl: {message}", file=err)
+    if e.submitted or e.unknown or not isinstance(e, errors.GriddError):
+        print(f"gridctl: {_fates(e, len(args.jobs))}", file=err)
+    if args.json:
+        fates = [("submitted", range(len(e.submitted))), ("unknown", e.unknown), ("refused", e.refused),
+                 ("not_sent", e.not_sent)]  # fmt: skip
+        _print_json(out, {"error": code, "message": message, **{name: _job_range(r) for name, r in fates}})
+    return status
+
+
+def _fates(e: Exception, total: int) -> str:
+    """``of 6 jobs: jobs 1-2 submitted (...); jobs 3-4 may or may not have been ...; jobs 5-6 not sent``."""
+    parts = []
+    if e.submitted:
+        parts.append(f"{_jobs(range(len(e.submitted)))} submitted (ids on stdout)")
+    if e.unknown:
+        again = "it" if len(e.unknown) == 1 else "them"
+        look = f"look (gridctl list) before submitting {again} again"
+        parts.append(f"{_jobs(e.unknown)} may or may not have been submitted: {look}")
+    if e.refused:
+        parts.append(f"{_jobs(e.refused)} refused")
+    if e.not_sent:
+        parts.append(f"{_jobs(e.not_sent)} not sent")
+    return f"of {total} job{'' if total == 1 else 's'}: " + "; ".join(parts)
+
+
+def _jobs(indexes: range) -> str:
+    """Job numbers counted from 1: ``job 3`` or ``jobs 3-4``."""
+    if len(indexes) == 1:
+        return f"job {indexes.start + 1}"
+    return f"jobs {indexes.start + 1}-{indexes.stop}"
+
+
+def _job_range(indexes: range) -> list[int] | None:
+    """``[FIRST, LAST]`` job numbers counted from 1, or None for no job."""
+    return [indexes.start + 1, indexes.stop] if indexes else None
 
 
 #: Seconds between two redraws of the progress bar: events may come by the thousand.
