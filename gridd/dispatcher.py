@@ -183,6 +183,8 @@ class _RunQueue:
     def __init__(self):
         self._heaps: dict[_Bucket, list[int]] = {}
         self._members: set[int] = set()
+        #: Discards since the heaps were last compacted.
+        self._stale = 0
 
     def __len__(self):
         return len(self._members)
@@ -196,6 +198,17 @@ class _RunQueue:
 
     def discard(self, job: Job):
         self._members.discard(job.id)
+        self._stale += 1
+        if self._stale > 1000 and self._stale > len(self._members):
+            # Lazy removal leaves ids in the heaps until they reach a top: a
+            # server whose jobs run elsewhere would keep them all.
+            self._heaps = {
+                bucket: [i for i in heap if i in self._members] for bucket, heap in self._heaps.items()
+            }
+            self._heaps = {bucket: heap for bucket, heap in self._heaps.items() if heap}
+            for heap in self._heaps.values():
+                heapq.heapify(heap)
+            self._stale = 0
 
     def pop_for(self, worker: Worker) -> int | None:
         """Remove and return the best job id ``worker`` can run, or None."""
@@ -314,6 +327,8 @@ class Dispatcher:
         #: Seconds between looks at what other servers on the same store did
         #: (None: this server is alone on its store).
         self.sync_interval = sync_interval
+        #: How many jobs of the shared queue's head each sync reads.
+        self.sync_batch = 1000
         self.max_line = max_line
         self.clock = clock
         self.beat = beat
@@ -648,8 +663,38 @@ class Dispatcher:
             self._sync_trouble.ok()
 
     async def _sync_runnable(self):
-        ids = await self.store.runnable(self.clock.seconds(), 1000)
+        """Take in the head of the shared queue; forget the runnable jobs held here that left it.
+
+        A job submitted here and run by another server's worker would
+        otherwise stay in this server's memory until one of its own workers
+        tried to claim it: without end on a server that only takes
+        submissions. The head is read in queue order, so a job held here
+        that sorts within it but is missing from it is no longer queued.
+        Only jobs that were runnable here before the read began are judged:
+        their queued state was committed before it.
+        """
+        held = [job for job in self.jobs.values() if job in self._queue]
+        ids = await self.store.runnable(self.clock.seconds(), self.sync_batch)
         await self._reload(*(i for i in ids if i not in self.jobs))
+        head = set(ids)
+        horizon = None  # the whole queue was read
+        if len(ids) >= self.sync_batch:
+            ranks = [(-self.jobs[i].priority, i) for i in ids if i in self.jobs]
+            if not ranks:
+                return
+            horizon = ranks[-1]
+        gone = [
+            job
+            for job in held
+            if job.id not in head
+            and self.jobs.get(job.id) is job
+            and job in self._queue
+            and (horizon is None or (-job.priority, job.id) <= horizon)
+        ]
+        for job in gone:
+            self._forget(job)
+        if gone:
+            log.debug("jobs taken or changed by other servers, forgotten here: {ids}", ids=[j.id for j in gone])
 
     async def _sync_leases(self):
         # Only leases whose grant had committed before the read began, and

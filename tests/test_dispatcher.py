@@ -909,3 +909,41 @@ def test_store_outage_is_logged_once_then_every_minute_then_its_end():
     assert lines.count(("housekeeping", "works")) == 1 and lines.count(("sync", "works")) == 1
     two.a.d.stop()
     two.b.d.stop()
+
+
+def test_two_servers_jobs_run_elsewhere_leave_the_submitting_servers_memory():
+    """A server that only takes submissions forgets, at its next sync, the jobs another server's workers took."""
+    two = TwoServers()
+    ids = two.a.submit(*[{} for _ in range(5)])  # A has no worker at all
+    wb = two.b.worker("wb", slots=5)
+    two.advance(0.5, (two.b, wb))
+    assert sorted(j["job"] for j in wb.take("JOB")) == ids
+    two.advance(0.5, (two.b, wb))
+    assert two.a.d.jobs == {} and run(two.a.d.stats())["queued_runnable"] == 0
+
+
+def test_two_servers_sync_judges_only_jobs_within_the_head_it_read():
+    """With a long shared queue, a job beyond the head a sync read is kept; one within it that left is forgotten."""
+    two = TwoServers()
+    two.a.d.sync_batch = 3
+    [low] = two.a.submit({"priority": 0})
+    high = two.a.submit(*[{"priority": 5} for _ in range(4)])
+    wb = two.b.worker("wb", slots=1)
+    two.advance(0.5, (two.b, wb))
+    [taken] = [j["job"] for j in wb.take("JOB")]
+    assert taken == high[0]
+    two.advance(0.5, (two.b, wb))
+    # A read the head [high[1], high[2], high[3]]: high[0] sorts before it and left; low is beyond it.
+    assert sorted(two.a.d.jobs) == sorted([low, *high[1:]])
+
+
+def test_run_queue_drops_the_ids_of_jobs_that_left_it():
+    """Jobs that leave the queue without being popped (cancelled, taken elsewhere) do not pile up in its heaps."""
+    g = Grid()
+    ids = g.submit(*[{"priority": i % 3} for i in range(1500)])
+    for job_id in ids[:1200]:
+        run(g.d.cancel(job_id))
+    assert sum(len(heap) for heap in g.d._queue._heaps.values()) < 1500 - 1000
+    w = g.worker(slots=300)
+    expected = sorted(ids[1200:], key=lambda i: (-((i - ids[0]) % 3), i))
+    assert [j["job"] for j in w.take("JOB")] == expected
