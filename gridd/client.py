@@ -355,7 +355,7 @@ class ClientProtocol(PeerProtocol):
     @property
     def usable(self) -> bool:
         """Whether a request made now would be written to an open connection: not lost, nor closing."""
-        return not (self.lost or self._lost or getattr(self.transport, "disconnecting", False))
+        return not (self.lost or self._lost or self._aborted or getattr(self.transport, "disconnecting", False))
 
     def request(self, verb: str, body: dict | None = None) -> Deferred:
         """Send a request; on a connection lost or closing, write nothing and fail at once with :class:`NotSent`.
@@ -364,8 +364,8 @@ class ClientProtocol(PeerProtocol):
         after ``loseConnection``, and over TLS after ``abortConnection`` too,
         as when the server fell silent past its deadline) might still carry
         the line out, or might drop it: writing nothing keeps "not sent"
-        certain. A plain TCP connection that was aborted does not say so
-        until it is lost: a line written there counts as sent.
+        certain. So does a connection this side aborted (the server fell
+        silent past its deadline, or sent an over-long line), over TCP too.
         """
         if not self.usable:
             state = "lost" if self.lost or self._lost else "closing"

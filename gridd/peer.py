@@ -56,6 +56,8 @@ class PeerProtocol(LineOnlyReceiver):
         self.closed = defer.Deferred()
         #: The connection is gone (set first thing in connectionLost).
         self._lost = False
+        #: This side aborted the connection: nothing written now would leave.
+        self._aborted = False
         self.bye_reason: str | None = None
 
     # -- connection events ------------------------------------------------
@@ -103,7 +105,7 @@ class PeerProtocol(LineOnlyReceiver):
 
     def _server_silent(self):
         self.log.warn("server silent for {d} s: dropping the connection", d=self.deadline)
-        self.transport.abortConnection()
+        self._abort()
 
     def connectionLost(self, reason):
         self._lost = True  # first: a request made from an errback below must fail too
@@ -151,6 +153,10 @@ class PeerProtocol(LineOnlyReceiver):
 
     def lineLengthExceeded(self, line):
         self.log.error("server sent a line longer than {n} bytes", n=self.MAX_LENGTH)
+        self._abort()
+
+    def _abort(self):
+        self._aborted = True
         self.transport.abortConnection()
 
     # -- sending ----------------------------------------------------------
@@ -160,7 +166,7 @@ class PeerProtocol(LineOnlyReceiver):
 
     def request(self, verb: str, body: dict | None = None) -> defer.Deferred:
         """Send a request; the Deferred fires with the OK body or fails with a GriddError."""
-        if self._lost:
+        if self._lost or self._aborted:
             # No reply can come on a connection that is gone: say so now
             # rather than wait for ever.
             return defer.fail(ConnectionDropped(f"{verb} not sent: the connection is closed"))

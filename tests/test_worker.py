@@ -184,6 +184,18 @@ def test_keepalive_server_silent_past_deadline_aborts():
     assert w.transport.disconnected
 
 
+def test_request_after_this_side_aborted_is_not_written():
+    """Once the worker aborted a silent server's connection, a request fails at once and writes nothing."""
+    w = Harness().welcome(beat=2.0, deadline=6.0)
+    w.clock.advance(6.0)
+    assert w.transport.disconnected and not w.protocol._lost
+    w.sent()  # the beats before the abort
+    failures = []
+    w.protocol.request("SLOTS", {"slots": 1}).addErrback(failures.append)
+    assert failures and failures[0].check(ConnectionDropped)
+    assert w.sent() == []
+
+
 def test_request_after_the_connection_is_lost_fails_at_once():
     """A request made on a connection that is gone fails with ConnectionDropped instead of waiting for ever."""
     w = Harness().welcome()
