@@ -230,8 +230,10 @@ class LocalGrid:
     def db_rows(self, query: str, *args):
         """Read the server's SQLite file directly (a second reader; WAL allows it)."""
         import sqlite3
+        from contextlib import closing
 
-        with sqlite3.connect(self.data / "gridd.db") as db:
+        # closing(): sqlite3's own context manager ends a transaction, not the connection.
+        with closing(sqlite3.connect(self.data / "gridd.db")) as db:
             return db.execute(query, args).fetchall()
 
 
