@@ -26,6 +26,7 @@ __all__ = [
     "parse_line",
     "encode",
     "PEER_VERBS",
+    "NOTIFICATIONS",
     "SERVER_VERBS",
 ]
 
@@ -45,6 +46,9 @@ ROLES = ("worker", "submitter", "admin")
 _VERB = re.compile(rb"[A-Z]{1,16}\Z")
 _MAX_INT = 2**53 - 1
 
+#: Messages that are no request and get no reply, in either direction (PROTOCOL.md 2).
+NOTIFICATIONS = frozenset({"BEAT", "PONG", "PING", "JOB", "REVOKE", "DRAIN", "EVENT", "BYE"})
+
 
 @dataclass(frozen=True)
 class Message:
@@ -52,8 +56,16 @@ class Message:
     body: dict
 
     @property
-    def rid(self):
-        return self.body.get("rid")
+    def rid(self) -> int | None:
+        """The request id a reply names: a request's checked ``rid``; None for a notification.
+
+        A notification has no rid (PROTOCOL.md 2): whatever its body holds
+        under "rid" is not one, is never echoed, and makes it no request.
+        """
+        if self.verb in NOTIFICATIONS:
+            return None
+        rid = self.body.get("rid")
+        return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= _MAX_INT else None
 
 
 # -- field specifications --------------------------------------------------

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -475,10 +475,6 @@ def feed(world: World, peer: FuzzPeer, data: bytes, schedule: Schedule):
     stack.settle()
 
 
-def _rid_readable(rid) -> bool:
-    return rid is None or (type(rid) is int and 0 <= rid <= 2**53 - 1)
-
-
 class Bucket:
     """PROTOCOL.md 12.4's token bucket, as the oracle's own copy."""
 
@@ -503,8 +499,6 @@ class Expected:
     close: str | None = None
     #: The requests that reach the session, for checks on what they did.
     requests: list[wire.Message] = field(default_factory=list)
-    #: A line that meets a known server bug (see the xfail tests at the end), or None.
-    known_bug: bytes | None = None
 
 
 def expected_answers(data: bytes, schedule: Schedule, *, ready_as: str | None, bucket: Bucket) -> Expected:
@@ -536,8 +530,6 @@ def expected_answers(data: bytes, schedule: Schedule, *, ready_as: str | None, b
             out.replies.append((e.rid, frozenset({"too_many" if tokens < 0 else e.code})))
             continue
         if tokens < 0:
-            if not _rid_readable(msg.rid):
-                out.known_bug = line
             out.replies.append((msg.rid, frozenset({"too_many"})))
             continue
         if msg.verb == "HELLO":
@@ -562,8 +554,6 @@ def _refused_before_hello(out: Expected, line: bytes) -> Expected:
         out.close = e.code
         return out
     codes = HELLO_REFUSALS if msg.verb == "HELLO" else frozenset({"hello_required"})
-    if not _rid_readable(msg.rid):
-        out.known_bug = line
     out.replies.append((msg.rid, codes))
     out.close = "any"  # whatever the code: the one ERR closes
     return out
@@ -620,7 +610,6 @@ def test_server_fresh_connection_any_bytes_one_err_then_close(data, chunks, hold
         peer.holds_open = holds_open  # a peer that goes on sending after the close
         schedule = Schedule.make(len(data), chunks, [], world.stack.clock.seconds())
         expected = expected_answers(data, schedule, ready_as=None, bucket=Bucket(Limits(), 0.0))
-        assume(expected.known_bug is None)
         feed(world, peer, data, schedule)
 
         assert len(peer.heard) == len(expected.replies) <= 1, [(m.verb, m.body) for m in peer.heard]
@@ -675,7 +664,6 @@ def test_server_client_any_lines_one_reply_per_request_others_undisturbed(role, 
         peer, bucket = _ready_peer(world, limits, {"role": "client", "name": "fz", "token": token})
         schedule = Schedule.make(len(data), chunks, pauses, stack.clock.seconds())
         expected = expected_answers(data, schedule, ready_as=role, bucket=bucket)
-        assume(expected.known_bug is None)
         job_1 = world.job_state(1)
         feed(world, peer, data, schedule)
 
@@ -721,7 +709,6 @@ def test_server_worker_any_lines_only_own_leases_others_undisturbed(data, chunks
         stack, peer, bucket = world.stack, world.wf, world.wf_bucket
         schedule = Schedule.make(len(data), chunks, pauses, stack.clock.seconds())
         expected = expected_answers(data, schedule, ready_as="worker", bucket=bucket)
-        assume(expected.known_bug is None)
         job_1 = world.job_state(1)
         feed(world, peer, data, schedule)
 
@@ -746,30 +733,24 @@ def test_server_worker_any_lines_only_own_leases_others_undisturbed(data, chunks
         world.c1_stats_answered()
 
 
-# -- server bugs the fuzzing found (strict xfails: each passes once gridd is fixed) -------
+# -- what the fuzzing found, fixed: a notification's "rid" is no rid ---------------------
 #
-# One cause: ServerProtocol.lineReceived (gridd/server/protocol.py) takes the
-# rid of a line it refuses from ``msg.rid``, the body's raw "rid" value. For a
-# request that is a checked integer, but a notification (BEAT, PONG) has no rid
-# field to check, so whatever its body says under "rid" is echoed. The fuzz
-# tests above skip such lines (Expected.known_bug) until this is fixed; then
-# remove the assume() calls with these markers.
-
-_UNREADABLE_RID = "gridd/server/protocol.py echoes a notification's unchecked 'rid' in its ERR (PROTOCOL.md 2: null)"
+# ServerProtocol used to echo the body's raw "rid" of a notification (BEAT,
+# PONG) it refused, and to count such a line against max_outstanding. A
+# notification has no rid (PROTOCOL.md 2, 12.3): gridd.wire.Message.rid says
+# None for it, and a request's rid only when it is a valid one.
 
 
-@pytest.mark.xfail(strict=True, reason=_UNREADABLE_RID)
 def test_server_notification_with_unreadable_rid_before_hello_gets_null_rid():
     """A BEAT with "rid": "x" in its body, before the HELLO, gets ERR hello_required with rid null, then the close."""
     with server() as world:
         peer = world.stack.connect()
-        peer.send_raw(b'BEAT {"rid":"x"}\n')  # today: ERR {"rid":"x",...}, which no peer can parse
+        peer.send_raw(b'BEAT {"rid":"x"}\n')
         [err] = peer.heard
         assert (err.verb, err.body["code"], err.body["rid"]) == ("ERR", "hello_required", None)
         assert peer.lost
 
 
-@pytest.mark.xfail(strict=True, reason=_UNREADABLE_RID)
 def test_server_rate_limited_notification_with_unreadable_rid_gets_null_rid():
     """A ready client's BEAT with "rid": "x" that finds the token bucket empty gets ERR too_many with rid null."""
     with server() as world:
@@ -780,11 +761,6 @@ def test_server_rate_limited_notification_with_unreadable_rid_gets_null_rid():
         assert not peer.closed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gridd/server/protocol.py applies max_outstanding to any line with a body 'rid', notifications included "
-    "(PROTOCOL.md 12.3: notifications are never counted)",
-)
 def test_server_notification_with_rid_not_refused_at_outstanding_limit():
     """A BEAT (with an unknown "rid" field) while max_outstanding requests await replies is taken, not refused."""
 
@@ -799,4 +775,4 @@ def test_server_notification_with_rid_not_refused_at_outstanding_limit():
             world.c1.send("STATS", {"rid": rid})  # each waits for the store
         world.c1.heard.clear()
         world.c1.send_raw(b'BEAT {"rid":5}\n')
-        assert world.c1.heard == []  # today: ERR too_many with rid 5
+        assert world.c1.heard == []

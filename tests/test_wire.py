@@ -651,3 +651,12 @@ def test_parse_line_refuses_bodies_nested_past_the_limit():
         wire.parse_line(nested(wire.MAX_DEPTH + 1))
     with pytest.raises(errors.BadJSON):
         wire.parse_line(b'BEAT {"a":' + b"[" * wire.MAX_DEPTH + b"]" * wire.MAX_DEPTH + b"}")
+
+
+def test_message_rid_only_a_requests_valid_rid():
+    """Message.rid is a request's integer rid; None for a notification, whatever its body says, and for a bad one."""
+    assert wire.Message("SHOW", {"rid": 7, "job": 1}).rid == 7
+    assert wire.Message("BEAT", {"rid": 7}).rid is None
+    assert wire.Message("PONG", {"rid": "x", "n": 1}).rid is None
+    for bad in ("x", -1, 2**53, True, 1.5, None):
+        assert wire.Message("SHOW", {"rid": bad}).rid is None
