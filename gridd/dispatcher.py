@@ -119,6 +119,8 @@ class Job:
     claiming: bool = False
     #: The one timer a job has at a time: run-time limit, backoff, or reattach grace.
     timer: Any = None
+    #: The run queue's push count when this job last entered it.
+    queued_at_push: int = 0
     #: When the current lease was granted (on the server's clock): its run-time
     #: limit counts from then, across reattaches.
     leased_at: float | None = None
@@ -185,6 +187,8 @@ class _RunQueue:
         self._members: set[int] = set()
         #: Discards since the heaps were last compacted.
         self._stale = 0
+        #: Pushes so far: a job's ``queued_at_push`` tells one stay in the queue from the next.
+        self.pushes = 0
 
     def __len__(self):
         return len(self._members)
@@ -195,8 +199,12 @@ class _RunQueue:
     def push(self, job: Job):
         heapq.heappush(self._heaps.setdefault(job.bucket, []), job.id)
         self._members.add(job.id)
+        self.pushes += 1
+        job.queued_at_push = self.pushes
 
     def discard(self, job: Job):
+        if job.id not in self._members:
+            return
         self._members.discard(job.id)
         self._stale += 1
         if self._stale > 1000 and self._stale > len(self._members):
@@ -673,7 +681,7 @@ class Dispatcher:
         Only jobs that were runnable here before the read began are judged:
         their queued state was committed before it.
         """
-        held = [job for job in self.jobs.values() if job in self._queue]
+        held = [(job, job.queued_at_push) for job in self.jobs.values() if job in self._queue]
         ids = await self.store.runnable(self.clock.seconds(), self.sync_batch)
         await self._reload(*(i for i in ids if i not in self.jobs))
         head = set(ids)
@@ -685,10 +693,11 @@ class Dispatcher:
             horizon = ranks[-1]
         gone = [
             job
-            for job in held
+            for job, push in held
             if job.id not in head
             and self.jobs.get(job.id) is job
             and job in self._queue
+            and job.queued_at_push == push  # the same stay in the queue as before the read
             and (horizon is None or (-job.priority, job.id) <= horizon)
         ]
         for job in gone:

@@ -74,7 +74,7 @@ class PeerProtocol(LineOnlyReceiver):
             "agent": self.agent,
         }
         body.update(self.hello_fields())
-        self.request("HELLO", body).addCallbacks(self._welcomed, self._refused)
+        self.request("HELLO", self.fit_hello(body)).addCallbacks(self._welcomed, self._refused)
 
     def _welcomed(self, reply):
         self.welcome = reply
@@ -180,6 +180,10 @@ class PeerProtocol(LineOnlyReceiver):
 
     def hello_fields(self) -> dict:
         return {}
+
+    def fit_hello(self, body: dict) -> dict:
+        """The HELLO body to send: it must fit in the line a server takes before the HELLO (64 KiB)."""
+        return body
 
     def notification(self, message: wire.Message):
         self.log.warn("ignoring {verb} from server", verb=message.verb)

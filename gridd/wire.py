@@ -292,10 +292,11 @@ def parse_line(line: bytes, verbs: dict[str, dict] = PEER_VERBS) -> Message:
         body = {}
     spec = verbs.get(verb)
     if spec is None:
-        raise _with_rid(errors.UnknownVerb(f"unknown verb {verb}"), body)
+        # Not a verb of this direction: not a notification either, so a valid rid is named.
+        raise _with_rid(errors.UnknownVerb(f"unknown verb {verb}"), None, body)
     problem = _problem(body, spec)
     if problem is not None:
-        raise _with_rid(errors.BadRequest(f"{verb}: {problem}"), body)
+        raise _with_rid(errors.BadRequest(f"{verb}: {problem}"), verb, body)
     return Message(verb, body)
 
 
@@ -338,9 +339,9 @@ def _encodable(body: dict) -> bool:
     return True
 
 
-def _with_rid(err: errors.GriddError, body: dict) -> errors.GriddError:
-    rid = body.get("rid")
-    err.rid = rid if _int()(rid) else None
+def _with_rid(err: errors.GriddError, verb: str | None, body: dict) -> errors.GriddError:
+    """``err`` naming the line's rid, as ``Message.rid`` reads it (None for a notification)."""
+    err.rid = Message(verb or "", body).rid
     return err
 
 

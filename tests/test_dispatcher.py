@@ -947,3 +947,50 @@ def test_run_queue_drops_the_ids_of_jobs_that_left_it():
     w = g.worker(slots=300)
     expected = sorted(ids[1200:], key=lambda i: (-((i - ids[0]) % 3), i))
     assert [j["job"] for j in w.take("JOB")] == expected
+
+
+class SnapshotRunnable(MemoryStore):
+    """A memory store whose ``runnable`` reads, while ``hold`` is set, wait; the test says when each reads and answers."""
+
+    def __init__(self, server_id=None):
+        super().__init__(server_id)
+        self.hold = False
+        self.reads: list[tuple[defer.Deferred, float, int]] = []
+        self.snapshots: list[tuple[defer.Deferred, defer.Deferred]] = []
+
+    def runnable(self, now, limit):
+        if not self.hold:
+            return super().runnable(now, limit)
+        d = defer.Deferred()
+        self.reads.append((d, now, limit))
+        return d
+
+    def snapshot(self):
+        """The held reads look at the store now (as a database read's snapshot would)."""
+        reads, self.reads = self.reads, []
+        self.snapshots += [(d, super(SnapshotRunnable, self).runnable(now, limit)) for d, now, limit in reads]
+
+    def answer(self):
+        snapshots, self.snapshots = self.snapshots, []
+        for d, result in snapshots:
+            result.chainDeferred(d)
+
+
+def test_sync_keeps_a_job_that_left_and_reentered_the_queue_during_its_read():
+    """A job granted and given back while a sync's read was out is not judged by that read: it stays queued here."""
+    store = SnapshotRunnable(server_id="A")
+    g = Grid(store, sync_interval=0.5)
+    [job_id] = g.submit()
+    store.hold = True
+    g.clock.advance(0.5)  # a sync starts its read; the job is runnable here
+    w = g.worker("wa")
+    [job] = w.take("JOB")
+    store.snapshot()  # the read sees the job running
+    run(g.d.set_slots(w, 0))
+    run(g.d.give_back(w, job_id, job["lease"], "host busy"))  # queued again, before the read returns
+    store.hold = False
+    store.answer()
+    assert job_id in g.d.jobs and run(g.d.stats())["queued_runnable"] == 1
+    run(g.d.set_slots(w, 1))
+    assert [j["job"] for j in w.take("JOB")] == [job_id]
+    g.d.stop()

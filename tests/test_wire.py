@@ -660,3 +660,18 @@ def test_message_rid_only_a_requests_valid_rid():
     assert wire.Message("PONG", {"rid": "x", "n": 1}).rid is None
     for bad in ("x", -1, 2**53, True, 1.5, None):
         assert wire.Message("SHOW", {"rid": bad}).rid is None
+
+
+@pytest.mark.parametrize("line", [b'BEAT {"rid":5,"load":"x"}', b'PONG {"rid":5,"n":"x"}'])
+def test_parse_line_refused_notification_names_no_rid(line):
+    """A notification refused by the parser names no rid, whatever its body says under "rid"."""
+    with pytest.raises(errors.BadRequest) as refused:
+        wire.parse_line(line)
+    assert refused.value.rid is None
+
+
+def test_parse_line_verb_of_the_other_direction_is_unknown_and_names_its_rid():
+    """A server's verb sent by a peer is an unknown verb, answered with the line's rid like any other."""
+    with pytest.raises(errors.UnknownVerb) as refused:
+        wire.parse_line(b'JOB {"rid":5}')
+    assert refused.value.rid == 5

@@ -19,7 +19,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from gridd import config
+from gridd import config, wire
 from gridd.jobtypes import Fail, JobType, Noop, RecordError, Sleep, TextStats
 from gridd.peer import ConnectionDropped
 from gridd.worker import tap
@@ -715,3 +715,18 @@ def test_default_secret_file_prefers_local_data_dir(tmp_path, monkeypatch):
     assert config.default_secret_file().resolve() == tmp_path / "gridd-data" / "secret"
     monkeypatch.setenv("GRIDD_DATA", str(tmp_path / "elsewhere"))
     assert config.default_secret_file() == tmp_path / "elsewhere" / "secret"
+
+
+def test_hello_lists_as_many_held_leases_as_fit_the_pre_hello_line_limit():
+    """A worker holding more leases than a HELLO line can carry lists the oldest that fit, and its HELLO fits."""
+    w = Harness()
+    protocol = WorkerProtocol(w.clock, "w1", "s3cret", w.core)
+    body = {"proto": 1, "role": "worker", "name": "w1", "token": "s3cret", "agent": "gridd/0.1.0", "slots": 4000,
+            "types": {"noop": "1.0"}, "memory": 0, "tags": []}  # fmt: skip
+    holding = [{"job": 10**9 + n, "lease": f"{n:016x}"} for n in range(4000)]
+    fitted = protocol.fit_hello({**body, "holding": holding})
+    line = wire.encode("HELLO", {**fitted, "rid": 1})
+    assert len(line) - 1 <= wire.PRE_HELLO_MAX_LINE
+    assert 1000 < len(fitted["holding"]) < 4000 and fitted["holding"] == holding[: len(fitted["holding"])]
+    few = holding[:10]
+    assert protocol.fit_hello({**body, "holding": few})["holding"] == few

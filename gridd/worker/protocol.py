@@ -42,6 +42,31 @@ class WorkerProtocol(PeerProtocol):
             "holding": core.holding(),
         }
 
+    def fit_hello(self, body: dict) -> dict:
+        """List as many held leases as fit in a HELLO line (PROTOCOL.md 6.2), the oldest first.
+
+        A server takes at most 65,536 bytes before the HELLO is accepted:
+        about 1,500 leases. Those left out are not kept, so the worker stops
+        them when the reply comes, and the server re-queues them.
+        """
+        holding = body.get("holding") or []
+        # The rid is not known yet; a 16-digit one is as long as any.
+        room = wire.PRE_HELLO_MAX_LINE - len(wire.encode("HELLO", {**body, "holding": [], "rid": 10**15}))
+        fitted, used = [], 0
+        for entry in holding:
+            used += len(wire.encode("X", entry)) - 3 + 1  # the entry's JSON ("X " and LF off) and a comma
+            if used > room:
+                break
+            fitted.append(entry)
+        if len(fitted) < len(holding):
+            self.log.warn(
+                "holding {n} leases, of which only {k} fit in a HELLO: the other {d} will be given up",
+                n=len(holding),
+                k=len(fitted),
+                d=len(holding) - len(fitted),
+            )
+        return {**body, "holding": fitted}
+
     def connectionMade(self):
         super().connectionMade()
         self.ready.addCallback(self._attach)
