@@ -121,8 +121,9 @@ class ClientProtocol(PeerProtocol):
           written (:class:`NotSent`), its jobs and all later ones: none of
           them exists.
 
-        A job too big for any line fails with ``LineTooLong`` before anything
-        is sent.
+        A job too big for the server's lines fails with ``LineTooLong``: before
+        anything is sent, or — after failing over to a server with shorter
+        lines — once the SUBMITs before it committed, which the ranges say.
         """
         return Deferred.fromCoroutine(self._submit(list(jobs)))
 
