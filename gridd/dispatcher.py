@@ -121,6 +121,9 @@ class Job:
     timer: Any = None
     #: The run queue's push count when this job last entered it.
     queued_at_push: int = 0
+    #: Operators' changes of this resting job being committed: it is held
+    #: out of the run queue meanwhile, so no slot hands it out under them.
+    changing: int = 0
     #: When the current lease was granted (on the server's clock): its run-time
     #: limit counts from then, across reattaches.
     leased_at: float | None = None
@@ -784,7 +787,7 @@ class Dispatcher:
 
     def _backoff_over(self, job: Job):
         job.timer = None
-        if job.state == "queued" and job.id in self.jobs:
+        if job.state == "queued" and job.id in self.jobs and not job.changing:
             job.not_before = None
             self._queue.push(job)
             self._dispatch()
@@ -1048,14 +1051,26 @@ class Dispatcher:
         }
 
     async def watch(self, conn: IConnection, job_ids: list[int]) -> dict:
-        views = []
-        for job_id in job_ids:
-            job = self.jobs.get(job_id)
-            if job is not None:
-                views.append(job.event_body())
-            else:
+        """Subscribe ``conn`` to the jobs' changes; reply with their states now.
+
+        The store is read first (for the jobs not held here, and to refuse
+        unknown ones); the views of held jobs are taken after every read, in
+        the same turn as the subscription, so no change falls between the
+        reply's views and the first EVENT.
+        """
+        stored: dict[int, dict] = {}
+        last_held: dict[int, dict] = {}
+        for _ in range(5):  # a job may leave this server's memory while another is read
+            last_held.update((i, self.jobs[i].event_body()) for i in job_ids if i in self.jobs)
+            missing = [i for i in dict.fromkeys(job_ids) if i not in self.jobs and i not in stored]
+            if not missing:
+                break
+            for job_id in missing:
                 j = await self.store.get_job(job_id)
-                views.append({"job": job_id, "state": j["state"], "accepted": j["accepted"], "total": j["total"]})
+                stored[job_id] = {"job": job_id, "state": j["state"], "accepted": j["accepted"], "total": j["total"]}
+        views = [
+            self.jobs[i].event_body() if i in self.jobs else stored.get(i) or last_held[i] for i in job_ids
+        ]
         if not job_ids:
             self._watchers[conn] = None
         else:
@@ -1116,32 +1131,50 @@ class Dispatcher:
             return {"state": target}
         # No lease: the job rests (queued, paused, terminal), or its lease's
         # end is being committed; the store, which sees that commit first,
-        # decides.
-        try:
-            await self.store.set_state(
-                job_id,
-                tuple(s for s in allowed if s != "running"),
-                target,
-                self.clock.seconds(),
-                reason=reason,
-                reset_attempts=reset_attempts,
-            )
-        except errors.InvalidState as e:
-            if e.extra.get("state") != "running" or "running" not in allowed:
-                raise
-            # Running under another server's lease: end it in the store; that
-            # server revokes its worker's lease when it next syncs.
-            await self.store.end_lease(job_id, target, self.clock.seconds(), reason=reason)
-        job = self.jobs.get(job_id)  # the world moved while we waited
-        if job is None:
-            await self._reload(job_id)  # a terminal job came back (requeue)
-        else:
+        # decides. Until it has, the job is held out of the run queue: a slot
+        # freed meanwhile must not hand it out under the change.
+        if job is not None:
+            job.changing += 1
             self._queue.discard(job)
-            self._cancel_timer(job)
-            if reset_attempts:
-                job.attempts = 0
-            job.not_before = None
-            self._enter(job, target, None)
+        try:
+            try:
+                await self.store.set_state(
+                    job_id,
+                    tuple(s for s in allowed if s != "running"),
+                    target,
+                    self.clock.seconds(),
+                    reason=reason,
+                    reset_attempts=reset_attempts,
+                )
+            except errors.InvalidState as e:
+                if e.extra.get("state") != "running" or "running" not in allowed:
+                    raise
+                # Running under another server's lease: end it in the store; that
+                # server revokes its worker's lease when it next syncs.
+                await self.store.end_lease(job_id, target, self.clock.seconds(), reason=reason)
+            current = self.jobs.get(job_id)  # the world moved while we waited
+            if current is None:
+                await self._reload(job_id)  # a terminal job came back (requeue)
+            else:
+                self._queue.discard(current)
+                self._cancel_timer(current)
+                if reset_attempts:
+                    current.attempts = 0
+                current.not_before = None
+                self._enter(current, target, None)
+        finally:
+            if job is not None:
+                job.changing -= 1
+                if (
+                    not job.changing
+                    and self.jobs.get(job_id) is job
+                    and job.state == "queued"
+                    and job.lease is None
+                    and job not in self._queue
+                    and job.timer is None
+                ):
+                    self._make_runnable(job, self.clock.seconds())
+                    self._dispatch()
         return {"state": target}
 
     async def _reload(self, *job_ids: int):
@@ -1288,7 +1321,7 @@ class Dispatcher:
         if not_before is not None and not_before > now:
             self._cancel_timer(job)
             job.timer = self.clock.callLater(not_before - now, self._backoff_over, job)
-        else:
+        elif not job.changing:  # else the change's end makes it runnable (_operator)
             job.not_before = None
             self._queue.push(job)
 
