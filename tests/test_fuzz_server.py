@@ -36,7 +36,8 @@ counted; an OK only after its write's answer; EVENTs that never count down
 and end where the store is; one lease per job at a time, results accepted
 once and only from the lease holder; and, once everything is let go and the
 clock has run on, a dispatcher, workers and a watcher that agree with the
-store. The tests at the end pin the two dispatcher bugs it found, now fixed.
+store. The tests at the end pin the two dispatcher bugs it found, now fixed,
+and, as a strict xfail, a third still open.
 """
 
 from __future__ import annotations
@@ -1056,9 +1057,8 @@ class HeldRun:
     state) are in :meth:`check_end`.
     """
 
-    def __init__(self, stack: HeldStack, peers: dict[str, HeldPeer], *, role: str, limit: int, slots: dict[str, int]):
+    def __init__(self, stack: HeldStack, peers: dict[str, HeldPeer], *, limit: int, slots: dict[str, int]):
         self.stack = stack
-        self.role = role
         self.store: HoldingStore = stack.store
         self.peers = peers
         self.limit = limit
@@ -1146,7 +1146,12 @@ class HeldRun:
         return inner_view(self.store), len(self.store.calls), dispatcher_view(self.stack.dispatcher)
 
     def _job_pick(self, pick: int) -> int:
-        """A job the client was told of (mostly), or one that does not exist."""
+        """A job the client was told of (mostly), or one that does not exist.
+
+        Never one whose SUBMIT is still unanswered (a LIST could show it):
+        test_server_job_control_before_submit_answered_keeps_lease_and_state
+        shows the bug that meets, open still.
+        """
         known = sorted(self.submitted)
         return known[pick % len(known)] if known and pick < 7 else 99
 
@@ -1164,37 +1169,8 @@ class HeldRun:
             if a % 3 == 0:
                 return verb, {"jobs": []}
             ids = [self._job_pick(a)] + ([self._job_pick(b)] if b % 2 else [])
-            # Until the bug test_server_watch_reply_current_when_job_changes_during_its_reads
-            # shows is fixed: the jobs read from the store first, so no view waits on a read.
-            ids.sort(key=lambda i: i in self.stack.dispatcher.jobs)
             return verb, {"jobs": ids}
-        job = self._job_pick(a)
-        if self._control_meets_known_bug(job):
-            return "SHOW", {"job": job}
-        return verb, {"job": job}
-
-    def _control_meets_known_bug(self, job_id: int) -> bool:
-        """Whether a CANCEL, PAUSE or RESUME of ``job_id`` now could meet the bug that
-        test_server_job_control_while_job_dispatched_keeps_lease_and_state shows.
-
-        It could when the request would change a job that has no lease, or
-        may have none by the time the submitter's ownership read answers,
-        through a ``set_state`` that does not answer at once (held, or behind
-        a held write), unless the job rests paused with no other control of
-        it under way: meanwhile a freed slot may hand the job out, and the
-        answer then overwrites the leased job's state. Such a request is sent
-        as a SHOW instead, until the bug is fixed.
-        """
-        job = self.stack.dispatcher.jobs.get(job_id)
-        if job is None:
-            return False  # ended, for good (no REQUEUE here), or no such job
-        slow = self.store.slow
-        ownership_held = self.role == "submitter" and "get_job" in slow
-        if job.lease is not None and not ownership_held:
-            return False  # the lease ends at once, and the job waits for the store
-        controlled = any(r.verb in CONTROL_TARGET and r.body["job"] == job_id for r in self.awaiting["c"].values())
-        resting = job.state == "paused" and job.lease is None and not controlled
-        return not resting and ("set_state" in slow or self.store.write_held() or ownership_held)
+        return verb, {"job": self._job_pick(a)}
 
     def _worker_body(self, worker: str, verb: str, pick: int, variant: int) -> dict:
         own = [lease for lease in self.leases if lease.worker == worker]
@@ -1516,7 +1492,7 @@ def test_server_held_answers_one_reply_each_and_store_agrees(role, limit, slow, 
     slot_map = dict(zip(WORKERS, slots, strict=True))
     with server(lambda: make_held_world(store, role, limit, slot_map, first)) as world:
         c, w1, w2 = world.bystanders
-        held = HeldRun(world.stack, {"c": c, "w1": w1, "w2": w2}, role=role, limit=limit, slots=slot_map)
+        held = HeldRun(world.stack, {"c": c, "w1": w1, "w2": w2}, limit=limit, slots=slot_map)
         held.adopt(first)
         if watch_all:
             held.request("c", "WATCH", {"jobs": []})
@@ -1527,7 +1503,7 @@ def test_server_held_answers_one_reply_each_and_store_agrees(role, limit, slow, 
         held.check_end()
 
 
-# -- what the held-answer fuzzing found, fixed in gridd/dispatcher.py -------------------
+# -- what the held-answer fuzzing found: two bugs fixed in gridd/dispatcher.py, one open ---
 
 
 def test_server_job_control_while_job_dispatched_keeps_lease_and_state():
@@ -1551,11 +1527,11 @@ def test_server_job_control_while_job_dispatched_keeps_lease_and_state():
         assert [m.body["lease"] for m in w1.heard if m.verb == "JOB"] == ["L1", "L3"]
         assert run(store.inner.get_job(3))["lease"] == "L3"
         events = [m.body["state"] for m in c.heard if m.verb == "EVENT"]
-        assert events[-1] == "running", f"the watcher was last told {events}"  # it says "queued"
+        assert events[-1] == "running", f"the watcher was last told {events}"
 
         w2.send("DONE", {"rid": 9, "job": 2, "lease": "L2", "results": [{"i": 0, "out": 0}]})
         done = w1.request("DONE", {"job": 3, "lease": "L3", "results": [{"i": 0, "out": 0}]})
-        assert done is not None and done.verb == "OK", done  # ERR stale_lease "lease None is not ..."
+        assert done is not None and done.verb == "OK", done
         assert run(store.inner.get_job(3))["state"] == "done"
     finally:
         stack.stop()
@@ -1580,6 +1556,44 @@ def test_server_watch_reply_current_when_job_changes_during_its_reads():
         [ok] = [m for m in c.heard if m.verb == "OK" and m.rid == 7]
         told = [view["accepted"] for view in ok.body["jobs"] if view["job"] == 2]
         told += [m.body["accepted"] for m in c.heard if m.verb == "EVENT" and m.body["job"] == 2]
-        assert told[-1] == 1, f"the watcher was told job 2 has {told} accepted results"  # [0]: the OK's view only
+        assert told[-1] == 1, f"the watcher was told job 2 has {told} accepted results"
+    finally:
+        stack.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Dispatcher._operator holds a job out of the run queue while its change commits only if the job"
+    " is in memory when the request comes; a job whose SUBMIT's answer is still on its way is not: the"
+    " SUBMIT's answer queues it, a free slot claims it, and the PAUSE's and RESUME's answers then set the"
+    " leased job's state (gridd/dispatcher.py _operator and submit)",
+)
+def test_server_job_control_before_submit_answered_keeps_lease_and_state():
+    """A PAUSE and RESUME of a job a LIST showed before its SUBMIT's OK leave it running under one lease."""
+    store = HoldingStore()
+    stack = HeldStack(store)
+    try:
+        c = stack.client("c")
+        w1 = stack.worker("w1")
+        c.send("WATCH", {"rid": 5, "jobs": []})
+        store.slow.add("submit")
+        c.send("SUBMIT", {"rid": 6, "jobs": [{"type": "noop", "records": ["a"]}]})
+        listed = c.request("LIST", {})  # a read may overtake a write: the client learns of job 1
+        assert [job["id"] for job in listed.body["jobs"]] == [1]
+        c.send("PAUSE", {"rid": 7, "job": 1})
+        c.send("RESUME", {"rid": 8, "job": 1})  # both commit behind the SUBMIT, in this order
+        store.slow.clear()
+        while store.held:  # the SUBMIT's answer hands job 1 to w1: its grant commits after the RESUME
+            store.let_go(0)
+            stack.settle()
+        assert [m.body["lease"] for m in w1.heard if m.verb == "JOB"] == ["L1"]
+        assert run(store.inner.get_job(1))["lease"] == "L1"
+        events = [m.body["state"] for m in c.heard if m.verb == "EVENT"]
+        assert events[-1] == "running", f"the watcher was last told {events}"
+
+        stack.worker("w2")  # a free slot: the dispatcher, holding job 1 queued, hands it out again
+        done = w1.request("DONE", {"job": 1, "lease": "L1", "results": [{"i": 0, "out": 0}]})
+        assert done is not None and done.verb == "OK", done
+        assert run(store.inner.get_job(1))["state"] == "done"
     finally:
         stack.stop()
