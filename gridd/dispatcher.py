@@ -1155,6 +1155,11 @@ class Dispatcher:
             current = self.jobs.get(job_id)  # the world moved while we waited
             if current is None:
                 await self._reload(job_id)  # a terminal job came back (requeue)
+            elif current.lease is not None:
+                # It came into memory (its SUBMIT's reply) and was handed out
+                # after this change committed: the claim, committed after the
+                # change, decides (_granted, or _grant_failed with the state).
+                pass
             else:
                 self._queue.discard(current)
                 self._cancel_timer(current)
@@ -1443,7 +1448,17 @@ class Dispatcher:
         # Not a lease that ended: one that (as far as we know) never began. If
         # its grant did commit after all, _end_orphans finds it in the store.
         self._ended.pop(lease, None)
-        if failure.check(errors.InvalidState, errors.UnknownJob):
+        state = failure.value.extra.get("state") if failure.check(errors.InvalidState) else None
+        if state in ("done", "failed", "cancelled", "paused"):
+            # An operator's change committed before the claim: take it in.
+            log.info("job {job}: not claimed, it is {state}", job=job.id, state=state)
+            job.attempts -= 1
+            if state == "paused":
+                job.state = "paused"
+                self._notify(job)
+            else:
+                self._finish(job, state)
+        elif failure.check(errors.InvalidState, errors.UnknownJob):
             # Someone else has it now (another server sharing the store): not ours to run.
             log.info("job {job}: claimed elsewhere ({f.value})", job=job.id, f=failure)
             self._forget(job)

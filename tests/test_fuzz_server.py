@@ -36,8 +36,7 @@ counted; an OK only after its write's answer; EVENTs that never count down
 and end where the store is; one lease per job at a time, results accepted
 once and only from the lease holder; and, once everything is let go and the
 clock has run on, a dispatcher, workers and a watcher that agree with the
-store. The tests at the end pin the two dispatcher bugs it found, now fixed,
-and, as a strict xfail, a third still open.
+store. The tests at the end pin the three dispatcher bugs it found, now fixed.
 """
 
 from __future__ import annotations
@@ -1149,8 +1148,9 @@ class HeldRun:
         """A job the client was told of (mostly), or one that does not exist.
 
         Never one whose SUBMIT is still unanswered (a LIST could show it):
-        test_server_job_control_before_submit_answered_keeps_lease_and_state
-        shows the bug that meets, open still.
+        the bug that met is fixed and pinned by
+        test_server_job_control_before_submit_answered_keeps_lease_and_state;
+        letting the fuzz pick such jobs too is the next widening.
         """
         known = sorted(self.submitted)
         return known[pick % len(known)] if known and pick < 7 else 99
@@ -1561,13 +1561,6 @@ def test_server_watch_reply_current_when_job_changes_during_its_reads():
         stack.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Dispatcher._operator holds a job out of the run queue while its change commits only if the job"
-    " is in memory when the request comes; a job whose SUBMIT's answer is still on its way is not: the"
-    " SUBMIT's answer queues it, a free slot claims it, and the PAUSE's and RESUME's answers then set the"
-    " leased job's state (gridd/dispatcher.py _operator and submit)",
-)
 def test_server_job_control_before_submit_answered_keeps_lease_and_state():
     """A PAUSE and RESUME of a job a LIST showed before its SUBMIT's OK leave it running under one lease."""
     store = HoldingStore()
