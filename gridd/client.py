@@ -77,7 +77,34 @@ _SUBMIT_ENVELOPE = len(wire.encode("SUBMIT", {"jobs": [], "rid": _MAX_RID})) - 1
 EventCallback = Callable[[dict], Any]
 
 
-class ClientProtocol(PeerProtocol):
+class _Pages:
+    """Walking LIST and RESULTS page by page, over a class's ``list_jobs`` and ``results_page``.
+
+    On a :class:`Client` a page lost with its connection is asked for again.
+    """
+
+    async def iter_jobs(
+        self, state: str | None = None, type: str | None = None, page_size: int | None = None
+    ) -> AsyncIterator[dict]:
+        """Yield every matching job, one LIST page at a time."""
+        async for job in _walk(lambda after: self.list_jobs(state, type, after, page_size), "jobs"):
+            yield job
+
+    def all_jobs(self, state: str | None = None, type: str | None = None) -> Deferred[list[dict]]:
+        """Fire with the list of every matching job (all LIST pages)."""
+        return Deferred.fromCoroutine(_collect(self.iter_jobs(state, type)))
+
+    async def iter_results(self, job: int, page_size: int | None = None) -> AsyncIterator[dict]:
+        """Yield every accepted result of a job, ``{"i", "out" or "error", "worker"}``, in pages."""
+        async for result in _walk(lambda after: self.results_page(job, after, page_size), "results"):
+            yield result
+
+    def results(self, job: int) -> Deferred[list[dict]]:
+        """Fire with every accepted result of a job (all RESULTS pages)."""
+        return Deferred.fromCoroutine(_collect(self.iter_results(job)))
+
+
+class ClientProtocol(_Pages, PeerProtocol):
     """A submitter's connection: one method per client verb of the protocol.
 
     Watch callbacks and ``wait``'s ``on_event`` receive status dicts
@@ -170,30 +197,10 @@ class ClientProtocol(PeerProtocol):
         body = _present(state=state, type=type, after=after, limit=limit)
         return self.request("LIST", body).addCallback(_without_rid)
 
-    async def iter_jobs(
-        self, state: str | None = None, type: str | None = None, page_size: int | None = None
-    ) -> AsyncIterator[dict]:
-        """Yield every matching job, one LIST page at a time."""
-        async for job in _walk(lambda after: self.list_jobs(state, type, after, page_size), "jobs"):
-            yield job
-
-    def all_jobs(self, state: str | None = None, type: str | None = None) -> Deferred[list[dict]]:
-        """Fire with the list of every matching job (all LIST pages)."""
-        return Deferred.fromCoroutine(_collect(self.iter_jobs(state, type)))
-
     def results_page(self, job: int, after: int | None = None, limit: int | None = None) -> Deferred[dict]:
         """Fire with one page of a job's results, ``{"results": [...], "next": AFTER_OR_NONE}``."""
         body = _present(job=job, after=after, limit=limit)
         return self.request("RESULTS", body).addCallback(_without_rid)
-
-    async def iter_results(self, job: int, page_size: int | None = None) -> AsyncIterator[dict]:
-        """Yield every accepted result of a job, ``{"i", "out" or "error", "worker"}``, in pages."""
-        async for result in _walk(lambda after: self.results_page(job, after, page_size), "results"):
-            yield result
-
-    def results(self, job: int) -> Deferred[list[dict]]:
-        """Fire with every accepted result of a job (all RESULTS pages)."""
-        return Deferred.fromCoroutine(_collect(self.iter_results(job)))
 
     def workers(self) -> Deferred[list[dict]]:
         """Fire with the connected workers."""
@@ -601,7 +608,7 @@ def _described(call, name: str, note: str):
     return call
 
 
-class Client:
+class Client(_Pages):
     """A submitter's session with the grid: the methods of :class:`ClientProtocol`, over connections that come and go.
 
     :func:`connect` makes one and opens its first connection. When that
@@ -767,26 +774,6 @@ class Client:
     add_credential = _sent_once("add_credential", "CREDENTIAL add")
     list_credentials = _resent("list_credentials")
     revoke_credential = _sent_once("revoke_credential", "CREDENTIAL revoke")
-
-    async def iter_jobs(
-        self, state: str | None = None, type: str | None = None, page_size: int | None = None
-    ) -> AsyncIterator[dict]:
-        """Yield every matching job, one LIST page at a time (a lost page is asked for again)."""
-        async for job in _walk(lambda after: self.list_jobs(state, type, after, page_size), "jobs"):
-            yield job
-
-    def all_jobs(self, state: str | None = None, type: str | None = None) -> Deferred[list[dict]]:
-        """Fire with the list of every matching job (all LIST pages)."""
-        return Deferred.fromCoroutine(_collect(self.iter_jobs(state, type)))
-
-    async def iter_results(self, job: int, page_size: int | None = None) -> AsyncIterator[dict]:
-        """Yield every accepted result of a job, one RESULTS page at a time (a lost page is asked for again)."""
-        async for result in _walk(lambda after: self.results_page(job, after, page_size), "results"):
-            yield result
-
-    def results(self, job: int) -> Deferred[list[dict]]:
-        """Fire with every accepted result of a job (all RESULTS pages)."""
-        return Deferred.fromCoroutine(_collect(self.iter_results(job)))
 
     def watch(self, job_ids: Iterable[int], callback: EventCallback) -> Deferred[list[dict]]:
         """Have ``callback`` called with every EVENT about these jobs (all jobs if empty), on the current connection.
