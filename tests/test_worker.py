@@ -730,3 +730,12 @@ def test_hello_lists_as_many_held_leases_as_fit_the_pre_hello_line_limit():
     assert 1000 < len(fitted["holding"]) < 4000 and fitted["holding"] == holding[: len(fitted["holding"])]
     few = holding[:10]
     assert protocol.fit_hello({**body, "holding": few})["holding"] == few
+
+
+def test_abort_detaches_the_core_at_once():
+    """Aborting a silent server's connection detaches the core before connectionLost, so it sends nothing more there."""
+    w = Harness().welcome(beat=2.0, deadline=6.0)
+    assert w.core.connected
+    w.clock.advance(6.0)
+    assert w.transport.disconnected and not w.protocol._lost
+    assert not w.core.connected

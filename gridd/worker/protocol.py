@@ -75,6 +75,12 @@ class WorkerProtocol(PeerProtocol):
         self.core.attach(self, welcome)
         return welcome
 
+    def _abort(self):
+        # Detach before aborting: from then on requests fail at once, and a
+        # core still attached would send its retries into them in a loop.
+        self.core.detach(self)
+        super()._abort()
+
     def connectionLost(self, reason):
         # Detach first, so that requests failing below with ConnectionDropped
         # find no connection to send their retries on.
