@@ -121,6 +121,9 @@ class Job:
     timer: Any = None
     #: The run queue's push count when this job last entered it.
     queued_at_push: int = 0
+    #: Operators' changes of this resting job being committed: it is held
+    #: out of the run queue meanwhile, so no slot hands it out under them.
+    changing: int = 0
     #: When the current lease was granted (on the server's clock): its run-time
     #: limit counts from then, across reattaches.
     leased_at: float | None = None
@@ -784,7 +787,7 @@ class Dispatcher:
 
     def _backoff_over(self, job: Job):
         job.timer = None
-        if job.state == "queued" and job.id in self.jobs:
+        if job.state == "queued" and job.id in self.jobs and not job.changing:
             job.not_before = None
             self._queue.push(job)
             self._dispatch()
@@ -1128,34 +1131,55 @@ class Dispatcher:
             return {"state": target}
         # No lease: the job rests (queued, paused, terminal), or its lease's
         # end is being committed; the store, which sees that commit first,
-        # decides. A slot freed meanwhile may hand the job out: its claim is
-        # committed after the change, so the claim decides then (_granted, or
-        # _grant_failed taking in the state the change left).
+        # decides. Until it has, the job is held out of the run queue: a slot
+        # freed meanwhile must not hand it out under the change.
+        if job is not None:
+            job.changing += 1
+            self._queue.discard(job)
         try:
-            await self.store.set_state(
-                job_id,
-                tuple(s for s in allowed if s != "running"),
-                target,
-                self.clock.seconds(),
-                reason=reason,
-                reset_attempts=reset_attempts,
-            )
-        except errors.InvalidState as e:
-            if e.extra.get("state") != "running" or "running" not in allowed:
-                raise
-            # Running under another server's lease: end it in the store; that
-            # server revokes its worker's lease when it next syncs.
-            await self.store.end_lease(job_id, target, self.clock.seconds(), reason=reason)
-        current = self.jobs.get(job_id)  # the world moved while we waited
-        if current is None:
-            await self._reload(job_id)  # a terminal job came back (requeue)
-        elif current.lease is None:  # else handed out after the change: the claim decides
-            self._queue.discard(current)
-            self._cancel_timer(current)
-            if reset_attempts:
-                current.attempts = 0
-            current.not_before = None
-            self._enter(current, target, None)
+            try:
+                await self.store.set_state(
+                    job_id,
+                    tuple(s for s in allowed if s != "running"),
+                    target,
+                    self.clock.seconds(),
+                    reason=reason,
+                    reset_attempts=reset_attempts,
+                )
+            except errors.InvalidState as e:
+                if e.extra.get("state") != "running" or "running" not in allowed:
+                    raise
+                # Running under another server's lease: end it in the store; that
+                # server revokes its worker's lease when it next syncs.
+                await self.store.end_lease(job_id, target, self.clock.seconds(), reason=reason)
+            current = self.jobs.get(job_id)  # the world moved while we waited
+            if current is None:
+                await self._reload(job_id)  # a terminal job came back (requeue)
+            elif current.lease is not None:
+                # It came into memory (its SUBMIT's reply) and was handed out
+                # after this change committed: the claim, committed after the
+                # change, decides (_granted, or _grant_failed with the state).
+                pass
+            else:
+                self._queue.discard(current)
+                self._cancel_timer(current)
+                if reset_attempts:
+                    current.attempts = 0
+                current.not_before = None
+                self._enter(current, target, None)
+        finally:
+            if job is not None:
+                job.changing -= 1
+                if (
+                    not job.changing
+                    and self.jobs.get(job_id) is job
+                    and job.state == "queued"
+                    and job.lease is None
+                    and job not in self._queue
+                    and job.timer is None
+                ):
+                    self._make_runnable(job, self.clock.seconds())
+                    self._dispatch()
         return {"state": target}
 
     async def _reload(self, *job_ids: int):
@@ -1302,7 +1326,7 @@ class Dispatcher:
         if not_before is not None and not_before > now:
             self._cancel_timer(job)
             job.timer = self.clock.callLater(not_before - now, self._backoff_over, job)
-        else:
+        elif not job.changing:  # else the change's end makes it runnable (_operator)
             job.not_before = None
             self._queue.push(job)
 
