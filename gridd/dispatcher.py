@@ -1454,8 +1454,12 @@ class Dispatcher:
             log.info("job {job}: not claimed, it is {state}", job=job.id, state=state)
             job.attempts -= 1
             if state == "paused":
+                # Said, then forgotten: a copy held here would go stale (with
+                # several servers it can be resumed and run elsewhere); a
+                # RESUME here reloads it from the store.
                 job.state = "paused"
                 self._notify(job)
+                self._forget(job)
             else:
                 self._finish(job, state)
         elif failure.check(errors.InvalidState, errors.UnknownJob):
