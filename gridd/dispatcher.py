@@ -28,6 +28,7 @@ state still waits for the commit.
 from __future__ import annotations
 
 import heapq
+import math
 import re
 import secrets
 from collections import Counter, OrderedDict, deque
@@ -373,6 +374,8 @@ class Dispatcher:
         self._grants_failing = False
         self._housekeeping_trouble = _Complaint(clock, "housekeeping (this server's beat in the store)")
         self._sync_trouble = _Complaint(clock, "sync with the shared store")
+        #: When a stall of this server was last said (_said_stalled).
+        self._stall_said_at = -math.inf
         #: When the store last took this server's beat.
         self._last_beat_stored = clock.seconds()
         #: Before this time, other servers' stale beats are not held against them.
@@ -591,6 +594,15 @@ class Dispatcher:
     # from the clock
 
     def _worker_silent(self, worker: Worker):
+        stalled = self.clock.seconds() - worker.deadline_call.getTime()
+        if stalled > self.beat * wire.STALL_FRACTION:
+            # The deadline passed while this server was not running (host
+            # suspended, starved of CPU, swapping): what the worker sent
+            # meanwhile is still unread. It gets one more beat, from now, to
+            # be heard; a line then resets its deadline as usual.
+            self._said_stalled(stalled)
+            worker.deadline_call = self.clock.callLater(self.beat, self._worker_silent, worker)
+            return
         log.warn(
             "worker {name} silent for {d} s: its {n} leases end",
             name=worker.name,
@@ -599,6 +611,18 @@ class Dispatcher:
         )
         self._worker_gone(worker, "expired")
         worker.conn.drop("heartbeat deadline passed")
+
+    def _said_stalled(self, stalled: float):
+        """Say once per stall that deadlines were put off because this server was stalled."""
+        now = self.clock.seconds()
+        if now - self._stall_said_at > self.deadline:
+            self._stall_said_at = now
+            log.warn(
+                "this server was stalled for {s:.1f} s (its timers ran late): workers whose heartbeat"
+                " deadline passed meanwhile get {b:g} s more to be heard",
+                s=stalled,
+                b=self.beat,
+            )
 
     def _lease_timed_out(self, job: Job, lease: str):
         job.timer = None

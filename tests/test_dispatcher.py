@@ -194,6 +194,37 @@ def test_heartbeats_keep_a_worker_alive():
     assert g.d.jobs[job["job"]].lease == job["lease"]
 
 
+def test_deadline_passed_while_the_server_was_stalled_gives_one_more_beat():
+    """A deadline timer that runs late (this server was stalled) waits one beat for lines already sent."""
+    g = Grid(beat=2.0)
+    w = g.worker()
+    g.submit()
+    [job] = w.take("JOB")
+    g.clock.advance(20.0)  # one step: the 6 s deadline's timer runs 14 s late
+    assert w.dropped is None
+    g.d.seen(w)  # the beat that waited unread while the server was stalled
+    g.clock.advance(5.9)
+    assert w.dropped is None
+    assert g.d.jobs[job["job"]].lease == job["lease"]
+    g.clock.advance(0.1)  # on time now, and nothing heard: silent
+    assert w.dropped
+
+
+def test_deadline_after_a_stall_with_nothing_heard_drops_the_worker_one_beat_later():
+    """The extra beat after a stall is one beat, not another deadline: a dead worker is still judged."""
+    g = Grid(beat=2.0)
+    w = g.worker()
+    [job_id] = g.submit()
+    w.take("JOB")
+    g.clock.advance(20.0)
+    assert w.dropped is None
+    g.clock.advance(1.9)
+    assert w.dropped is None
+    g.clock.advance(0.1)
+    assert w.dropped
+    assert g.d.jobs[job_id].lease is None and g.d.jobs[job_id].state == "queued"
+
+
 def test_stale_lease_refused_and_changes_nothing():
     """A result from a worker whose lease was re-dispatched is refused; the store is unchanged."""
     g = Grid()

@@ -554,6 +554,22 @@ def test_server_client_silent_past_deadline_dropped(stack):
     assert client.aborted and client.lost
 
 
+def test_server_client_deadline_after_a_stall_waits_one_beat(stack):
+    """A client's idle deadline that passed while the server was stalled waits one beat for its lines."""
+    client = stack.client()
+    stack.advance(DEADLINE * 3)  # one step: the timer runs late
+    assert not client.closed
+    client.send("BEAT")
+    stack.advance(DEADLINE - 0.1)
+    assert not client.closed
+    stack.advance(0.1)
+    assert client.aborted and client.lost
+    late = stack.client()
+    stack.advance(DEADLINE * 3)
+    stack.advance(BEAT)
+    assert late.aborted and late.lost
+
+
 def test_server_worker_silent_past_deadline_dropped_and_job_moves(world):
     """A worker silent past the deadline is cut; its job goes to another worker, accepted results kept."""
     stack = world.stack

@@ -184,6 +184,28 @@ def test_keepalive_server_silent_past_deadline_aborts():
     assert w.transport.disconnected
 
 
+def test_keepalive_deadline_judged_late_after_a_stall_waits_one_beat():
+    """A deadline timer that ran late (the worker was stalled) gives the server one beat to be heard."""
+    w = Harness().welcome(beat=2.0, deadline=6.0)
+    w.clock.advance(20)  # one step: the worker process was not running
+    assert not w.transport.disconnected
+    w.receive("BEAT")  # what the server sent meanwhile, read now
+    w.clock.advance(5.9)
+    assert not w.transport.disconnected
+    w.clock.advance(0.1)
+    assert w.transport.disconnected
+
+
+def test_keepalive_stall_then_nothing_from_the_server_aborts_one_beat_later():
+    """After a stall, a server that stays silent is dropped one beat later."""
+    w = Harness().welcome(beat=2.0, deadline=6.0)
+    w.clock.advance(20)
+    w.clock.advance(1.9)
+    assert not w.transport.disconnected
+    w.clock.advance(0.1)
+    assert w.transport.disconnected
+
+
 def test_request_after_this_side_aborted_is_not_written():
     """Once the worker aborted a silent server's connection, a request fails at once and writes nothing."""
     w = Harness().welcome(beat=2.0, deadline=6.0)

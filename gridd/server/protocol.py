@@ -292,6 +292,12 @@ class ServerProtocol(LineOnlyReceiver):
         self._refuse(errors.HandshakeTimeout(), None)
 
     def _idle_expired(self):
+        beat = self.factory.dispatcher.beat
+        if self.clock.seconds() - self._timers["idle"].getTime() > beat * wire.STALL_FRACTION:
+            # This server was stalled past the deadline: what the client sent
+            # meanwhile is unread. One more beat to hear it (PROTOCOL.md 5).
+            self._timers["idle"] = self.clock.callLater(beat, self._idle_expired)
+            return
         self.drop("silent past the deadline")
 
     def _cancel(self, name):
