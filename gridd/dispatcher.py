@@ -613,20 +613,26 @@ class Dispatcher:
         worker.conn.drop("heartbeat deadline passed")
 
     def _said_stalled(self, stalled: float):
-        """Say once per stall that deadlines were put off because this server was stalled."""
+        """Say once per stall that deadlines and run-time limits were put off: this server was stalled."""
         now = self.clock.seconds()
         if now - self._stall_said_at > self.deadline:
             self._stall_said_at = now
             log.warn(
                 "this server was stalled for {s:.1f} s (its timers ran late): workers whose heartbeat"
-                " deadline passed meanwhile get {b:g} s more to be heard",
+                " deadline or run-time limit passed meanwhile get {b:g} s more to be heard",
                 s=stalled,
                 b=self.beat,
             )
 
     def _lease_timed_out(self, job: Job, lease: str):
+        stalled = self.clock.seconds() - job.timer.getTime()
         job.timer = None
         if job.lease != lease or job.closing:
+            return
+        if stalled > self.beat * wire.STALL_FRACTION:
+            # As for heartbeat deadlines: a DONE that arrived in time may be unread.
+            self._said_stalled(stalled)
+            job.timer = self.clock.callLater(self.beat, self._lease_timed_out, job, lease)
             return
         log.warn(
             "job {job}: lease {lease} passed its run-time limit of {t} s",

@@ -344,6 +344,35 @@ def test_runtime_limit_revokes_lease_and_counts_an_attempt():
     assert again["attempt"] == 2
 
 
+def test_runtime_limit_passed_while_the_server_was_stalled_waits_one_beat_for_a_done():
+    """A run-time limit judged late (the server was stalled) waits one beat: a DONE sent in time is taken."""
+    g = Grid(beat=2.0)
+    w = g.worker()
+    [job_id] = g.submit(timeout=10.0)
+    [job] = w.take("JOB")
+    g.clock.advance(4.0)  # within the deadline; then the limit's timer runs 4 s late:
+    g.d.seen(w)
+    g.clock.advance(10.0)
+    assert w.take("REVOKE") == []
+    g.d.seen(w)
+    run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    assert run(g.store.get_job(job_id))["state"] == "done"
+
+
+def test_runtime_limit_after_a_stall_still_ends_a_lease_one_beat_later():
+    """The extra beat after a stall is one beat: a job that is not done by then is revoked."""
+    g = Grid(beat=2.0)
+    w = g.worker()
+    [job_id] = g.submit(timeout=10.0)
+    [job] = w.take("JOB")
+    g.clock.advance(4.0)
+    g.d.seen(w)
+    g.clock.advance(10.0)
+    g.d.seen(w)
+    g.clock.advance(2.0)
+    assert w.take("REVOKE") == [{"job": job_id, "lease": job["lease"], "reason": "timeout"}]
+
+
 def test_return_gives_back_without_using_an_attempt():
     """A returned job is re-queued at once and its attempt is not counted."""
     g = Grid()
@@ -817,8 +846,8 @@ def test_runtime_limit_of_a_job_type_applies_to_its_jobs_that_name_none():
     [other] = g.submit(type="sleep")
     jobs = {j["job"]: j for j in w.take("JOB")}
     assert {i: j["timeout"] for i, j in jobs.items()} == {typed: 5.0, own: 50.0, other: 100.0}
-    for _ in range(3):
-        g.clock.advance(2.0)
+    for _ in range(6):
+        g.clock.advance(1.0)
         g.d.seen(w)
     assert [r["job"] for r in w.take("REVOKE")] == [typed]
 

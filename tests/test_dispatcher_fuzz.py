@@ -333,7 +333,11 @@ class DispatcherMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([0.5, 1.0, 2.0, 7.0, 40.0]))
     def advance(self, seconds):
-        """Time passes; workers that do not beat are dropped at the deadline, run-time limits expire."""
+        """Time passes; workers that do not beat are dropped, run-time limits expire.
+
+        A step far past a deadline is a stall of the server: the worker is
+        dropped one beat after it (PROTOCOL.md 5), in a later step.
+        """
         self.clock.advance(seconds)
         self._pump()
 
