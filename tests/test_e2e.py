@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from gridd.client import connect
 from gridd.launch import WAIT, LocalGrid
@@ -241,6 +241,40 @@ async def test_e2e_suspended_worker_is_replaced_and_its_late_results_refused(rea
     late = grid.db_rows("SELECT idx FROM records WHERE lease = ? AND accepted_at > ?", lease, cut["at"])
     assert late == []
     assert not grid.workers["w2"].matching(rf"\] job {suspended_job} (done|failed|returned)")
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_e2e_whole_host_suspended_past_the_deadlines_drops_nobody(reactor, grid):
+    """SIGSTOP the server and every worker for 3 deadlines, then SIGCONT: nobody is dropped, no attempt is lost.
+
+    A laptop or VM holding the whole grid is suspended: when it resumes,
+    every deadline timer runs late, with the peers' lines unread in the
+    sockets. Each side reads them before judging (PROTOCOL.md 5). The
+    suspension is a fixed span (the input of the scenario); every outcome
+    is awaited as an event.
+    """
+    client, watcher = await run_with_client(grid, reactor)
+    ids = await submit_batch(client)
+    await mid_run(watcher, reactor)
+    await client.close()  # the test's own client is not suspended: it would rightly judge the server silent
+    processes = [grid.server, *grid.workers.values()]
+    since = {proc.name: len(proc.lines) for proc in processes}
+    for proc in processes:
+        proc.send_signal(signal.SIGSTOP)
+    await task.deferLater(reactor, 3 * 3 * grid.beat, lambda: None)
+    for proc in processes:
+        proc.send_signal(signal.SIGCONT)
+    await grid.server.wait_for(r"this server was stalled for \d", since[grid.server.name])
+
+    client = await connect(reactor, grid.endpoint, grid.secret, name="e2e-after")
+    await client.wait(ids).addTimeout(WAIT, reactor)
+    assert_every_record_once(grid, ids)
+    assert grid.db_rows("SELECT DISTINCT attempts FROM jobs") == [(1,)]
+    assert grid.db_rows("SELECT COUNT(*) FROM job_events WHERE event = 'released'") == [(0,)]
+    for proc in processes:
+        gone = [line for line in proc.lines[since[proc.name] :] if re.search(r"silent for|gone \(|reconnect", line)]
+        assert gone == [], proc.name
     await client.close()
 
 
