@@ -907,6 +907,17 @@ class Dispatcher:
         except errors.StaleLease:
             self._ended_elsewhere(job, lease)
             raise
+        except errors.DuplicateResult as e:
+            # The store already has these results: an earlier write of ours that
+            # was reported failed (its COMMIT lost with the connection) had in
+            # fact committed. They are accepted; this server stops waiting for
+            # them, else DONE would be refused as incomplete on every attempt.
+            known = indices.intersection(e.extra.get("records") or ())
+            for i in known:
+                job.pending.pop(i, None)
+            if known:
+                self._notify(job)
+            raise
         finally:
             job.in_flight -= indices
         for i in indices:

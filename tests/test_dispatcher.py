@@ -1054,3 +1054,37 @@ def test_sync_keeps_a_job_that_left_and_reentered_the_queue_during_its_read():
     run(g.d.set_slots(w, 1))
     assert [j["job"] for j in w.take("JOB")] == [job_id]
     g.d.stop()
+
+
+class LosesCommitOutcomes(MemoryStore):
+    """A memory store whose next ``add_results`` applies, then fails as ``unavailable`` (its COMMIT's reply lost)."""
+
+    lose_next = False
+
+    def add_results(self, job_id, lease, results, now):
+        d = super().add_results(job_id, lease, results, now)
+        if self.lose_next:
+            self.lose_next = False
+            d.addCallback(lambda _: defer.fail(errors.Unavailable("the connection was lost during COMMIT")))
+        return d
+
+
+def test_results_committed_though_reported_unavailable_do_not_fail_the_job():
+    """A RESULT committed though answered ``unavailable``: sent again it is a duplicate, and DONE then goes through."""
+    g = Grid(store=LosesCommitOutcomes())
+    w = g.worker()
+    [job_id] = g.submit(records=["a", "b", "c"])
+    [job] = w.take("JOB")
+    g.store.lose_next = True
+    with pytest.raises(errors.Unavailable):
+        run(g.d.result(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    assert g.state(job_id)["accepted"] == 1  # it did commit
+    # The worker sends it again after a while; the store refuses it as already accepted.
+    with pytest.raises(errors.DuplicateResult) as e:
+        run(g.d.result(w, job_id, job["lease"], [{"i": 0, "out": 1}, {"i": 1, "out": 1}]))
+    assert e.value.extra["records"] == [0]
+    # The worker forgets record 0 and sends the rest.
+    run(g.d.result(w, job_id, job["lease"], [{"i": 1, "out": 1}]))
+    run(g.d.done(w, job_id, job["lease"], [{"i": 2, "out": 1}]))
+    view = g.state(job_id)
+    assert (view["state"], view["accepted"], view["attempts"]) == ("done", 3, 1)
