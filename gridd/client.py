@@ -141,7 +141,8 @@ class ClientProtocol(_Pages, PeerProtocol):
         - ``submitted``: the ids the SUBMITs answered OK committed, those of
           ``jobs[:len(submitted)]``;
         - ``unknown``: the jobs of the SUBMIT that was written and got no
-          reply (``ConnectionDropped``): they may or may not exist;
+          reply (``ConnectionDropped``), or was answered ``commit_unknown``
+          (``gridd.errors.CommitUnknown``): they may or may not exist;
         - ``refused``: the jobs of the SUBMIT the server refused (a
           ``gridd.errors`` class): none of them exists;
         - ``not_sent``: the jobs after those; when a SUBMIT could not be
@@ -166,6 +167,9 @@ class ClientProtocol(_Pages, PeerProtocol):
                 reply = await self.request("SUBMIT", {"jobs": chunk})
             except NotSent as e:
                 submission.failed(e)
+                raise
+            except errors.CommitUnknown as e:
+                submission.failed(e, chunk, "unknown")
                 raise
             except errors.GriddError as e:
                 submission.failed(e, chunk, "refused")
@@ -912,6 +916,10 @@ class Client(_Pages):
                 continue
             except ConnectionDropped as e:
                 raise submission.outcome_unknown(chunk, spec, e) from e
+            except errors.CommitUnknown as e:
+                self._served()
+                submission.failed(e, chunk, "unknown")
+                raise
             except errors.GriddError as e:
                 self._served()
                 submission.failed(e, chunk, "refused")

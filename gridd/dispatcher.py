@@ -48,6 +48,9 @@ log = Logger()
 
 MAX_JOBS_PER_SUBMIT = 10_000
 MAX_ID = 2**53 - 1
+#: Syncs for which a grant reported failed is remembered, in case its lease
+#: turns up orphaned (two looks in a row confirm one).
+ORPHAN_LOOKS_KEPT = 10
 
 
 class IConnection(Protocol):
@@ -382,6 +385,9 @@ class Dispatcher:
         self._judge_servers_after = 0.0
         #: Leases the store says are ours that no job here holds, at the last look.
         self._orphans: set[tuple[int, str]] = set()
+        #: Grants that failed in a way that may have committed: lease -> (the
+        #: job's attempts without it, when it failed). Kept for a few syncs.
+        self._unsure_grants: dict[str, tuple[int, float]] = {}
         self._syncing: task.LoopingCall | None = None
         #: The last (state, accepted) seen of watched jobs that other servers run.
         self._watched_elsewhere: dict[int, tuple[str, int]] = {}
@@ -774,14 +780,23 @@ class Dispatcher:
             (job_id, lease) for job_id, lease in owned.items() if lease not in known and lease not in self._ended
         }
         confirmed, self._orphans = orphans & self._orphans, orphans
+        horizon = self.clock.seconds() - ORPHAN_LOOKS_KEPT * (self.sync_interval or 0)
+        for lease, (_, failed_at) in list(self._unsure_grants.items()):
+            if failed_at < horizon and lease not in {orphan for _, orphan in orphans}:
+                del self._unsure_grants[lease]
         for job_id, lease in sorted(confirmed):
+            # A grant reported failed never sent its JOB: that attempt did not run.
+            attempts = self._unsure_grants.pop(lease, (None, None))[0]
             log.warn(
-                "job {job}: lease {lease} is ours in the store but held by no worker; re-queued",
+                "job {job}: lease {lease} is ours in the store but held by no worker; re-queued{uncounted}",
                 job=job_id,
                 lease=lease,
+                uncounted=" (its grant was reported failed: the attempt is not counted)" if attempts is not None else "",
             )
             try:
-                await self.store.release(job_id, lease, "queued", self.clock.seconds(), reason="orphaned")
+                await self.store.release(
+                    job_id, lease, "queued", self.clock.seconds(), reason="orphaned", attempts=attempts
+                )
             except errors.GriddError:
                 continue
             await self._reload(job_id)
@@ -1521,6 +1536,10 @@ class Dispatcher:
             else:
                 log.failure("job {job}: could not record lease {lease}", failure, job=job.id, lease=lease)
             job.attempts -= 1
+            if failure.check(errors.CommitUnknown):
+                # The grant may have committed all the same: if its lease turns
+                # up orphaned, the attempt (never sent) is given back.
+                self._unsure_grants[lease] = (job.attempts, self.clock.seconds())
             job.state = "queued"
             self._make_runnable(job, self.clock.seconds(), self.clock.seconds() + self.backoff_base)
         self._dispatch()

@@ -5,7 +5,8 @@ Every layer raises these: the wire parser (framing errors), the session
 (fencing and once-only checks it enforces itself). The server turns any of
 them into ``ERR {"rid": ..., "code": ..., "message": ..., **extra}``; the
 client API turns such a reply back into the same class. ``protocols/PROTOCOL.md``
-defines every code; a rejected request never changes state.
+defines every code; a rejected request never changes state, except that
+after ``commit_unknown`` it may have.
 """
 
 from __future__ import annotations
@@ -176,12 +177,30 @@ class Unavailable(GriddError):
     default_message = "the store is unavailable; retry later"
 
 
+class CommitUnknown(Unavailable):
+    """The database connection was lost during COMMIT: the change may or may not have been made.
+
+    An ``Unavailable`` to whoever retries (a worker sends its RESULT again
+    and learns from ``duplicate_result`` what was accepted), and the one
+    refusal after which state may have changed.
+    """
+
+    code = "commit_unknown"
+    default_message = "the database connection was lost during COMMIT: the change may or may not have been made"
+
+
 class ShuttingDown(GriddError):
     code = "shutting_down"
     default_message = "the server is shutting down"
 
 
-_BY_CODE: dict[str, type[GriddError]] = {cls.code: cls for cls in GriddError.__subclasses__()}
+def _codes(cls: type[GriddError]):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _codes(sub)
+
+
+_BY_CODE: dict[str, type[GriddError]] = {cls.code: cls for cls in _codes(GriddError)}
 __all__ += [cls.__name__ for cls in _BY_CODE.values()]
 
 

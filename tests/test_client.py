@@ -396,6 +396,39 @@ def test_client_submit_later_batch_error_lists_submitted_ids():
     lose(protocol)
 
 
+def test_client_submit_answered_commit_unknown_names_its_jobs_unknown():
+    """A SUBMIT answered commit_unknown may have committed: its jobs are unknown, not refused."""
+    protocol, transport, _ = handshake()
+    d = protocol.submit([{"type": "noop", "records": [n]} for n in range(10_001)])
+    [first] = sent(transport)
+    reply(protocol, "OK", {"rid": first.rid, "jobs": list(range(1, 10_001))})
+    [second] = sent(transport)
+    reply(protocol, "ERR", {"rid": second.rid, "code": "commit_unknown", "message": "lost during COMMIT"})
+    error = failure_of(d)
+    assert isinstance(error, errors.CommitUnknown) and isinstance(error, errors.Unavailable)
+    assert error.submitted == list(range(1, 10_001))
+    assert (error.unknown, error.refused, error.not_sent) == (range(10_000, 10_001), range(0), range(0))
+    lose(protocol)
+
+
+def test_reconnecting_client_submit_answered_commit_unknown_is_not_sent_again():
+    """The reconnecting Client: commit_unknown fails the submit with the jobs unknown, and sends nothing more."""
+    clock, network = Clock(), Network()
+    d = connect(clock, [A, B], "s3cret", "tester", connector=network, retry_policy=STEADY)
+    network.last.greet(max_line=TWO_PER_LINE)
+    client, a = result_of(d), network.last
+    d = client.submit(SIX_JOBS)
+    [first] = a.sent()
+    a.answer(first, jobs=[11, 12])
+    [second] = a.sent()
+    reply(a.protocol, "ERR", {"rid": second.rid, "code": "commit_unknown", "message": "lost during COMMIT"})
+    error = failure_of(d)
+    assert isinstance(error, errors.CommitUnknown)
+    assert error.submitted == [11, 12]
+    assert (error.unknown, error.refused, error.not_sent) == (range(2, 4), range(0), range(4, 6))
+    assert a.sent() == []
+
+
 def test_client_protocol_submit_on_a_lost_connection_fails_not_sent():
     """A ClientProtocol (it never reconnects) fails a submit on its lost connection with NotSent, no job sent."""
     protocol, transport, _ = handshake()

@@ -1057,26 +1057,31 @@ def test_sync_keeps_a_job_that_left_and_reentered_the_queue_during_its_read():
 
 
 class LosesCommitOutcomes(MemoryStore):
-    """A memory store whose next ``add_results`` applies, then fails as ``unavailable`` (its COMMIT's reply lost)."""
+    """A memory store whose next write of a named kind applies, then fails as its COMMIT's reply was lost."""
 
-    lose_next = False
+    lose_next: str | None = None
 
-    def add_results(self, job_id, lease, results, now):
-        d = super().add_results(job_id, lease, results, now)
-        if self.lose_next:
-            self.lose_next = False
-            d.addCallback(lambda _: defer.fail(errors.Unavailable("the connection was lost during COMMIT")))
+    def _lost(self, kind, d):
+        if self.lose_next == kind:
+            self.lose_next = None
+            d.addCallback(lambda _: defer.fail(errors.CommitUnknown()))
         return d
 
+    def add_results(self, job_id, lease, results, now):
+        return self._lost("add_results", super().add_results(job_id, lease, results, now))
 
-def test_results_committed_though_reported_unavailable_do_not_fail_the_job():
-    """A RESULT committed though answered ``unavailable``: sent again it is a duplicate, and DONE then goes through."""
+    def grant(self, job_id, lease, worker, attempt, now):
+        return self._lost("grant", super().grant(job_id, lease, worker, attempt, now))
+
+
+def test_results_committed_though_reported_lost_do_not_fail_the_job():
+    """A RESULT committed though answered ``commit_unknown``: sent again it is a duplicate, and DONE then goes through."""
     g = Grid(store=LosesCommitOutcomes())
     w = g.worker()
     [job_id] = g.submit(records=["a", "b", "c"])
     [job] = w.take("JOB")
-    g.store.lose_next = True
-    with pytest.raises(errors.Unavailable):
+    g.store.lose_next = "add_results"
+    with pytest.raises(errors.CommitUnknown):
         run(g.d.result(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
     assert g.state(job_id)["accepted"] == 1  # it did commit
     # The worker sends it again after a while; the store refuses it as already accepted.
@@ -1088,3 +1093,21 @@ def test_results_committed_though_reported_unavailable_do_not_fail_the_job():
     run(g.d.done(w, job_id, job["lease"], [{"i": 2, "out": 1}]))
     view = g.state(job_id)
     assert (view["state"], view["accepted"], view["attempts"]) == ("done", 3, 1)
+
+
+def test_grant_committed_though_reported_lost_is_requeued_without_using_an_attempt():
+    """A grant answered ``commit_unknown`` that did commit is found orphaned at the syncs; its attempt never ran."""
+    g = Grid(LosesCommitOutcomes(server_id="A"), sync_interval=0.5, backoff_base=1.0)
+    g.store.lose_next = "grant"
+    [job_id] = g.submit()
+    w = g.worker()  # the grant commits, and is reported lost: no JOB
+    assert not w.take("JOB")
+    for _ in range(6):  # the retried grant is refused (running); two syncs confirm the orphan
+        g.clock.advance(0.5)
+        g.d.seen(w)
+    [job] = w.take("JOB")
+    assert (job["job"], job["attempt"]) == (job_id, 1)
+    released = [e for e in g.state(job_id)["history"] if e["event"] == "released"]
+    assert [e["detail"]["reason"] for e in released] == ["orphaned"]
+    run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    assert (g.state(job_id)["state"], g.state(job_id)["attempts"]) == ("done", 1)

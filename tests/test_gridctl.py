@@ -340,6 +340,21 @@ def test_submit_later_batch_refused_still_prints_committed_ids(tmp_path):
     )
 
 
+def test_submit_answered_commit_unknown_says_its_jobs_may_exist(tmp_path):
+    """A SUBMIT answered commit_unknown: its jobs may or may not exist, and gridctl says to look before repeating."""
+
+    def submit(body):
+        raise errors.CommitUnknown("lost during COMMIT")
+
+    outcome = Outcome(Grid(SUBMIT=submit), ["submit", "-", "--type", "noop"], tmp_path, stdin=b"1\n")
+    assert outcome.code == 1
+    assert outcome.err.getvalue() == (
+        "gridctl: error: commit_unknown: lost during COMMIT\n"
+        "gridctl: of 1 job: job 1 may or may not have been submitted: look (gridctl list) before submitting it again\n"
+    )
+    assert outcome.lines() == []
+
+
 # -- reading commands ----------------------------------------------------------------------
 
 JOBS = [

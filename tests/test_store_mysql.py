@@ -18,7 +18,7 @@ import pytest_twisted
 from twisted.internet.defer import DeferredList
 from twisted.logger import globalLogPublisher
 
-from gridd.errors import Unavailable
+from gridd.errors import CommitUnknown, Unavailable
 from gridd.launch import ROOT
 from gridd.store.base import JobSpec, RecordResult, SchemaTooNew, StoreUnavailable, open_store
 from gridd.store.mysql import MySQLDialect, MySQLParams, MySQLStore, parse_mysql_uri
@@ -420,8 +420,8 @@ async def test_server_gone_mid_transaction_retried_once_applied(mariadb, params,
 
 
 @pytest_twisted.ensureDeferred
-async def test_commit_lost_connection_unavailable_not_retried(mariadb, params, store, monkeypatch):
-    """A COMMIT whose connection is lost fails as Unavailable and is not run again; the next write works."""
+async def test_commit_lost_connection_commit_unknown_not_retried(mariadb, params, store, monkeypatch):
+    """A COMMIT whose connection is lost fails as CommitUnknown (an Unavailable) and is not run again; the next write works."""
     from gridd.store import mysql
 
     armed = []
@@ -440,8 +440,9 @@ async def test_commit_lost_connection_unavailable_not_retried(mariadb, params, s
     monkeypatch.setattr(mysql._MySQLConnection, "commit", commit_on_killed_connection)
     await store.submit([spec()], T0)
     calls = []
-    with pytest.raises(Unavailable, match="during COMMIT"):
+    with pytest.raises(CommitUnknown, match="during COMMIT") as lost:
         await store._write(thd_arm, calls)
+    assert lost.value.code == "commit_unknown" and isinstance(lost.value, Unavailable)
     assert calls == [1]
     # Here the server had not committed: nothing applied, nothing applied twice.
     assert mariadb.query(params.database, "SELECT COUNT(*) FROM job_events WHERE event = 'probe'") == [(0,)]

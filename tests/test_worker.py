@@ -465,6 +465,19 @@ def test_unavailable_reply_retries_later(err):
     assert w.sent() == ['DONE {"job":1,"lease":"L1","results":[{"i":0,"out":"X"}],"rid":3}']
 
 
+def test_commit_unknown_reply_sends_again_and_a_duplicate_then_drops_what_was_stored():
+    """ERR commit_unknown: the results may be stored; sent again later, duplicate_result says which were."""
+    w = Harness().welcome()
+    w.receive(job_line(type="picky", records=["x", "y"]))
+    w.sent()
+    w.receive('ERR {"rid":2,"code":"commit_unknown","message":"lost during COMMIT"}')
+    assert w.sent() == []
+    w.clock.advance(1)
+    assert w.sent() == ['DONE {"job":1,"lease":"L1","results":[{"i":0,"out":"X"},{"i":1,"out":"Y"}],"rid":3}']
+    w.receive('ERR {"rid":3,"code":"duplicate_result","message":"dup","records":[0,1]}')
+    assert w.sent() == ['DONE {"job":1,"lease":"L1","rid":4}']
+
+
 # -- reconnecting ----------------------------------------------------------------
 
 

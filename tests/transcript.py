@@ -6,7 +6,8 @@ chosen size; each ``S(name):`` line must be the next line that connection
 received, byte for byte; ``-- advance N`` moves the clock; ``-- connect name`` opens a
 connection that sends nothing; ``-- closed name`` expects the server to have closed that connection; ``-- store down``
 and ``-- store up`` stop and restart the (memory) store under the running
-server, as a database outage would; ``-- shutdown`` stops the server as
+server, as a database outage would; ``-- store lose-commit`` makes its next
+write commit and then fail with ``commit_unknown``; ``-- shutdown`` stops the server as
 twistd does (``GriddService.stopService``). At the end no connection may
 hold output the transcript did not expect.
 
@@ -29,6 +30,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from gridd import errors
 from gridd.dispatcher import Dispatcher
 from gridd.server.auth import Authenticator, hash_secret
 from gridd.server.protocol import Limits, ServerFactory
@@ -88,12 +90,42 @@ class Connection:
         self.received.extend(lines)
 
 
+class LosingStore(MemoryStore):
+    """A memory store whose next write, once armed, applies and then fails with ``commit_unknown``.
+
+    As MariaDB does when it shuts down during a COMMIT that InnoDB has made
+    (``-- store lose-commit``). Housekeeping (``beat``, ``expire_servers``)
+    is left alone, so the write armed for is the next request's.
+    """
+
+    WRITES = (
+        "submit", "grant", "add_results", "complete", "release", "set_state", "take_lease", "end_lease",
+        "add_credential", "revoke_credential",
+    )  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.armed = False
+        for name in self.WRITES:
+            setattr(self, name, self._losing(getattr(self, name)))
+
+    def _losing(self, write):
+        def call(*args, **kwargs):
+            d = write(*args, **kwargs)
+            if self.armed:
+                self.armed = False
+                d.addCallback(lambda _: defer.fail(errors.CommitUnknown("the database connection was lost during COMMIT")))
+            return d
+
+        return call
+
+
 class Server:
     """A server stack on a task.Clock and a memory store, reached through StringTransports."""
 
     def __init__(self, options: dict):
         self.clock = task.Clock()
-        self.store = MemoryStore()
+        self.store = LosingStore()
         leases = itertools.count(1)
         self.dispatcher = Dispatcher(
             self.store,
@@ -210,10 +242,13 @@ def replay(path: Path, chunk: int | None = None, record: bool = False) -> list[s
                 server.clock.advance(float(step.text))
                 server.settle()
             elif step.kind == "store":
-                assert step.text in ("down", "up"), f"{path.name}:{step.number}: -- store down or -- store up"
-                stopped = server.store.stop() if step.text == "down" else server.store.start()
-                assert stopped.called
-                server.settle()
+                assert step.text in ("down", "up", "lose-commit"), f"{path.name}:{step.number}: -- store down|up|lose-commit"
+                if step.text == "lose-commit":
+                    server.store.armed = True
+                else:
+                    stopped = server.store.stop() if step.text == "down" else server.store.start()
+                    assert stopped.called
+                    server.settle()
             elif step.kind == "shutdown":
                 stopping = server.service.stopService()
                 server.settle()  # the peers take the BYE and the connections close

@@ -50,8 +50,9 @@ so does a change that had not been sent yet, which is then sent there once.
 a failed submit: many jobs go out in several SUBMITs, each committed on its
 own. stdout still lists the jobs that were committed (ids, or with --json their
 usual lines), and stderr says which jobs were committed, which may or may not
-have been (their SUBMIT was sent and the connection was lost before its reply:
-look with gridctl list before submitting them again), and which were refused
+have been (their SUBMIT was sent and the connection was lost before its reply,
+or the server answered commit_unknown: its database lost the connection while
+committing; look with gridctl list before submitting them again), and which were refused
 or not sent (those do not exist: submit them again). With --json the last
 stdout line is then
   {"error": CODE, "message": TEXT, "submitted": [FIRST, LAST],

@@ -46,6 +46,7 @@ __all__ = [
     "IStore",
     "SchemaTooNew",
     "StoreUnavailable",
+    "CommitOutcomeUnknown",
     "check_store_uri",
     "open_store",
     "server_id_for",
@@ -77,6 +78,16 @@ class SchemaTooNew(Exception):
             f"database schema version {found} is newer than this gridd knows "
             f"({known}); run a gridd at least as new as the one that migrated it"
         )
+
+
+class CommitOutcomeUnknown(Exception):
+    """The connection was lost while COMMIT was under way (raised by a driver's connection wrapper).
+
+    The database may have committed the transaction before the connection
+    died, or not: nobody can tell from here. Such a batch is never retried
+    (it might apply twice) and never acknowledged (it might not have
+    applied): its writes fail as ``gridd.errors.CommitUnknown``.
+    """
 
 
 class StoreUnavailable(Exception):

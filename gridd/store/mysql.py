@@ -21,7 +21,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from gridd.errors import Unavailable
-from gridd.store.base import StoreUnavailable
+from gridd.store.base import CommitOutcomeUnknown, StoreUnavailable
 from gridd.store.sql import SQLStore
 
 __all__ = ["MySQLDialect", "MySQLParams", "MySQLStore", "CommitOutcomeUnknown", "parse_mysql_uri"]
@@ -42,16 +42,6 @@ ER_TABLE_EXISTS_ERROR = 1050
 ER_DUP_FIELDNAME = 1060
 ER_DUP_KEYNAME = 1061
 ER_CANT_DROP_FIELD_OR_KEY = 1091
-
-
-class CommitOutcomeUnknown(Exception):
-    """The connection was lost while COMMIT was under way.
-
-    The server may have committed the transaction before the connection
-    died, or not: nobody can tell from here. Such a batch is never retried
-    (it might apply twice) and never acknowledged (it might not have
-    applied): its writes fail as ``Unavailable``.
-    """
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from twisted.logger import Logger
 
 from gridd.errors import (
     AlreadyExists,
+    CommitUnknown,
     DuplicateResult,
     Incomplete,
     InvalidState,
@@ -55,6 +56,7 @@ from gridd.store.base import (
     JOB_STATES,
     SETTABLE_STATES,
     ActiveJob,
+    CommitOutcomeUnknown,
     SchemaTooNew,
     StoreUnavailable,
     server_id_for,
@@ -288,6 +290,8 @@ class SQLStore:
                 store=self.describe(),
                 reason=reason,
             )
+        if isinstance(failure.value, CommitOutcomeUnknown):
+            raise CommitUnknown(f"database unavailable: {reason}") from failure.value
         raise Unavailable(f"database unavailable: {reason}") from failure.value
 
 
