@@ -381,33 +381,27 @@ def test_client_submit_too_big_job_sends_nothing():
     lose(protocol)
 
 
-def test_client_submit_later_batch_error_lists_submitted_ids():
-    """When a later SUBMIT is refused, the error carries the ids the earlier ones committed."""
+@pytest.mark.parametrize(
+    "code, cls, fates",
+    [
+        # Refused: the second SUBMIT's job does not exist.
+        ("unavailable", errors.Unavailable, (range(0), range(10_000, 10_001), range(0))),
+        # Its COMMIT's outcome lost: the job may or may not exist.
+        ("commit_unknown", errors.CommitUnknown, (range(10_000, 10_001), range(0), range(0))),
+    ],
+)
+def test_client_submit_later_batch_error_lists_submitted_ids(code, cls, fates):
+    """When a later SUBMIT fails, the error carries the ids the earlier ones committed, and its own jobs' fate."""
     protocol, transport, _ = handshake()
     d = protocol.submit([{"type": "noop", "records": [n]} for n in range(10_001)])
     [first] = sent(transport)
     reply(protocol, "OK", {"rid": first.rid, "jobs": list(range(1, 10_001))})
     [second] = sent(transport)
-    reply(protocol, "ERR", {"rid": second.rid, "code": "unavailable", "message": "store down"})
+    reply(protocol, "ERR", {"rid": second.rid, "code": code, "message": "store down"})
     error = failure_of(d)
-    assert isinstance(error, errors.Unavailable)
+    assert type(error) is cls
     assert error.submitted == list(range(1, 10_001))
-    assert (error.unknown, error.refused, error.not_sent) == (range(0), range(10_000, 10_001), range(0))
-    lose(protocol)
-
-
-def test_client_submit_answered_commit_unknown_names_its_jobs_unknown():
-    """A SUBMIT answered commit_unknown may have committed: its jobs are unknown, not refused."""
-    protocol, transport, _ = handshake()
-    d = protocol.submit([{"type": "noop", "records": [n]} for n in range(10_001)])
-    [first] = sent(transport)
-    reply(protocol, "OK", {"rid": first.rid, "jobs": list(range(1, 10_001))})
-    [second] = sent(transport)
-    reply(protocol, "ERR", {"rid": second.rid, "code": "commit_unknown", "message": "lost during COMMIT"})
-    error = failure_of(d)
-    assert isinstance(error, errors.CommitUnknown) and isinstance(error, errors.Unavailable)
-    assert error.submitted == list(range(1, 10_001))
-    assert (error.unknown, error.refused, error.not_sent) == (range(10_000, 10_001), range(0), range(0))
+    assert (error.unknown, error.refused, error.not_sent) == fates
     lose(protocol)
 
 
