@@ -18,7 +18,7 @@ import pytest_twisted
 from twisted.internet.defer import DeferredList
 from twisted.logger import globalLogPublisher
 
-from gridd.errors import CommitUnknown, Unavailable
+from gridd.errors import CommitUnknown, DuplicateResult, Unavailable
 from gridd.launch import ROOT
 from gridd.store.base import JobSpec, RecordResult, SchemaTooNew, StoreUnavailable, open_store
 from gridd.store.mysql import MySQLDialect, MySQLParams, MySQLStore, parse_mysql_uri
@@ -447,6 +447,38 @@ async def test_commit_lost_connection_commit_unknown_not_retried(mariadb, params
     # Here the server had not committed: nothing applied, nothing applied twice.
     assert mariadb.query(params.database, "SELECT COUNT(*) FROM job_events WHERE event = 'probe'") == [(0,)]
     assert len(await store.submit([spec()], T0)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_commit_made_but_its_reply_lost_is_commit_unknown_and_a_resend_a_duplicate(store, monkeypatch):
+    """Committed, reply lost (MariaDB shutting down mid-COMMIT): commit_unknown; sent again, the results are duplicates.
+
+    The COMMIT really happens; only its reply is lost, as error 2013 does
+    when the server has committed and then closes the connection.
+    """
+    from gridd.store import mysql
+
+    armed = []
+    commit = mysql._MySQLConnection.commit
+
+    def commit_then_lose_the_reply(self):
+        commit(self)
+        if armed:
+            armed.clear()
+            raise mysql.CommitOutcomeUnknown("the connection was lost during COMMIT (2013)")
+
+    monkeypatch.setattr(mysql._MySQLConnection, "commit", commit_then_lose_the_reply)
+    [job_id] = await store.submit([spec(records=2)], T0)
+    await store.grant(job_id, "L1", "w1", 1, T0)
+    armed.append(True)
+    with pytest.raises(CommitUnknown):
+        await store.add_results(job_id, "L1", [RecordResult(0, "zero")], T0 + 1)
+    with pytest.raises(DuplicateResult) as duplicate:
+        await store.add_results(job_id, "L1", [RecordResult(0, "zero"), RecordResult(1, "one")], T0 + 2)
+    assert duplicate.value.extra["records"] == [0]
+    await store.complete(job_id, "L1", [RecordResult(1, "one")], T0 + 3)
+    job = await store.get_job(job_id)
+    assert (job["state"], job["accepted"], job["attempts"]) == ("done", 2, 1)
 
 
 @pytest_twisted.ensureDeferred
