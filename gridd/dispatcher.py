@@ -1208,6 +1208,14 @@ class Dispatcher:
                 # Running under another server's lease: end it in the store; that
                 # server revokes its worker's lease when it next syncs.
                 await self.store.end_lease(job_id, target, self.clock.seconds(), reason=reason)
+            except errors.CommitUnknown:
+                # Made or not, the copy here may be wrong either way (a RESUME
+                # made would leave it paused here for good): forget it, and the
+                # store's view comes back at the next sync, or with a change.
+                current = self.jobs.get(job_id)
+                if current is not None and current.lease is None:
+                    self._forget(current)
+                raise
             current = self.jobs.get(job_id)  # the world moved while we waited
             if current is None:
                 await self._reload(job_id)  # a terminal job came back (requeue)

@@ -1073,6 +1073,9 @@ class LosesCommitOutcomes(MemoryStore):
     def grant(self, job_id, lease, worker, attempt, now):
         return self._lost("grant", super().grant(job_id, lease, worker, attempt, now))
 
+    def set_state(self, job_id, allowed, state, now, **kwargs):
+        return self._lost("set_state", super().set_state(job_id, allowed, state, now, **kwargs))
+
 
 def test_results_committed_though_reported_lost_do_not_fail_the_job():
     """A RESULT committed though answered ``commit_unknown``: sent again it is a duplicate, and DONE then goes through."""
@@ -1111,3 +1114,18 @@ def test_grant_committed_though_reported_lost_is_requeued_without_using_an_attem
     assert [e["detail"]["reason"] for e in released] == ["orphaned"]
     run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
     assert (g.state(job_id)["state"], g.state(job_id)["attempts"]) == ("done", 1)
+
+
+def test_resume_committed_though_reported_lost_runs_the_job_after_the_next_sync():
+    """A RESUME answered ``commit_unknown`` that was made: the paused copy here is dropped, the sync brings the job."""
+    g = Grid(LosesCommitOutcomes(server_id="A"), sync_interval=0.5)
+    [job_id] = g.submit()
+    assert run(g.d.pause(job_id)) == {"state": "paused"}
+    g.store.lose_next = "set_state"
+    with pytest.raises(errors.CommitUnknown):
+        run(g.d.resume(job_id))
+    assert g.state(job_id)["state"] == "queued"  # it was made
+    w = g.worker()
+    g.clock.advance(0.5)
+    [job] = w.take("JOB")
+    assert (job["job"], job["attempt"]) == (job_id, 1)
