@@ -765,6 +765,68 @@ async def test_e2e_grid_on_mariadb_database_restart_loses_nothing(mariadb, param
 
 
 @pytest_twisted.ensureDeferred
+async def test_e2e_database_restarted_again_and_again_under_load_costs_no_attempt(mariadb, params, tmp_path):
+    """MariaDB restarted 5 times while results stream in: every job done at its first attempt, every result once.
+
+    A restart can end a COMMIT after InnoDB made it and before its reply
+    left (error 2013): the writes are answered ``commit_unknown``. Results
+    sent again then come back as duplicates and count as accepted; a lease
+    whose grant was lost that way is re-queued without using an attempt.
+    Restarts are paced by finished jobs, not by time.
+    """
+    from twisted.internet import defer, reactor, threads
+
+    from gridd.client import connect
+    from gridd.launch import WAIT, LocalGrid
+
+    jobs, restarts = 300, 5
+    grid = LocalGrid(reactor, tmp_path)
+    uri = f"mysql://{params.user}@{params.host}:{params.port}/{params.database}?password_file={params.password_file}"
+    done: set[int] = set()
+    gates: list[tuple[int, defer.Deferred]] = []
+
+    def seen(status):
+        if status["state"] == "done":
+            done.add(status["job"])
+        for gate in [g for g in gates if len(done) >= g[0]]:
+            gates.remove(gate)
+            gate[1].callback(None)
+
+    def when_done(count):
+        d = defer.Deferred()
+        gates.append((count, d))
+        seen({"job": None, "state": None})
+        return d.addTimeout(WAIT, reactor)
+
+    try:
+        await grid.start_server("--db", uri)
+        for name in ("w1", "w2"):
+            await grid.start_worker(name, 4)
+        client = await connect(reactor, grid.endpoint, grid.secret, name="e2e")
+        specs = [
+            {"type": "sleep", "records": [f"{j}-{r}" for r in range(10)], "params": {"seconds": 0.01}}
+            for j in range(jobs)
+        ]
+        ids = await client.submit(specs)
+        finished = client.wait(ids, seen)
+        for n in range(1, restarts + 1):
+            await when_done(n * jobs // (restarts + 2))
+            await threads.deferToThread(mariadb.stop)
+            await threads.deferToThread(mariadb.start)
+        final = await finished.addTimeout(4 * WAIT, reactor)
+        assert {s["state"] for s in final.values()} == {"done"}
+        await client.close()
+    finally:
+        await grid.stop_all()
+    assert mariadb.query(params.database, "SELECT state, attempts, COUNT(*) FROM jobs GROUP BY state, attempts") == [
+        ("done", 1, jobs)
+    ]
+    assert mariadb.query(
+        params.database, "SELECT COUNT(*), COUNT(DISTINCT job_id, idx) FROM records WHERE accepted_at IS NOT NULL"
+    ) == [(jobs * 10, jobs * 10)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_grant_passes_over_a_job_another_server_is_claiming(mariadb, params, store):
     """A job whose row another transaction holds is refused at once (SKIP LOCKED), not waited for."""
     import contextlib
