@@ -781,8 +781,9 @@ class Dispatcher:
         }
         confirmed, self._orphans = orphans & self._orphans, orphans
         horizon = self.clock.seconds() - ORPHAN_LOOKS_KEPT * (self.sync_interval or 0)
+        orphaned = {lease for _, lease in orphans}
         for lease, (_, failed_at) in list(self._unsure_grants.items()):
-            if failed_at < horizon and lease not in {orphan for _, orphan in orphans}:
+            if failed_at < horizon and lease not in orphaned:
                 del self._unsure_grants[lease]
         for job_id, lease in sorted(confirmed):
             # A grant reported failed never sent its JOB: that attempt did not run.

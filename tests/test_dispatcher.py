@@ -9,7 +9,7 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from gridd import errors
-from gridd.dispatcher import Dispatcher, parse_version
+from gridd.dispatcher import ORPHAN_LOOKS_KEPT, Dispatcher, parse_version
 from gridd.store.memory import MemoryStore
 
 
@@ -1071,6 +1071,9 @@ class LosesCommitOutcomes(MemoryStore):
         return self._lost("add_results", super().add_results(job_id, lease, results, now))
 
     def grant(self, job_id, lease, worker, attempt, now):
+        if self.lose_next == "grant, not made":
+            self.lose_next = None
+            return defer.fail(errors.CommitUnknown())
         return self._lost("grant", super().grant(job_id, lease, worker, attempt, now))
 
     def set_state(self, job_id, allowed, state, now, **kwargs):
@@ -1129,3 +1132,21 @@ def test_resume_committed_though_reported_lost_runs_the_job_after_the_next_sync(
     g.clock.advance(0.5)
     [job] = w.take("JOB")
     assert (job["job"], job["attempt"]) == (job_id, 1)
+
+
+def test_grant_reported_lost_that_was_not_made_is_forgotten_after_a_few_syncs():
+    """A grant answered ``commit_unknown`` that did not commit: the job runs, and the memory of the grant goes."""
+    g = Grid(LosesCommitOutcomes(server_id="A"), sync_interval=0.5, backoff_base=1.0)
+    g.store.lose_next = "grant, not made"
+    [job_id] = g.submit()
+    w = g.worker()
+    assert not w.take("JOB") and len(g.d._unsure_grants) == 1
+    for _ in range(4):  # the backoff passes; the job is granted again, for real
+        g.clock.advance(0.5)
+        g.d.seen(w)
+    [job] = w.take("JOB")
+    assert (job["job"], job["attempt"]) == (job_id, 1)
+    for _ in range(2 * ORPHAN_LOOKS_KEPT):
+        g.clock.advance(0.5)
+        g.d.seen(w)
+    assert g.d._unsure_grants == {}
