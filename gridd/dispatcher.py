@@ -121,6 +121,8 @@ class Job:
     closing: bool = False
     #: The current lease is being claimed in the store; its JOB is not sent yet.
     claiming: bool = False
+    #: The lease whose DONE was answered commit_unknown: it may have completed the job.
+    unsure_done: str | None = None
     #: The one timer a job has at a time: run-time limit, backoff, or reattach grace.
     timer: Any = None
     #: The run queue's push count when this job last entered it.
@@ -862,12 +864,29 @@ class Dispatcher:
             raise errors.Incomplete(f"{missing} records have no accepted result", missing=missing)
         job.closing = True
         try:
-            await self._commit_results(job, records, self.store.complete)
-        except BaseException:
+            await self._commit_results(job, records, self._complete)
+        except BaseException as e:
+            if isinstance(e, errors.CommitUnknown):
+                job.unsure_done = lease
             self._closing_failed(job, lease)
             raise
         self._finish(job, "done")
         return {}
+
+    async def _complete(self, job_id: int, lease: str, records: list[RecordResult], now: float):
+        """The store's ``complete``; a DONE sent again after ``commit_unknown`` that had been made is done."""
+        try:
+            return await self.store.complete(job_id, lease, records, now)
+        except errors.StaleLease:
+            job = self.jobs.get(job_id)
+            if job is None or job.unsure_done != lease:
+                raise
+            history = (await self.store.get_job(job_id))["history"]
+            if not any(e["event"] == "completed" and e["lease"] == lease for e in history):
+                raise
+            log.info(
+                "job {job}: the DONE of lease {lease} answered commit_unknown had been made", job=job_id, lease=lease
+            )
 
     async def fail(self, conn, job_id: int, lease: str, error: str, retry: bool) -> dict:
         job = self._leased(conn, job_id, lease)

@@ -1076,6 +1076,12 @@ class LosesCommitOutcomes(MemoryStore):
             return defer.fail(errors.CommitUnknown())
         return self._lost("grant", super().grant(job_id, lease, worker, attempt, now))
 
+    def complete(self, job_id, lease, results, now):
+        if self.lose_next == "complete, not made":
+            self.lose_next = None
+            return defer.fail(errors.CommitUnknown())
+        return self._lost("complete", super().complete(job_id, lease, results, now))
+
     def set_state(self, job_id, allowed, state, now, **kwargs):
         return self._lost("set_state", super().set_state(job_id, allowed, state, now, **kwargs))
 
@@ -1150,3 +1156,37 @@ def test_grant_reported_lost_that_was_not_made_is_forgotten_after_a_few_syncs():
         g.clock.advance(0.5)
         g.d.seen(w)
     assert g.d._unsure_grants == {}
+
+
+def test_done_committed_though_reported_lost_is_answered_ok_when_sent_again():
+    """A DONE answered ``commit_unknown`` that was made: sent again it is OK, and watchers hear the job is done."""
+    g = Grid(LosesCommitOutcomes())
+    client = FakeConnection()
+    w = g.worker()
+    [job_id] = g.submit()
+    [job] = w.take("JOB")
+    run(g.d.watch(client, [job_id]))
+    client.take("EVENT")
+    g.store.lose_next = "complete"
+    with pytest.raises(errors.CommitUnknown):
+        run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    assert g.state(job_id)["state"] == "done"  # it was made
+    assert run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}])) == {}
+    assert [e["state"] for e in client.take("EVENT")] == ["done"]
+    assert w.take("JOB") == [] and job_id not in g.d.jobs
+
+
+def test_done_after_commit_unknown_of_a_lease_that_did_not_complete_the_job_stays_stale():
+    """Sent again, a DONE answered ``commit_unknown`` that was not made, on a lease ended since, is still stale."""
+    g = Grid(LosesCommitOutcomes(server_id="A"))
+    w = g.worker()
+    [job_id] = g.submit()
+    [job] = w.take("JOB")
+    g.store.lose_next = "complete, not made"
+    with pytest.raises(errors.CommitUnknown):
+        run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    # The store ends the lease behind this server's back (an operator on another server).
+    run(g.store.end_lease(job_id, "queued", g.clock.seconds(), reason="requeued"))
+    with pytest.raises(errors.StaleLease):
+        run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    assert g.state(job_id)["state"] == "queued"
