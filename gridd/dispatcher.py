@@ -40,6 +40,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from gridd import errors, wire
+from gridd.deadline import Deadline
 from gridd.store.base import ActiveJob, JobSpec, RecordResult
 
 __all__ = ["Dispatcher", "IConnection", "RateCounter", "parse_version"]
@@ -168,7 +169,8 @@ class Worker:
     last_seen: float
     drained: bool = False
     leases: dict[str, Job] = field(default_factory=dict)
-    deadline_call: Any = None
+    #: Its heartbeat deadline (gridd.deadline.Deadline), from its HELLO on.
+    deadline: Any = None
 
     @property
     def free(self) -> int:
@@ -379,7 +381,7 @@ class Dispatcher:
         self._grants_failing = False
         self._housekeeping_trouble = _Complaint(clock, "housekeeping (this server's beat in the store)")
         self._sync_trouble = _Complaint(clock, "sync with the shared store")
-        #: When a stall of this server was last said (_said_stalled).
+        #: When a stall of this server was last said (_say_stalled).
         self._stall_said_at = -math.inf
         #: When the store last took this server's beat.
         self._last_beat_stored = clock.seconds()
@@ -442,8 +444,8 @@ class Dispatcher:
         for job in self.jobs.values():
             self._cancel_timer(job)
         for worker in self.workers.values():
-            if worker.deadline_call is not None and worker.deadline_call.active():
-                worker.deadline_call.cancel()
+            if worker.deadline is not None:
+                worker.deadline.cancel()
 
     def timeout_for(self, job_type: str, timeout: float | None) -> float:
         """The run-time limit of one attempt: the job's own, else its type's, else the default."""
@@ -560,7 +562,9 @@ class Dispatcher:
             kept.append({"job": job.id, "lease": job.lease, "todo": sorted(job.pending)})
         self.workers[name] = worker
         self._worker_by_conn[conn] = worker
-        worker.deadline_call = self.clock.callLater(self.deadline, self._worker_silent, worker)
+        worker.deadline = Deadline(
+            self.clock, self.deadline, self.beat, lambda: self._worker_silent(worker), self._say_stalled
+        )
         log.info(
             "worker {name} connected from {addr}: {slots} slots, types {types}, kept {k}, lost {l}",
             name=name,
@@ -581,8 +585,8 @@ class Dispatcher:
         worker = self._worker_by_conn.get(conn)
         if worker is not None:
             worker.last_seen = self.clock.seconds()
-            if worker.deadline_call is not None and worker.deadline_call.active():
-                worker.deadline_call.reset(self.deadline)
+            if worker.deadline is not None:
+                worker.deadline.touch()
 
     def connection_lost(self, conn: IConnection):
         self._watchers.pop(conn, None)
@@ -602,15 +606,7 @@ class Dispatcher:
     # from the clock
 
     def _worker_silent(self, worker: Worker):
-        stalled = self.clock.seconds() - worker.deadline_call.getTime()
-        if stalled > self.beat * wire.STALL_FRACTION:
-            # The deadline passed while this server was not running (host
-            # suspended, starved of CPU, swapping): what the worker sent
-            # meanwhile is still unread. It gets one more beat, from now, to
-            # be heard; a line then resets its deadline as usual.
-            self._said_stalled(stalled)
-            worker.deadline_call = self.clock.callLater(self.beat, self._worker_silent, worker)
-            return
+        """Its deadline passed with nothing read (gridd.deadline: stalls and unread lines are allowed for)."""
         log.warn(
             "worker {name} silent for {d} s: its {n} leases end",
             name=worker.name,
@@ -620,7 +616,7 @@ class Dispatcher:
         self._worker_gone(worker, "expired")
         worker.conn.drop("heartbeat deadline passed")
 
-    def _said_stalled(self, stalled: float):
+    def _say_stalled(self, stalled: float):
         """Say once per stall that deadlines and run-time limits were put off: this server was stalled."""
         now = self.clock.seconds()
         if now - self._stall_said_at > self.deadline:
@@ -632,15 +628,14 @@ class Dispatcher:
                 b=self.beat,
             )
 
+    def _run_time_limit(self, job: Job, lease: str, left: float) -> Deadline:
+        """The run-time limit of ``lease``, ``left`` seconds from now, judged as a deadline is."""
+        return Deadline(self.clock, left, self.beat, lambda: self._lease_timed_out(job, lease), self._say_stalled)
+
     def _lease_timed_out(self, job: Job, lease: str):
-        stalled = self.clock.seconds() - job.timer.getTime()
+        """Its run-time limit passed (judged as a deadline is: a DONE sent in time and not yet read is taken)."""
         job.timer = None
         if job.lease != lease or job.closing:
-            return
-        if stalled > self.beat * wire.STALL_FRACTION:
-            # As for heartbeat deadlines: a DONE that arrived in time may be unread.
-            self._said_stalled(stalled)
-            job.timer = self.clock.callLater(self.beat, self._lease_timed_out, job, lease)
             return
         log.warn(
             "job {job}: lease {lease} passed its run-time limit of {t} s",
@@ -1425,7 +1420,7 @@ class Dispatcher:
         now = self.clock.seconds()
         started = job.leased_at if job.leased_at is not None else now
         left = max(0.0, started + job.timeout - now)
-        job.timer = self.clock.callLater(left, self._lease_timed_out, job, job.lease)
+        job.timer = self._run_time_limit(job, job.lease, left)
 
     def _forget_worker(self, worker: Worker):
         """Take ``worker`` out of the tables and stop its heartbeat deadline; its leases are untouched."""
@@ -1433,8 +1428,8 @@ class Dispatcher:
             del self._worker_by_conn[worker.conn]
         if self.workers.get(worker.name) is worker:
             del self.workers[worker.name]
-        if worker.deadline_call is not None and worker.deadline_call.active():
-            worker.deadline_call.cancel()
+        if worker.deadline is not None:
+            worker.deadline.cancel()
 
     def _worker_gone(self, worker: Worker, reason: str, spare=frozenset(), count=True):
         """Forget a worker; every lease it held ends, except the (lease, job id) pairs in ``spare``."""
@@ -1508,7 +1503,7 @@ class Dispatcher:
         if job.lease != lease:
             return  # the lease ended while it was being claimed; its release follows the grant
         left = max(0.0, job.leased_at + job.timeout - self.clock.seconds())
-        job.timer = self.clock.callLater(left, self._lease_timed_out, job, lease)
+        job.timer = self._run_time_limit(job, lease, left)
         job.worker.conn.send(
             "JOB",
             {

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from gridd import __version__, errors, wire
+from gridd.deadline import Deadline
 
 __all__ = ["PeerProtocol", "ConnectionDropped"]
 
@@ -46,7 +47,7 @@ class PeerProtocol(LineOnlyReceiver):
         self._rids = itertools.count(1)
         self._pending: dict[int, defer.Deferred] = {}
         self._beat_call = None
-        self._deadline_call = None
+        self._deadline: Deadline | None = None
         self.beat = None
         self.deadline = None
         self.welcome: dict | None = None
@@ -98,29 +99,21 @@ class PeerProtocol(LineOnlyReceiver):
         """Something arrived: push the server's deadline back."""
         if self.deadline is None:
             return
-        if self._deadline_call is not None and self._deadline_call.active():
-            self._deadline_call.reset(self.deadline)
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.touch()
         else:
-            self._deadline_call = self.clock.callLater(self.deadline, self._server_silent)
+            self._deadline = Deadline(self.clock, self.deadline, self.beat, self._server_silent, self._stalled)
+
+    def _stalled(self, late: float):
+        self.log.warn("stalled for {s:.1f} s (timers ran late): the server gets {b:g} s more to be heard", s=late, b=self.beat)
 
     def _server_silent(self):
-        stalled = self.clock.seconds() - self._deadline_call.getTime()
-        if stalled > self.beat * wire.STALL_FRACTION:
-            # This process was not running when the deadline passed: what
-            # the server sent meanwhile is unread. One more beat to hear it.
-            self.log.warn(
-                "stalled for {s:.1f} s (timers ran late): the server gets {b:g} s more to be heard",
-                s=stalled,
-                b=self.beat,
-            )
-            self._deadline_call = self.clock.callLater(self.beat, self._server_silent)
-            return
         self.log.warn("server silent for {d} s: dropping the connection", d=self.deadline)
         self._abort()
 
     def connectionLost(self, reason):
         self._lost = True  # first: a request made from an errback below must fail too
-        for call in (self._beat_call, self._deadline_call):
+        for call in (self._beat_call, self._deadline):
             if call is not None and call.active():
                 call.cancel()
         pending, self._pending = self._pending, {}

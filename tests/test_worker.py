@@ -132,7 +132,7 @@ def job_line(job=1, lease="L1", type="sleep", records=("a", "b", "c"), params=No
 
 def timers(clock):
     """Delayed calls on the clock other than the keepalive's."""
-    return [c for c in clock.getDelayedCalls() if c.func.__name__ not in ("_send_beat", "_server_silent")]
+    return [c for c in clock.getDelayedCalls() if c.func.__name__ not in ("_send_beat", "_fired")]
 
 
 # -- handshake and keepalive -------------------------------------------------

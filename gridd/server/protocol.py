@@ -36,6 +36,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
 from gridd import errors, wire
+from gridd.deadline import Deadline
 from gridd.server.session import Session
 
 __all__ = ["ServerProtocol", "ServerFactory", "OutputBound", "TokenBucket", "Limits"]
@@ -195,8 +196,8 @@ class ServerProtocol(LineOnlyReceiver):
             return
         self.session.heard()
         idle = self._timers.get("idle")
-        if idle is not None and idle.active():
-            idle.reset(self.factory.dispatcher.deadline)
+        if idle is not None:
+            idle.touch()
         tokens = self._bucket.take()
         if tokens < -self.limits.burst:
             self._refuse(self._too_many_lines(" for too long; closing"), None, close=True)
@@ -282,7 +283,8 @@ class ServerProtocol(LineOnlyReceiver):
         self._cancel("handshake")
         self._timers["beat"] = self.clock.callLater(self.factory.dispatcher.beat, self._beat)
         if self.session.state == "client":
-            self._timers["idle"] = self.clock.callLater(self.factory.dispatcher.deadline, self._idle_expired)
+            dispatcher = self.factory.dispatcher
+            self._timers["idle"] = Deadline(self.clock, dispatcher.deadline, dispatcher.beat, self._idle_expired)
 
     def _beat(self):
         self._timers["beat"] = self.clock.callLater(self.factory.dispatcher.beat, self._beat)
@@ -292,12 +294,6 @@ class ServerProtocol(LineOnlyReceiver):
         self._refuse(errors.HandshakeTimeout(), None)
 
     def _idle_expired(self):
-        beat = self.factory.dispatcher.beat
-        if self.clock.seconds() - self._timers["idle"].getTime() > beat * wire.STALL_FRACTION:
-            # This server was stalled past the deadline: what the client sent
-            # meanwhile is unread. One more beat to hear it (PROTOCOL.md 5).
-            self._timers["idle"] = self.clock.callLater(beat, self._idle_expired)
-            return
         self.drop("silent past the deadline")
 
     def _cancel(self, name):
