@@ -49,8 +49,8 @@ log = Logger()
 
 MAX_JOBS_PER_SUBMIT = 10_000
 MAX_ID = 2**53 - 1
-#: Syncs for which a grant reported failed is remembered, in case its lease
-#: turns up orphaned (two looks in a row confirm one).
+#: For how many sync intervals a grant answered commit_unknown is remembered,
+#: in case its lease turns up orphaned (two looks in a row confirm one).
 ORPHAN_LOOKS_KEPT = 10
 
 
@@ -392,6 +392,9 @@ class Dispatcher:
         #: Grants that failed in a way that may have committed: lease -> (the
         #: job's attempts without it, when it failed). Kept for a few syncs.
         self._unsure_grants: dict[str, tuple[int, float]] = {}
+        #: Leases whose DONE, answered commit_unknown, a sync found made: a
+        #: DONE sent again under one is answered OK (once).
+        self._made_dones: OrderedDict[str, int] = OrderedDict()
         self._syncing: task.LoopingCall | None = None
         #: The last (state, accepted) seen of watched jobs that other servers run.
         self._watched_elsewhere: dict[int, tuple[str, int]] = {}
@@ -754,6 +757,17 @@ class Dispatcher:
         for job, lease in gone:
             if job.lease != lease:
                 continue
+            if job.unsure_done == lease and states.get(job.id) == "done" and await self._completed_by(job.id, lease):
+                if job.lease != lease:
+                    continue
+                # Its DONE, answered commit_unknown, was made (every record
+                # accepted); when the worker sends it again it is answered OK.
+                job.pending.clear()
+                self._finish(job, "done")
+                self._made_dones[lease] = job.id
+                while len(self._made_dones) > 10_000:
+                    self._made_dones.popitem(last=False)
+                continue
             reason = {"cancelled": "cancelled", "paused": "paused", "queued": "requeued"}.get(
                 states.get(job.id), "superseded"
             )
@@ -852,7 +866,12 @@ class Dispatcher:
         return {}
 
     async def done(self, conn, job_id: int, lease: str, results: list[dict]) -> dict:
-        job = self._leased(conn, job_id, lease)
+        try:
+            job = self._leased(conn, job_id, lease)
+        except errors.StaleLease:
+            if self._made_dones.pop(lease, None) is not None:
+                return {}  # its DONE answered commit_unknown was made (found by a sync): sent again, it is OK
+            raise
         records = self._check_results(job, results)
         missing = len(job.pending) - len(job.in_flight) - len(records)
         if missing:
@@ -876,12 +895,16 @@ class Dispatcher:
             job = self.jobs.get(job_id)
             if job is None or job.unsure_done != lease:
                 raise
-            history = (await self.store.get_job(job_id))["history"]
-            if not any(e["event"] == "completed" and e["lease"] == lease for e in history):
+            if not await self._completed_by(job_id, lease):
                 raise
-            log.info(
-                "job {job}: the DONE of lease {lease} answered commit_unknown had been made", job=job_id, lease=lease
-            )
+
+    async def _completed_by(self, job_id: int, lease: str) -> bool:
+        """Did ``lease`` complete the job (its DONE answered commit_unknown was made, after all)?"""
+        history = (await self.store.get_job(job_id))["history"]
+        made = any(e["event"] == "completed" and e["lease"] == lease for e in history)
+        if made:
+            log.info("job {job}: the DONE of lease {lease} answered commit_unknown had been made", job=job_id, lease=lease)
+        return made
 
     async def fail(self, conn, job_id: int, lease: str, error: str, retry: bool) -> dict:
         job = self._leased(conn, job_id, lease)
@@ -1209,20 +1232,21 @@ class Dispatcher:
             self._queue.discard(job)
         try:
             try:
-                await self.store.set_state(
-                    job_id,
-                    tuple(s for s in allowed if s != "running"),
-                    target,
-                    self.clock.seconds(),
-                    reason=reason,
-                    reset_attempts=reset_attempts,
-                )
-            except errors.InvalidState as e:
-                if e.extra.get("state") != "running" or "running" not in allowed:
-                    raise
-                # Running under another server's lease: end it in the store; that
-                # server revokes its worker's lease when it next syncs.
-                await self.store.end_lease(job_id, target, self.clock.seconds(), reason=reason)
+                try:
+                    await self.store.set_state(
+                        job_id,
+                        tuple(s for s in allowed if s != "running"),
+                        target,
+                        self.clock.seconds(),
+                        reason=reason,
+                        reset_attempts=reset_attempts,
+                    )
+                except errors.InvalidState as e:
+                    if e.extra.get("state") != "running" or "running" not in allowed:
+                        raise
+                    # Running under another server's lease: end it in the store; that
+                    # server revokes its worker's lease when it next syncs.
+                    await self.store.end_lease(job_id, target, self.clock.seconds(), reason=reason)
             except errors.CommitUnknown:
                 # Made or not, the copy here may be wrong either way (a RESUME
                 # made would leave it paused here for good): forget it, and the
@@ -1575,6 +1599,13 @@ class Dispatcher:
         self._send_event(body)
 
     def _send_event(self, body: dict):
+        sent = False
         for conn, ids in self._watchers.items():
             if ids is None or body["job"] in ids:
                 conn.send("EVENT", body)
+                sent = True
+        if sent and self.sync_interval:
+            # What watchers were told last: the sync of watched jobs does not
+            # tell them again (a job finished here leaves memory, and the next
+            # sync would otherwise announce its end a second time).
+            self._watched_elsewhere[body["job"]] = (body["state"], body["accepted"])

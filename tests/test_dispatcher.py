@@ -1190,3 +1190,23 @@ def test_done_after_commit_unknown_of_a_lease_that_did_not_complete_the_job_stay
     with pytest.raises(errors.StaleLease):
         run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
     assert g.state(job_id)["state"] == "queued"
+
+
+def test_done_reported_lost_that_was_made_is_finished_by_the_sync_and_its_resend_answered_ok():
+    """With a shared store the sync may see the made DONE first: no REVOKE, watchers hear done, the resend is OK."""
+    g = Grid(LosesCommitOutcomes(server_id="A"), sync_interval=0.5)
+    client = FakeConnection()
+    w = g.worker()
+    [job_id] = g.submit()
+    [job] = w.take("JOB")
+    run(g.d.watch(client, [job_id]))
+    client.take("EVENT")
+    g.store.lose_next = "complete"
+    with pytest.raises(errors.CommitUnknown):
+        run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    g.clock.advance(1.0)  # two syncs, before the worker's retry (1 s later)
+    g.d.seen(w)
+    assert w.take("REVOKE") == []
+    assert [(e["state"], e["accepted"]) for e in client.take("EVENT")] == [("done", 1)]
+    assert run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}])) == {}
+    assert (g.state(job_id)["state"], g.state(job_id)["attempts"]) == ("done", 1)
