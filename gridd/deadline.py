@@ -20,9 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gridd import wire
+__all__ = ["Deadline", "STALL_FRACTION"]
 
-__all__ = ["Deadline"]
+#: A deadline timer that runs more than this fraction of a beat late shows
+#: that the side judging was itself stalled (PROTOCOL.md 5).
+STALL_FRACTION = 0.25
 
 
 class Deadline:
@@ -66,7 +68,7 @@ class Deadline:
     def _fired(self) -> None:
         if self._phase == "due":
             late = self.clock.seconds() - self._call.getTime()
-            if late > self.beat * wire.STALL_FRACTION:
+            if late > self.beat * STALL_FRACTION:
                 self._phase = "extended"
                 if self._on_stall is not None:
                     self._on_stall(late)

@@ -27,6 +27,7 @@ state still waits for the commit.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import re
@@ -878,7 +879,7 @@ class Dispatcher:
             raise errors.Incomplete(f"{missing} records have no accepted result", missing=missing)
         job.closing = True
         try:
-            await self._commit_results(job, records, self._complete)
+            await self._commit_results(job, records, functools.partial(self._complete, job))
         except BaseException as e:
             if isinstance(e, errors.CommitUnknown):
                 job.unsure_done = lease
@@ -887,15 +888,12 @@ class Dispatcher:
         self._finish(job, "done")
         return {}
 
-    async def _complete(self, job_id: int, lease: str, records: list[RecordResult], now: float):
+    async def _complete(self, job: Job, job_id: int, lease: str, records: list[RecordResult], now: float):
         """The store's ``complete``; a DONE sent again after ``commit_unknown`` that had been made is done."""
         try:
             return await self.store.complete(job_id, lease, records, now)
         except errors.StaleLease:
-            job = self.jobs.get(job_id)
-            if job is None or job.unsure_done != lease:
-                raise
-            if not await self._completed_by(job_id, lease):
+            if job.unsure_done != lease or not await self._completed_by(job_id, lease):
                 raise
 
     async def _completed_by(self, job_id: int, lease: str) -> bool:

@@ -34,10 +34,6 @@ PROTO = 1
 DEFAULT_MAX_LINE = 1_048_576
 #: The limit a peer must assume before the HELLO reply announces the real one.
 PRE_HELLO_MAX_LINE = 65_536
-#: A deadline timer that runs more than this fraction of a beat late shows
-#: that the side judging was itself stalled (PROTOCOL.md 5): its peer gets
-#: one more beat to be heard before it is judged silent.
-STALL_FRACTION = 0.25
 #: How deeply a body may nest lists and objects (the body itself is level 1).
 MAX_DEPTH = 64
 #: The most job ids one WATCH may name.

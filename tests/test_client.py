@@ -407,14 +407,7 @@ def test_client_submit_later_batch_error_lists_submitted_ids(code, cls, fates):
 
 def test_reconnecting_client_submit_answered_commit_unknown_is_not_sent_again():
     """The reconnecting Client: commit_unknown fails the submit with the jobs unknown, and sends nothing more."""
-    clock, network = Clock(), Network()
-    d = connect(clock, [A, B], "s3cret", "tester", connector=network, retry_policy=STEADY)
-    network.last.greet(max_line=TWO_PER_LINE)
-    client, a = result_of(d), network.last
-    d = client.submit(SIX_JOBS)
-    [first] = a.sent()
-    a.answer(first, jobs=[11, 12])
-    [second] = a.sent()
+    _, _, a, d, _, second = six_jobs_submitted_up_to_the_second_submit()
     reply(a.protocol, "ERR", {"rid": second.rid, "code": "commit_unknown", "message": "lost during COMMIT"})
     error = failure_of(d)
     assert isinstance(error, errors.CommitUnknown)
@@ -880,18 +873,27 @@ SIX_JOBS = [{"type": "noop", "records": [f"record {n}"]} for n in range(6)]
 TWO_PER_LINE = len(wire.encode("SUBMIT", {"jobs": SIX_JOBS[:2], "rid": 2**53 - 1})) - 1
 
 
-def test_client_submit_lost_in_a_later_batch_names_committed_unknown_and_unsent_jobs():
-    """Lost after SUBMIT 1's OK, before SUBMIT 2's reply: 1's ids submitted, 2 unknown, 3 not sent, nothing re-sent."""
-    assert [len(chunk) for chunk in split_submit(SIX_JOBS, TWO_PER_LINE)] == [2, 2, 2]
+def six_jobs_submitted_up_to_the_second_submit():
+    """A Client submitting SIX_JOBS in three SUBMITs: the first answered (ids 11, 12), the second sent.
+
+    Returns (network, client, connection, the submit's Deferred, first SUBMIT, second SUBMIT).
+    """
     clock, network = Clock(), Network()
     d = connect(clock, [A, B], "s3cret", "tester", connector=network, retry_policy=STEADY)
     network.last.greet(max_line=TWO_PER_LINE)
     client, a = result_of(d), network.last
     d = client.submit(SIX_JOBS)
     [first] = a.sent()
-    assert first.body["jobs"] == SIX_JOBS[0:2]
     a.answer(first, jobs=[11, 12])
     [second] = a.sent()
+    return network, client, a, d, first, second
+
+
+def test_client_submit_lost_in_a_later_batch_names_committed_unknown_and_unsent_jobs():
+    """Lost after SUBMIT 1's OK, before SUBMIT 2's reply: 1's ids submitted, 2 unknown, 3 not sent, nothing re-sent."""
+    assert [len(chunk) for chunk in split_submit(SIX_JOBS, TWO_PER_LINE)] == [2, 2, 2]
+    network, client, a, d, first, second = six_jobs_submitted_up_to_the_second_submit()
+    assert first.body["jobs"] == SIX_JOBS[0:2]
     assert second.body["jobs"] == SIX_JOBS[2:4]
     a.cut()
     error = failure_of(d)

@@ -1158,9 +1158,8 @@ def test_grant_reported_lost_that_was_not_made_is_forgotten_after_a_few_syncs():
     assert g.d._unsure_grants == {}
 
 
-def test_done_committed_though_reported_lost_is_answered_ok_when_sent_again():
-    """A DONE answered ``commit_unknown`` that was made: sent again it is OK, and watchers hear the job is done."""
-    g = Grid(LosesCommitOutcomes())
+def done_made_but_answered_commit_unknown(g):
+    """A watched one-record job whose DONE commits and is answered ``commit_unknown``: (watcher, worker, id, JOB)."""
     client = FakeConnection()
     w = g.worker()
     [job_id] = g.submit()
@@ -1170,6 +1169,13 @@ def test_done_committed_though_reported_lost_is_answered_ok_when_sent_again():
     g.store.lose_next = "complete"
     with pytest.raises(errors.CommitUnknown):
         run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    return client, w, job_id, job
+
+
+def test_done_committed_though_reported_lost_is_answered_ok_when_sent_again():
+    """A DONE answered ``commit_unknown`` that was made: sent again it is OK, and watchers hear the job is done."""
+    g = Grid(LosesCommitOutcomes())
+    client, w, job_id, job = done_made_but_answered_commit_unknown(g)
     assert g.state(job_id)["state"] == "done"  # it was made
     assert run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}])) == {}
     assert [e["state"] for e in client.take("EVENT")] == ["done"]
@@ -1195,15 +1201,7 @@ def test_done_after_commit_unknown_of_a_lease_that_did_not_complete_the_job_stay
 def test_done_reported_lost_that_was_made_is_finished_by_the_sync_and_its_resend_answered_ok():
     """With a shared store the sync may see the made DONE first: no REVOKE, watchers hear done, the resend is OK."""
     g = Grid(LosesCommitOutcomes(server_id="A"), sync_interval=0.5)
-    client = FakeConnection()
-    w = g.worker()
-    [job_id] = g.submit()
-    [job] = w.take("JOB")
-    run(g.d.watch(client, [job_id]))
-    client.take("EVENT")
-    g.store.lose_next = "complete"
-    with pytest.raises(errors.CommitUnknown):
-        run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
+    client, w, job_id, job = done_made_but_answered_commit_unknown(g)
     g.clock.advance(1.0)  # two syncs, before the worker's retry (1 s later)
     g.d.seen(w)
     assert w.take("REVOKE") == []
