@@ -1244,7 +1244,8 @@ class Dispatcher:
                         raise
                     # Running under another server's lease: end it in the store; that
                     # server revokes its worker's lease when it next syncs.
-                    await self.store.end_lease(job_id, target, self.clock.seconds(), reason=reason)
+                    lease = (await self.store.get_job(job_id))["lease"]
+                    await self.store.end_lease(job_id, lease, target, self.clock.seconds(), reason=reason)
             except errors.CommitUnknown:
                 # Made or not, the copy here may be wrong either way (a RESUME
                 # made would leave it paused here for good): forget it, and the
@@ -1514,16 +1515,18 @@ class Dispatcher:
         job.claiming = True
         job.worker = worker
         worker.leases[lease] = job
-        d = self.store.grant(job.id, lease, worker.name, job.attempts, self.clock.seconds())
+        d = self.store.grant(job.id, lease, worker.name, self.clock.seconds())
         d.addCallbacks(self._granted, self._grant_failed, (job, lease), None, (job, lease))
 
-    def _granted(self, _, job: Job, lease: str):
+    def _granted(self, claimed: ActiveJob, job: Job, lease: str):
         job.claiming = False
         if self._grants_failing:
             self._grants_failing = False
             log.info("dispatching again: the store records leases")
         if job.lease != lease:
             return  # the lease ended while it was being claimed; its release follows the grant
+        # The store's count and records, read in the claim, not this copy's.
+        job.attempts, job.pending = claimed.attempts, claimed.pending
         left = max(0.0, job.leased_at + job.timeout - self.clock.seconds())
         job.timer = self._run_time_limit(job, lease, left)
         job.worker.conn.send(

@@ -605,7 +605,7 @@ def test_orphaned_lease_in_the_store_is_requeued():
     g = Grid(MemoryStore(server_id="A"), sync_interval=0.5)
     run(g.d.set_dispatching(False))
     [job_id] = g.submit()
-    run(g.store.grant(job_id, "ghost", "w-never", 1, g.clock.seconds()))
+    run(g.store.grant(job_id, "ghost", "w-never", g.clock.seconds()))
     w = g.worker()
     run(g.d.set_dispatching(True))
     g.clock.advance(0.5)
@@ -675,7 +675,7 @@ def test_job_claimed_elsewhere_is_dropped_and_the_slot_reused():
     g = Grid()
     run(g.d.set_dispatching(False))
     [taken, free] = g.submit({}, {})
-    run(g.store.grant(taken, "X1", "other-server-worker", 1, g.clock.seconds()))
+    run(g.store.grant(taken, "X1", "other-server-worker", g.clock.seconds()))
     w = g.worker()
     run(g.d.set_dispatching(True))
     assert [j["job"] for j in w.take("JOB")] == [free]
@@ -768,7 +768,8 @@ def test_reattached_lease_past_its_limit_is_lost_with_reason_timeout():
     [job] = w.take("JOB")
     g.d.stop()
     g.clock.advance(6.0)
-    g2 = Grid(store.sibling("second-run"), clock=g.clock, backoff_base=1.0)
+    # Leases of its own (a token is granted once; real ones are random).
+    g2 = Grid(store.sibling("second-run"), lease_prefix="R", clock=g.clock, backoff_base=1.0)
     back = g2.worker("w1", holding=[{"job": job_id, "lease": job["lease"]}])
     assert back.hello_reply == {"kept": [], "lost": [{"job": job_id, "lease": job["lease"], "reason": "timeout"}]}
     assert not back.take("REVOKE")
@@ -1070,11 +1071,11 @@ class LosesCommitOutcomes(MemoryStore):
     def add_results(self, job_id, lease, results, now):
         return self._lost("add_results", super().add_results(job_id, lease, results, now))
 
-    def grant(self, job_id, lease, worker, attempt, now):
+    def grant(self, job_id, lease, worker, now):
         if self.lose_next == "grant, not made":
             self.lose_next = None
             return defer.fail(errors.CommitUnknown())
-        return self._lost("grant", super().grant(job_id, lease, worker, attempt, now))
+        return self._lost("grant", super().grant(job_id, lease, worker, now))
 
     def complete(self, job_id, lease, results, now):
         if self.lose_next == "complete, not made":
@@ -1085,9 +1086,12 @@ class LosesCommitOutcomes(MemoryStore):
     def set_state(self, job_id, allowed, state, now, **kwargs):
         return self._lost("set_state", super().set_state(job_id, allowed, state, now, **kwargs))
 
+    def release(self, job_id, lease, state, now, **kwargs):
+        return self._lost("release", super().release(job_id, lease, state, now, **kwargs))
+
 
 def test_results_committed_though_reported_lost_do_not_fail_the_job():
-    """A RESULT committed though answered ``commit_unknown``: sent again it is a duplicate, and DONE then goes through."""
+    """A RESULT committed though answered ``commit_unknown``: sent again it is OK, counted once; DONE goes through."""
     g = Grid(store=LosesCommitOutcomes())
     w = g.worker()
     [job_id] = g.submit(records=["a", "b", "c"])
@@ -1096,15 +1100,41 @@ def test_results_committed_though_reported_lost_do_not_fail_the_job():
     with pytest.raises(errors.CommitUnknown):
         run(g.d.result(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
     assert g.state(job_id)["accepted"] == 1  # it did commit
-    # The worker sends it again after a while; the store refuses it as already accepted.
-    with pytest.raises(errors.DuplicateResult) as e:
-        run(g.d.result(w, job_id, job["lease"], [{"i": 0, "out": 1}, {"i": 1, "out": 1}]))
-    assert e.value.extra["records"] == [0]
-    # The worker forgets record 0 and sends the rest.
-    run(g.d.result(w, job_id, job["lease"], [{"i": 1, "out": 1}]))
+    # The worker sends it again after a while, with a new one: the repeat is taken as the same write.
+    assert run(g.d.result(w, job_id, job["lease"], [{"i": 0, "out": 1}, {"i": 1, "out": 1}])) == {"accepted": 2}
+    # Sent with another value, it is a duplicate.
+    with pytest.raises(errors.DuplicateResult):
+        run(g.d.result(w, job_id, job["lease"], [{"i": 2, "out": 1}, {"i": 1, "out": 2}]))
     run(g.d.done(w, job_id, job["lease"], [{"i": 2, "out": 1}]))
     view = g.state(job_id)
     assert (view["state"], view["accepted"], view["attempts"]) == ("done", 3, 1)
+
+
+@pytest.mark.parametrize("verb", ["FAIL", "RETURN"])
+def test_fail_or_return_committed_though_reported_lost_answered_as_made_when_sent_again(verb):
+    """A FAIL or RETURN answered ``commit_unknown`` that was made: sent again it is answered as the first time."""
+    g = Grid(LosesCommitOutcomes(), backoff_base=1.0)
+    w = g.worker()
+    [job_id] = g.submit()
+    [job] = w.take("JOB")
+
+    def send():
+        if verb == "FAIL":
+            return run(g.d.fail(w, job_id, job["lease"], "boom", True))
+        return run(g.d.give_back(w, job_id, job["lease"], "host busy"))
+
+    g.store.lose_next = "release"
+    with pytest.raises(errors.CommitUnknown):
+        send()
+    made = g.state(job_id)
+    assert (made["state"], made["lease"]) == ("queued", None)  # it was made
+    assert send() == ({"state": "queued", "retry_in": 1.0} if verb == "FAIL" else {})
+    released = [e for e in g.state(job_id)["history"] if e["event"] == "released"]
+    assert released == made["history"][-1:]  # not released a second time
+    g.clock.advance(1.0)
+    g.d.seen(w)
+    [again] = w.take("JOB")
+    assert (again["job"], again["attempt"]) == (job_id, 2 if verb == "FAIL" else 1)
 
 
 def test_grant_committed_though_reported_lost_is_requeued_without_using_an_attempt():
@@ -1192,7 +1222,7 @@ def test_done_after_commit_unknown_of_a_lease_that_did_not_complete_the_job_stay
     with pytest.raises(errors.CommitUnknown):
         run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
     # The store ends the lease behind this server's back (an operator on another server).
-    run(g.store.end_lease(job_id, "queued", g.clock.seconds(), reason="requeued"))
+    run(g.store.end_lease(job_id, job["lease"], "queued", g.clock.seconds(), reason="requeued"))
     with pytest.raises(errors.StaleLease):
         run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
     assert g.state(job_id)["state"] == "queued"

@@ -95,7 +95,7 @@ def event(at, name, attempt=None, lease=None, worker=None, detail=None) -> dict:
 async def leased_job(store, records=3, lease="L1", worker="w1") -> int:
     """Submit a job and grant it as attempt 1; return its id."""
     [job_id] = await store.submit([spec(records)], T0)
-    await store.grant(job_id, lease, worker, 1, T0 + 1)
+    await store.grant(job_id, lease, worker, T0 + 1)
     return job_id
 
 
@@ -190,7 +190,7 @@ async def test_grant_queued_job_runs(store):
     """Granting a queued job makes it running under the lease, worker and attempt given."""
     [job_id] = await store.submit([spec()], T0)
     queued = await store.get_job(job_id)
-    await store.grant(job_id, "L1", "w1", 1, T0 + 1)
+    await store.grant(job_id, "L1", "w1", T0 + 1)
     assert await store.get_job(job_id) == queued | {
         "state": "running",
         "lease": "L1",
@@ -207,7 +207,7 @@ async def test_grant_running_job_invalid_state(store):
     job_id = await leased_job(store)
     before = await snapshot(store, job_id)
     with pytest.raises(InvalidState) as caught:
-        await store.grant(job_id, "L2", "w2", 2, T0 + 2)
+        await store.grant(job_id, "L2", "w2", T0 + 2)
     assert caught.value.extra == {"state": "running"}
     assert await snapshot(store, job_id) == before
 
@@ -216,7 +216,70 @@ async def test_grant_running_job_invalid_state(store):
 async def test_grant_unknown_job_raises(store):
     """Granting a job that does not exist raises UnknownJob."""
     with pytest.raises(UnknownJob):
-        await store.grant(999, "L1", "w1", 1, T0)
+        await store.grant(999, "L1", "w1", T0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_grant_returns_job_as_claimed(store):
+    """A grant fires with the job as claimed: running under the lease, attempt 1, granted now, every record pending."""
+    [job_id] = await store.submit([spec(2, params={"p": 1}, retries=2)], T0)
+    active = await store.grant(job_id, "L1", "w1", T0 + 1)
+    assert (active.id, active.state, active.lease, active.worker) == (job_id, "running", "L1", "w1")
+    assert (active.attempts, active.retries, active.leased_at, active.not_before) == (1, 2, T0 + 1, None)
+    assert (active.total, active.params, active.pending) == (2, {"p": 1}, {0: {"n": 0}, 1: {"n": 1}})
+    assert await store.load_active() == [active]
+
+
+@pytest_twisted.ensureDeferred
+async def test_grant_counts_attempt_and_sends_pending_only(store):
+    """A grant counts the stored attempts plus one, and its job holds only the records without an accepted result."""
+    job_id = await leased_job(store, records=4)
+    await store.add_results(job_id, "L1", ok(0, 2), T0 + 2)
+    await store.release(job_id, "L1", "queued", T0 + 3, reason="worker lost")
+    active = await store.grant(job_id, "L2", "w2", T0 + 4)
+    assert (active.attempts, active.lease, active.leased_at) == (2, "L2", T0 + 4)
+    assert active.pending == {1: {"n": 1}, 3: {"n": 3}}
+    assert (await store.get_job(job_id))["history"][-1] == event(T0 + 4, "leased", 2, "L2", "w2")
+    await store.release(job_id, "L2", "queued", T0 + 5, reason="returned", attempts=1)
+    assert (await store.grant(job_id, "L3", "w2", T0 + 6)).attempts == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_grant_repeated_same_answer_changes_nothing(store):
+    """A grant sent again with the job's current lease fires with the job as it is now and changes nothing."""
+    [job_id] = await store.submit([spec(3)], T0)
+    first = await store.grant(job_id, "L1", "w1", T0 + 1)
+    before = await snapshot(store, job_id)
+    assert await store.grant(job_id, "L1", "w1", T0 + 2) == first
+    assert await snapshot(store, job_id) == before
+    await store.add_results(job_id, "L1", ok(1), T0 + 3)
+    again = await store.grant(job_id, "L1", "w1", T0 + 4)
+    assert (again.attempts, again.leased_at, again.pending) == (1, T0 + 1, {0: {"n": 0}, 2: {"n": 2}})
+    history = (await store.get_job(job_id))["history"]
+    assert [e["event"] for e in history] == ["submitted", "leased"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_grant_ended_token_stale(store):
+    """A token that was a lease of the job once is never granted again: StaleLease in any state, changing nothing."""
+    job_id = await leased_job(store, records=1)
+    await store.release(job_id, "L1", "queued", T0 + 2, reason="worker lost")
+    before = await snapshot(store, job_id)
+    with pytest.raises(StaleLease):
+        await store.grant(job_id, "L1", "w1", T0 + 3)
+    assert await snapshot(store, job_id) == before
+    await store.grant(job_id, "L2", "w2", T0 + 4)
+    with pytest.raises(StaleLease):
+        await store.grant(job_id, "L1", "w1", T0 + 5)
+    await store.complete(job_id, "L2", ok(0), T0 + 6)
+    before = await snapshot(store, job_id)
+    for lease in ("L1", "L2"):
+        with pytest.raises(StaleLease):
+            await store.grant(job_id, lease, "w1", T0 + 7)
+    assert await snapshot(store, job_id) == before
+    with pytest.raises(InvalidState) as caught:
+        await store.grant(job_id, "L3", "w1", T0 + 7)
+    assert caught.value.extra == {"state": "done"}
 
 
 # -- add_results ------------------------------------------------------------
@@ -298,7 +361,7 @@ async def test_add_results_stale_after_regrant(store):
     """Results under a superseded lease raise StaleLease even while the job runs under a new one."""
     job_id = await leased_job(store)
     await store.release(job_id, "L1", "queued", T0 + 2, reason="heartbeat missed")
-    await store.grant(job_id, "L2", "w2", 2, T0 + 3)
+    await store.grant(job_id, "L2", "w2", T0 + 3)
     before = await snapshot(store, job_id)
     with pytest.raises(StaleLease):
         await store.add_results(job_id, "L1", ok(0), T0 + 4)
@@ -322,6 +385,70 @@ async def test_add_results_unknown_job_raises(store):
     """Results for a job that does not exist raise UnknownJob."""
     with pytest.raises(UnknownJob):
         await store.add_results(999, "L1", ok(0), T0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_results_repeated_same_answer_changes_nothing(store):
+    """Results sent again under the same lease with the same values fire with the accepted count and change nothing."""
+    job_id = await leased_job(store, records=4)
+    results = [RecordResult(0, {"a": [1, "é"]}), RecordResult(1, error="bad input"), RecordResult(2, None)]
+    assert await store.add_results(job_id, "L1", results, T0 + 2) == 3
+    before = await snapshot(store, job_id)
+    assert await store.add_results(job_id, "L1", results, T0 + 3) == 3
+    assert await store.add_results(job_id, "L1", results[1:2], T0 + 4) == 3
+    assert await snapshot(store, job_id) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_results_repeats_with_new_ones_accept_only_new(store):
+    """Repeated results in a call with new ones are left out: only the new ones are accepted and counted."""
+    job_id = await leased_job(store, records=3)
+    await store.add_results(job_id, "L1", ok(0), T0 + 2)
+    assert await store.add_results(job_id, "L1", ok(0, 1), T0 + 3) == 2
+    results = await store.get_results(job_id)
+    assert [(r["i"], r["out"]) for r in results] == [(0, {"double": 0}), (1, {"double": 2})]
+    assert (await store.get_job(job_id))["accepted"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_results_repeated_after_lease_ended_same_answer(store):
+    """Results that are all repeats fire with the accepted count after their lease ended; with a new one, StaleLease."""
+    job_id = await leased_job(store, records=3)
+    await store.add_results(job_id, "L1", ok(0, 1), T0 + 2)
+    await store.release(job_id, "L1", "queued", T0 + 3, reason="worker lost")
+    await store.grant(job_id, "L2", "w2", T0 + 4)
+    await store.add_results(job_id, "L2", ok(2), T0 + 5)
+    before = await snapshot(store, job_id)
+    assert await store.add_results(job_id, "L1", ok(1, 0), T0 + 6) == 3
+    for results in (ok(0, 2), ok(0, 0), [RecordResult(0, "other")], []):
+        with pytest.raises(StaleLease):
+            await store.add_results(job_id, "L1", results, T0 + 6)
+    assert await snapshot(store, job_id) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_results_repeat_with_other_value_duplicate(store):
+    """A result for an accepted record with another value, under another lease, or twice in a call: DuplicateResult."""
+    job_id = await leased_job(store, records=3)
+    await store.add_results(job_id, "L1", [RecordResult(0, {"x": 1}), RecordResult(1, error="boom")], T0 + 2)
+    before = await snapshot(store, job_id)
+    for results, duplicates in (
+        ([RecordResult(0, {"x": 2})], [0]),
+        ([RecordResult(0, error="boom")], [0]),
+        ([RecordResult(1, error="other")], [1]),
+        ([RecordResult(1, None)], [1]),
+        ([RecordResult(2, 1), RecordResult(0, {"x": 1}), RecordResult(0, {"x": 1})], [0]),
+        ([RecordResult(2, 1), RecordResult(2, 1), RecordResult(1, "x"), RecordResult(0, {"x": 1})], [1, 2]),
+    ):
+        with pytest.raises(DuplicateResult) as caught:
+            await store.add_results(job_id, "L1", results, T0 + 3)
+        assert caught.value.extra == {"records": duplicates}
+    assert await snapshot(store, job_id) == before
+    await store.release(job_id, "L1", "queued", T0 + 4, reason="worker lost")
+    await store.grant(job_id, "L2", "w2", T0 + 5)
+    with pytest.raises(DuplicateResult) as caught:
+        await store.add_results(job_id, "L2", [RecordResult(0, {"x": 1})], T0 + 6)
+    assert caught.value.extra == {"records": [0]}
 
 
 # -- complete ---------------------------------------------------------------
@@ -362,31 +489,61 @@ async def test_complete_missing_results_incomplete(store):
 async def test_complete_empty_job_done(store):
     """A job without records completes at once."""
     [job_id] = await store.submit([spec(0)], T0)
-    await store.grant(job_id, "L1", "w1", 1, T0 + 1)
+    await store.grant(job_id, "L1", "w1", T0 + 1)
     await store.complete(job_id, "L1", [], T0 + 2)
     assert (await store.get_job(job_id))["state"] == "done"
 
 
 @pytest_twisted.ensureDeferred
-async def test_complete_twice_stale(store):
-    """A completed job holds no lease, so completing it again raises StaleLease."""
-    job_id = await leased_job(store, records=1)
-    await store.complete(job_id, "L1", ok(0), T0 + 2)
+async def test_complete_duplicate_trailing_result(store):
+    """A trailing result already accepted with another value raises DuplicateResult, and the job stays running."""
+    job_id = await leased_job(store, records=2)
+    await store.add_results(job_id, "L1", ok(0, 1), T0 + 2)
     before = await snapshot(store, job_id)
-    with pytest.raises(StaleLease):
-        await store.complete(job_id, "L1", [], T0 + 3)
+    with pytest.raises(DuplicateResult) as caught:
+        await store.complete(job_id, "L1", [RecordResult(1, "other")], T0 + 3)
+    assert caught.value.extra == {"records": [1]}
     assert await snapshot(store, job_id) == before
 
 
 @pytest_twisted.ensureDeferred
-async def test_complete_duplicate_trailing_result(store):
-    """A trailing result already accepted raises DuplicateResult, and the job stays running."""
+async def test_complete_repeated_after_done_names_lease(store):
+    """A complete sent again after its lease completed the job fires with None and changes nothing."""
     job_id = await leased_job(store, records=2)
-    await store.add_results(job_id, "L1", ok(0, 1), T0 + 2)
+    await store.add_results(job_id, "L1", ok(0), T0 + 2)
+    assert await store.complete(job_id, "L1", ok(1), T0 + 3) is None
     before = await snapshot(store, job_id)
-    with pytest.raises(DuplicateResult):
-        await store.complete(job_id, "L1", ok(1), T0 + 3)
+    for results in (ok(1), [], ok(0, 1), [RecordResult(1, "other")]):
+        assert await store.complete(job_id, "L1", results, T0 + 4) is None
     assert await snapshot(store, job_id) == before
+    history = (await store.get_job(job_id))["history"]
+    assert [e["event"] for e in history].count("completed") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_complete_stale_lease_after_done_stale(store):
+    """A complete under a lease that ended before another completed the job is stale, even with repeated results."""
+    job_id = await leased_job(store, records=2)
+    await store.add_results(job_id, "L1", ok(0), T0 + 2)
+    await store.release(job_id, "L1", "queued", T0 + 3, reason="worker lost")
+    await store.grant(job_id, "L2", "w2", T0 + 4)
+    await store.complete(job_id, "L2", ok(1), T0 + 5)
+    before = await snapshot(store, job_id)
+    for results in (ok(0), [], ok(0, 1)):
+        with pytest.raises(StaleLease):
+            await store.complete(job_id, "L1", results, T0 + 6)
+    assert await snapshot(store, job_id) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_complete_trailing_repeats_count_as_accepted(store):
+    """Trailing results that repeat accepted ones under the same lease are left out, and the job completes."""
+    job_id = await leased_job(store, records=3)
+    await store.add_results(job_id, "L1", ok(0, 1), T0 + 2)
+    await store.complete(job_id, "L1", ok(1, 2), T0 + 3)
+    job = await store.get_job(job_id)
+    assert (job["state"], job["accepted"]) == ("done", 3)
+    assert [r["i"] for r in await store.get_results(job_id)] == [0, 1, 2]
 
 
 # -- release ----------------------------------------------------------------
@@ -419,7 +576,7 @@ async def test_release_backoff_and_attempts(store):
     assert job["history"][-1]["attempt"] == 1
     [active] = await store.load_active()
     assert (active.not_before, active.attempts, active.lease, active.worker) == (T0 + 60, 0, None, None)
-    await store.grant(job_id, "L2", "w2", 1, T0 + 61)
+    await store.grant(job_id, "L2", "w2", T0 + 61)
     assert (await store.get_job(job_id))["not_before"] is None
 
 
@@ -460,6 +617,39 @@ async def test_release_unsettable_state_value_error(store, state):
     with pytest.raises(ValueError):
         await store.release(job_id, "L1", state, T0 + 2, reason="bug")
     assert await snapshot(store, job_id) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_repeated_same_answer_changes_nothing(store):
+    """A release sent again after it ended the lease fires with None and changes nothing, even once the job runs on."""
+    job_id = await leased_job(store)
+    release = dict(reason="failed", error="Traceback ...", not_before=T0 + 60)
+    assert await store.release(job_id, "L1", "queued", T0 + 2, **release) is None
+    before = await snapshot(store, job_id)
+    assert await store.release(job_id, "L1", "queued", T0 + 3, **release) is None
+    assert await store.release(job_id, "L1", "queued", T0 + 3, **release, attempts=0) is None
+    assert await snapshot(store, job_id) == before
+    await store.grant(job_id, "L2", "w2", T0 + 61)
+    before = await snapshot(store, job_id)
+    assert await store.release(job_id, "L1", "queued", T0 + 62, **release) is None
+    assert await snapshot(store, job_id) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_of_lease_ended_otherwise_stale(store):
+    """A release under a lease ended by another write (other target, reason or error; an operator) raises StaleLease."""
+    job_id = await leased_job(store)
+    await store.release(job_id, "L1", "queued", T0 + 2, reason="failed", error="boom")
+    before = await snapshot(store, job_id)
+    others = (("failed", "failed", "boom"), ("queued", "returned", "boom"), ("queued", "failed", None))
+    for state, reason, error in others:
+        with pytest.raises(StaleLease):
+            await store.release(job_id, "L1", state, T0 + 3, reason=reason, error=error)
+    assert await snapshot(store, job_id) == before
+    await store.grant(job_id, "L2", "w2", T0 + 4)
+    await store.end_lease(job_id, "L2", "cancelled", T0 + 5, reason="cancelled")
+    with pytest.raises(StaleLease):
+        await store.release(job_id, "L2", "cancelled", T0 + 6, reason="cancelled")
 
 
 # -- set_state --------------------------------------------------------------
@@ -546,9 +736,9 @@ async def test_load_active_pending_records_only(store):
     """Active jobs come back by id with their unfinished records only: the point to resume from."""
     ids = await store.submit([spec(3, requires={"memory": 512}), spec(2), spec(1), spec(1), spec(2)], T0)
     running, queued, done, cancelled, paused = ids
-    await store.grant(running, "L1", "w1", 1, T0 + 1)
+    await store.grant(running, "L1", "w1", T0 + 1)
     await store.add_results(running, "L1", ok(0, 2), T0 + 2)
-    await store.grant(done, "L3", "w1", 1, T0 + 1)
+    await store.grant(done, "L3", "w1", T0 + 1)
     await store.complete(done, "L3", ok(0), T0 + 2)
     await store.set_state(cancelled, ("queued",), "cancelled", T0 + 1, reason="operator cancel")
     await store.set_state(paused, ("queued",), "paused", T0 + 1, reason="operator pause")
@@ -607,7 +797,7 @@ async def test_get_results_unknown_job_raises(store):
 async def test_list_jobs_filters(store):
     """Listing filters by state and by type, and summarises each job."""
     a, b, c = await store.submit([spec(2, name="a"), spec(1, type="resize"), spec(1, type="resize")], T0)
-    await store.grant(b, "L1", "w1", 1, T0 + 1)
+    await store.grant(b, "L1", "w1", T0 + 1)
     assert [j["id"] for j in await store.list_jobs(state="queued")] == [a, c]
     assert [j["id"] for j in await store.list_jobs(type="resize")] == [b, c]
     assert [j["id"] for j in await store.list_jobs(state="running", type="resize")] == [b]
@@ -643,7 +833,7 @@ async def test_counts_every_state(store):
     """Counts name every state, with zero for the states no job is in."""
     assert await store.counts() == dict.fromkeys(JOB_STATES, 0)
     ids = await store.submit([spec(1) for _ in range(4)], T0)
-    await store.grant(ids[0], "L1", "w1", 1, T0 + 1)
+    await store.grant(ids[0], "L1", "w1", T0 + 1)
     await store.set_state(ids[1], ("queued",), "cancelled", T0 + 1, reason="operator cancel")
     assert await store.counts() == dict.fromkeys(JOB_STATES, 0) | {"queued": 2, "running": 1, "cancelled": 1}
 
@@ -770,7 +960,7 @@ async def test_take_lease_and_load_active_tell_when_the_lease_was_granted(two):
     [active] = await a.load_active()
     assert (active.state, active.leased_at) == ("running", T0 + 1)
     await b.release(job_id, "L1", "queued", T0 + 6, reason="worker lost")
-    await a.grant(job_id, "L2", "w2", 2, T0 + 7)
+    await a.grant(job_id, "L2", "w2", T0 + 7)
     [active] = await a.load_active()
     assert (active.lease, active.leased_at) == ("L2", T0 + 7)
     await a.release(job_id, "L2", "queued", T0 + 8, reason="worker lost")
@@ -789,6 +979,20 @@ async def test_take_lease_back_from_taker(two):
     assert await a.add_results(job_id, "L1", ok(0), T0 + 4) == 1
     with pytest.raises(StaleLease):
         await b.add_results(job_id, "L1", ok(1), T0 + 4)
+
+
+@pytest_twisted.ensureDeferred
+async def test_take_lease_repeated_same_answer_changes_nothing(two):
+    """A take_lease sent again by the new owner for the same worker fires with the same job and changes nothing."""
+    a, b = two
+    job_id = await leased_job(a)
+    await a.add_results(job_id, "L1", ok(0), T0 + 2)
+    first = await b.take_lease(job_id, "L1", "w2", T0 + 3)
+    before = await snapshot(a, job_id)
+    assert await b.take_lease(job_id, "L1", "w2", T0 + 4) == first
+    assert await snapshot(a, job_id) == before
+    assert (await a.take_lease(job_id, "L1", "w2", T0 + 5)).worker == "w2"
+    assert (await a.get_job(job_id))["history"][-1]["detail"] == {"from": "B"}
 
 
 @pytest_twisted.ensureDeferred
@@ -818,10 +1022,10 @@ async def test_expire_servers_after_deadline_and_grace(two):
     await b.beat(T0, 10)
     ids = await a.submit([spec(2), spec(1, retries=0), spec(1, retries=2)], T0)
     retried, exhausted, other = ids
-    await a.grant(retried, "L1", "w1", 1, T0 + 1)
+    await a.grant(retried, "L1", "w1", T0 + 1)
     await a.add_results(retried, "L1", ok(0), T0 + 2)
-    await a.grant(exhausted, "L2", "w1", 1, T0 + 1)
-    await b.grant(other, "L3", "w2", 1, T0 + 1)
+    await a.grant(exhausted, "L2", "w1", T0 + 1)
+    await b.grant(other, "L3", "w2", T0 + 1)
     await a.beat(T0 + 20, 10)  # the last beat: gone once now > T0 + 30, expired once now > T0 + 35
     await b.beat(T0 + 35, 10)
     assert await b.expire_servers(T0 + 35, 5) == []
@@ -898,7 +1102,7 @@ async def test_expire_servers_concurrent_each_job_once(two):
     await a.beat(T0, 10)
     ids = await a.submit([spec(1) for _ in range(20)], T0)
     for job_id in ids:
-        await a.grant(job_id, f"L{job_id}", "w1", 1, T0 + 1)
+        await a.grant(job_id, f"L{job_id}", "w1", T0 + 1)
     c = _sibling_of(b, "C")
     await c.start()
     try:
@@ -929,7 +1133,7 @@ async def test_runnable_priority_then_id(two):
     a, b = two
     ids = await a.submit([spec(1, priority=p) for p in (0, 5, 1, 5, 0, 9)], T0)
     p0, p5, p1, p5b, p0b, p9 = ids
-    await a.grant(p9, "L9", "w1", 1, T0 + 1)  # running: not runnable
+    await a.grant(p9, "L9", "w1", T0 + 1)  # running: not runnable
     await a.set_state(p1, ("queued",), "paused", T0 + 1, reason="operator pause")
     assert await b.runnable(T0 + 2, 10) == [p5, p5b, p0, p0b]
     assert await b.runnable(T0 + 2, 2) == [p5, p5b]
@@ -944,10 +1148,10 @@ async def test_own_leases_running_only(two):
     """own_leases names exactly the running jobs this server granted or took over."""
     a, b = two
     j1, j2, j3, j4 = await a.submit([spec(1) for _ in range(4)], T0)
-    await a.grant(j1, "L1", "w1", 1, T0 + 1)
-    await a.grant(j2, "L2", "w1", 1, T0 + 1)
-    await b.grant(j3, "L3", "w2", 1, T0 + 1)
-    await a.grant(j4, "L4", "w1", 1, T0 + 1)
+    await a.grant(j1, "L1", "w1", T0 + 1)
+    await a.grant(j2, "L2", "w1", T0 + 1)
+    await b.grant(j3, "L3", "w2", T0 + 1)
+    await a.grant(j4, "L4", "w1", T0 + 1)
     await a.complete(j2, "L2", ok(0), T0 + 2)
     await a.release(j4, "L4", "queued", T0 + 2, reason="worker lost")
     assert await a.own_leases() == {j1: "L1"}
@@ -961,7 +1165,7 @@ async def test_own_leases_running_only(two):
 async def test_job_states_existing_by_id(store):
     """job_states answers for the ids that exist, by id, with state and progress."""
     a, b = await store.submit([spec(3), spec(2)], T0)
-    await store.grant(b, "L1", "w1", 1, T0 + 1)
+    await store.grant(b, "L1", "w1", T0 + 1)
     await store.add_results(b, "L1", ok(1), T0 + 2)
     assert await store.job_states([999, b, a, b]) == [
         {"job": a, "state": "queued", "accepted": 0, "total": 3},
@@ -979,11 +1183,11 @@ async def test_end_lease_any_owner(two, state, attempts):
     a, b = two
     job_id = await leased_job(a)
     await a.release(job_id, "L1", "queued", T0 + 2, reason="worker lost")
-    await a.grant(job_id, "L2", "w1", 2, T0 + 3)
+    await a.grant(job_id, "L2", "w1", T0 + 3)
     await a.add_results(job_id, "L2", ok(0), T0 + 4)
     running = await a.get_job(job_id)
     reason = {"queued": "requeued", "paused": "paused", "cancelled": "cancelled"}[state]
-    await b.end_lease(job_id, state, T0 + 5, reason=reason)
+    await b.end_lease(job_id, "L2", state, T0 + 5, reason=reason)
     assert await a.get_job(job_id) == running | {
         "state": state,
         "attempts": attempts,
@@ -1002,7 +1206,7 @@ async def test_end_lease_any_owner(two, state, attempts):
 async def test_end_lease_own_lease(store):
     """A server may end a lease it owns itself the same way."""
     job_id = await leased_job(store)
-    await store.end_lease(job_id, "paused", T0 + 2, reason="paused")
+    await store.end_lease(job_id, "L1", "paused", T0 + 2, reason="paused")
     job = await store.get_job(job_id)
     assert (job["state"], job["attempts"], job["lease"]) == ("paused", 0, None)
     assert await store.own_leases() == {}
@@ -1014,11 +1218,45 @@ async def test_end_lease_not_running_invalid_state(store):
     [job_id] = await store.submit([spec()], T0)
     before = await snapshot(store, job_id)
     with pytest.raises(InvalidState) as caught:
-        await store.end_lease(job_id, "cancelled", T0 + 1, reason="cancelled")
+        await store.end_lease(job_id, "L1", "cancelled", T0 + 1, reason="cancelled")
     assert caught.value.extra == {"state": "queued"}
     assert await snapshot(store, job_id) == before
     with pytest.raises(UnknownJob):
-        await store.end_lease(999, "cancelled", T0 + 1, reason="cancelled")
+        await store.end_lease(999, "L1", "cancelled", T0 + 1, reason="cancelled")
+
+
+@pytest_twisted.ensureDeferred
+async def test_end_lease_repeated_same_answer_changes_nothing(two):
+    """An end_lease sent again after it ended the lease fires with None and changes nothing."""
+    a, b = two
+    job_id = await leased_job(a)
+    assert await b.end_lease(job_id, "L1", "queued", T0 + 2, reason="requeued") is None
+    before = await snapshot(a, job_id)
+    assert await b.end_lease(job_id, "L1", "queued", T0 + 3, reason="requeued") is None
+    assert await a.end_lease(job_id, "L1", "queued", T0 + 3, reason="requeued") is None
+    assert await snapshot(a, job_id) == before
+    await a.grant(job_id, "L2", "w1", T0 + 4)
+    before = await snapshot(a, job_id)
+    assert await b.end_lease(job_id, "L1", "queued", T0 + 5, reason="requeued") is None
+    assert await snapshot(a, job_id) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_end_lease_not_current_lease_invalid_state(store):
+    """Ending a lease the job does not run under (ended otherwise, never granted) is InvalidState, changing nothing."""
+    job_id = await leased_job(store)
+    await store.release(job_id, "L1", "queued", T0 + 2, reason="worker lost")
+    await store.grant(job_id, "L2", "w2", T0 + 3)
+    before = await snapshot(store, job_id)
+    for lease, state in (("L1", "queued"), ("L0", "cancelled"), (None, "cancelled")):
+        with pytest.raises(InvalidState) as caught:
+            await store.end_lease(job_id, lease, state, T0 + 4, reason="requeued" if state == "queued" else state)
+        assert caught.value.extra == {"state": "running"}
+    assert await snapshot(store, job_id) == before
+    await store.end_lease(job_id, "L2", "paused", T0 + 5, reason="paused")
+    with pytest.raises(InvalidState) as caught:
+        await store.end_lease(job_id, "L2", "cancelled", T0 + 6, reason="cancelled")
+    assert caught.value.extra == {"state": "paused"}
 
 
 @pytest.mark.parametrize("state", ["failed", "done", "running"])
@@ -1028,7 +1266,7 @@ async def test_end_lease_other_state_value_error(store, state):
     job_id = await leased_job(store)
     before = await snapshot(store, job_id)
     with pytest.raises(ValueError):
-        await store.end_lease(job_id, state, T0 + 2, reason="bug")
+        await store.end_lease(job_id, "L1", state, T0 + 2, reason="bug")
     assert await snapshot(store, job_id) == before
 
 
@@ -1043,7 +1281,7 @@ async def test_multi_server_calls_stopped_unavailable(store):
         store.runnable(T0, 10),
         store.own_leases(),
         store.job_states([1]),
-        store.end_lease(1, "queued", T0, reason="requeued"),
+        store.end_lease(1, "L1", "queued", T0, reason="requeued"),
     ):
         with pytest.raises(Unavailable):
             await call

@@ -18,7 +18,7 @@ import pytest_twisted
 from twisted.internet.defer import DeferredList
 from twisted.logger import globalLogPublisher
 
-from gridd.errors import CommitUnknown, DuplicateResult, Unavailable
+from gridd.errors import CommitUnknown, Unavailable
 from gridd.launch import ROOT
 from gridd.store.base import JobSpec, RecordResult, SchemaTooNew, StoreUnavailable, open_store
 from gridd.store.mysql import MySQLDialect, MySQLParams, MySQLStore, parse_mysql_uri
@@ -288,7 +288,7 @@ async def test_restart_mid_use_no_lost_or_duplicated_work(mariadb, params, store
     """
     acknowledged = set(await store.submit([spec(), spec()], T0))
     running = min(acknowledged)
-    await store.grant(running, "L1", "w1", 1, T0 + 1)
+    await store.grant(running, "L1", "w1", T0 + 1)
     assert await store.add_results(running, "L1", [RecordResult(0, "zero")], T0 + 2) == 1
 
     mariadb.stop()
@@ -449,43 +449,99 @@ async def test_commit_lost_connection_commit_unknown_not_retried(mariadb, params
     assert len(await store.submit([spec()], T0)) == 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_commit_made_but_its_reply_lost_is_commit_unknown_and_a_resend_a_duplicate(store, monkeypatch):
-    """Committed, reply lost (MariaDB shutting down mid-COMMIT): commit_unknown; sent again, the results are duplicates.
+@pytest.fixture
+def lose_commit_reply(monkeypatch):
+    """``lose()`` arms it: the next COMMIT is made on the server, and its reply never reaches the driver.
 
-    The COMMIT really happens; only its reply is lost, as error 2013 does
-    when the server has committed and then closes the connection.
+    The reply is taken off the socket once it has arrived (so the server has
+    committed) and the socket is shut: the driver reads a closed connection
+    (2013), as when MariaDB shuts down during a COMMIT it has made, and the
+    store's own COMMIT handling answers ``CommitUnknown``.
     """
+    import select
+    import socket
+
     from gridd.store import mysql
 
     armed = []
     commit = mysql._MySQLConnection.commit
 
-    def commit_then_lose_the_reply(self):
-        commit(self)
-        if armed:
-            armed.clear()
-            raise mysql.CommitOutcomeUnknown("the connection was lost during COMMIT (2013)")
+    def commit_and_lose_the_reply(self):
+        if not armed:
+            return commit(self)
+        armed.clear()
+        driver = self._connection
+        read_ok = driver._read_ok_packet
 
-    monkeypatch.setattr(mysql._MySQLConnection, "commit", commit_then_lose_the_reply)
+        def lose_the_reply():
+            sock = driver._sock
+            assert select.select([sock], [], [], 10)[0], "no reply to COMMIT"
+            sock.recv(65536)
+            sock.shutdown(socket.SHUT_RDWR)
+            return read_ok()
+
+        driver._read_ok_packet = lose_the_reply
+        try:
+            return commit(self)
+        finally:
+            del driver._read_ok_packet
+
+    monkeypatch.setattr(mysql._MySQLConnection, "commit", commit_and_lose_the_reply)
+    return lambda: armed.append(True)
+
+
+#: Per write: the call (store, job id), its answer, and the job's state once made.
+LOST_COMMIT_WRITES = {
+    "add_results": (
+        lambda store, job_id: store.add_results(
+            job_id, "L1", [RecordResult(0, {"z": "é"}), RecordResult(1, error="bad input")], T0 + 2
+        ),
+        2,
+        "running",
+    ),
+    "complete": (
+        lambda store, job_id: store.complete(job_id, "L1", [RecordResult(0, 0), RecordResult(1, 1)], T0 + 2),
+        None,
+        "done",
+    ),
+    "release": (
+        lambda store, job_id: store.release(
+            job_id, "L1", "queued", T0 + 2, reason="failed", error="boom", not_before=T0 + 9
+        ),
+        None,
+        "queued",
+    ),
+}
+
+
+@pytest.mark.parametrize("write", sorted(LOST_COMMIT_WRITES))
+@pytest_twisted.ensureDeferred
+async def test_commit_made_reply_lost_sent_again_first_answer(mariadb, params, store, lose_commit_reply, write):
+    """A write made whose COMMIT reply was lost is CommitUnknown; sent again, it answers as made and changes nothing."""
+    call, answer, state = LOST_COMMIT_WRITES[write]
     [job_id] = await store.submit([spec(records=2)], T0)
-    await store.grant(job_id, "L1", "w1", 1, T0)
-    armed.append(True)
-    with pytest.raises(CommitUnknown):
-        await store.add_results(job_id, "L1", [RecordResult(0, "zero")], T0 + 1)
-    with pytest.raises(DuplicateResult) as duplicate:
-        await store.add_results(job_id, "L1", [RecordResult(0, "zero"), RecordResult(1, "one")], T0 + 2)
-    assert duplicate.value.extra["records"] == [0]
-    await store.complete(job_id, "L1", [RecordResult(1, "one")], T0 + 3)
-    job = await store.get_job(job_id)
-    assert (job["state"], job["accepted"], job["attempts"]) == ("done", 2, 1)
+    await store.grant(job_id, "L1", "w1", T0 + 1)
+    lose_commit_reply()
+    with pytest.raises(CommitUnknown, match="during COMMIT"):
+        await call(store, job_id)
+    made = await store.get_job(job_id), await store.get_results(job_id)
+    assert made[0]["state"] == state  # it was made
+    assert await call(store, job_id) == answer
+    assert (await store.get_job(job_id), await store.get_results(job_id)) == made
+    events = mariadb.query(params.database, "SELECT event FROM job_events WHERE job_id = %s ORDER BY id", job_id)
+    assert [e for (e,) in events][2:] == {"add_results": [], "complete": ["completed"], "release": ["released"]}[write]
+    if write == "add_results":
+        # The job then completes at its first attempt, each result accepted once.
+        await store.complete(job_id, "L1", [], T0 + 3)
+        job = await store.get_job(job_id)
+        assert (job["state"], job["accepted"], job["attempts"]) == ("done", 2, 1)
 
 
 @pytest_twisted.ensureDeferred
 async def test_found_rows_same_value_update_not_stale(store):
     """An update that leaves a row as it was still counts as matched: same-time writes are not stale."""
     [job_id] = await store.submit([spec(3)], T0)
-    await store.grant(job_id, "L1", "w1", 1, T0)
+    await store.grant(job_id, "L1", "w1", T0)
     assert await store.add_results(job_id, "L1", [RecordResult(0, 0)], T0) == 1
     assert await store.add_results(job_id, "L1", [RecordResult(1, 1)], T0) == 2
 
@@ -494,7 +550,7 @@ async def test_found_rows_same_value_update_not_stale(store):
 async def test_lease_compare_exact(store):
     """Leases compare byte for byte (binary collation), as in SQLite: another case is another lease."""
     [job_id] = await store.submit([spec()], T0)
-    await store.grant(job_id, "Lease-a", "w1", 1, T0)
+    await store.grant(job_id, "Lease-a", "w1", T0)
     with pytest.raises(Exception, match="not the current lease"):
         await store.add_results(job_id, "LEASE-A", [RecordResult(0, 0)], T0)
 
@@ -574,7 +630,7 @@ async def _gone_and_orphaned(params, jobs):
             if server_id == "G":
                 await store.beat(T0, 10)
             ids = await store.submit([spec(1) for _ in range(jobs)], T0)
-            await DeferredList([store.grant(i, f"L{i}", "w", 1, T0 + 1) for i in ids], fireOnOneErrback=True)
+            await DeferredList([store.grant(i, f"L{i}", "w", T0 + 1) for i in ids], fireOnOneErrback=True)
             owned[server_id] = ids
         finally:
             await store.stop()
@@ -647,7 +703,7 @@ async def test_grant_concurrent_stores_each_job_granted_once(mariadb, params, a_
             for store, order in ((a, batch), (b, batch[::-1])):
                 for job_id in order:
                     lease = f"{store.server_id}-{job_id}"
-                    calls.append((job_id, lease, store.grant(job_id, lease, f"w{store.server_id}", 1, T0 + 1)))
+                    calls.append((job_id, lease, store.grant(job_id, lease, f"w{store.server_id}", T0 + 1)))
             outcomes = await DeferredList([d for _, _, d in calls], consumeErrors=True)
             for (job_id, lease, _), (ok, value) in zip(calls, outcomes, strict=True):
                 if ok:
@@ -851,7 +907,7 @@ async def test_grant_passes_over_a_job_another_server_is_claiming(mariadb, param
     with contextlib.closing(other), other.cursor() as cursor:
         cursor.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))  # another server mid-claim
         with pytest.raises(errors.InvalidState, match="being claimed by another server"):
-            await store.grant(job_id, "L1", "w1", 1, 2.0)
+            await store.grant(job_id, "L1", "w1", 2.0)
         other.rollback()
-    await store.grant(job_id, "L1", "w1", 1, 3.0)
+    await store.grant(job_id, "L1", "w1", 3.0)
     assert (await store.get_job(job_id))["lease"] == "L1"

@@ -46,7 +46,7 @@ async def test_reopen_sees_committed_work(tmp_path):
     first = SQLiteStore(path)
     await first.start()
     [job_id] = await first.submit([spec(3)], T0)
-    await first.grant(job_id, "L1", "w1", 1, T0 + 1)
+    await first.grant(job_id, "L1", "w1", T0 + 1)
     await first.add_results(job_id, "L1", [RecordResult(0, "zero"), RecordResult(2, error="bad")], T0 + 2)
     job, results = await first.get_job(job_id), await first.get_results(job_id)
     await first.stop()
@@ -130,9 +130,9 @@ async def test_group_commit_batches_concurrent_writes(store):
 async def test_group_commit_stale_write_spares_neighbours(store):
     """A write refused inside a batch fails alone; the writes around it in the same transaction commit."""
     [a, b] = await store.submit([spec(), spec()], T0)
-    await store.grant(a, "La", "w1", 1, T0 + 1)
-    await store.grant(b, "Lb", "w2", 1, T0 + 1)
-    first = store.grant(999, "L", "w", 1, T0 + 2).addErrback(lambda _: None)
+    await store.grant(a, "La", "w1", T0 + 1)
+    await store.grant(b, "Lb", "w2", T0 + 1)
+    first = store.grant(999, "L", "w", T0 + 2).addErrback(lambda _: None)
     before = store.committer.transactions
     good = store.add_results(a, "La", [RecordResult(0, "x")], T0 + 2)
     stale = store.add_results(b, "old", [RecordResult(0, "y")], T0 + 2)
@@ -225,7 +225,7 @@ async def test_two_stores_one_file_write_together(tmp_path):
         ids = [job_id for _, answer in results[:-2] for job_id in answer]
         assert len(set(ids)) == 200
         grants = [
-            store.grant(job_id, f"L{job_id}", "w", 1, T0 + 1) for job_id, store in zip(ids, (a, b) * 100, strict=True)
+            store.grant(job_id, f"L{job_id}", "w", T0 + 1) for job_id, store in zip(ids, (a, b) * 100, strict=True)
         ]
         await DeferredList(grants, fireOnOneErrback=True)
         assert len(await a.own_leases()) == len(await b.own_leases()) == 100

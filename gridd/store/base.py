@@ -13,6 +13,17 @@ the job's current lease raises ``StaleLease``; a result for a record that was
 already accepted raises ``DuplicateResult``. A write that raises changes
 nothing (each write runs in its own savepoint inside the batch).
 
+Every write a lease makes (``grant``, ``add_results``, ``complete``,
+``release``, ``end_lease``, ``take_lease``) is idempotent per job and lease:
+the same write sent again after it committed changes nothing and gives the
+answer it gave the first time. A write whose outcome is unknown (it failed
+with ``gridd.errors.CommitUnknown``: the database connection was lost during
+COMMIT) is therefore settled by sending it again, unchanged. This rests on
+lease tokens being single-use: a token that once named a lease of a job is
+never granted for that job again. What counts as "the same write" is said
+per method below; a write that differs (another value, another target
+state) is refused as before.
+
 Times are POSIX seconds (floats) passed in by the caller, so the store never
 reads a clock of its own.
 
@@ -183,19 +194,44 @@ class IStore(Protocol):
     def submit(self, specs: list[JobSpec], now: float):
         """Insert jobs in state ``queued``; fires with their ids, in order."""
 
-    def grant(self, job_id: int, lease: str, worker: str, attempt: int, now: float):
-        """Lease a queued job: state ``running``, ``attempts = attempt``.
+    def grant(self, job_id: int, lease: str, worker: str, now: float):
+        """Claim a queued job under a new lease; fire with the job as ``ActiveJob``.
 
-        Raises ``UnknownJob``, or ``InvalidState`` if the job is not queued.
+        The claim makes the job ``running`` under ``lease`` and ``worker``,
+        owned by this server, counts an attempt (``attempts`` becomes the
+        stored count plus one) and clears ``not_before``; history event
+        ``leased``. The ``ActiveJob`` is read in the claiming transaction:
+        state running, the lease, worker, the new attempt count,
+        ``leased_at`` = ``now``, and ``pending`` the records that have no
+        accepted result yet. Take both from it, never from an earlier copy
+        of the job: another server may have accepted results or used
+        attempts since.
+
+        Granting again a lease that is the job's current lease is the same
+        claim repeated: it fires with the job as it is now (its current
+        ``pending``) and changes nothing. A token that was a lease of this
+        job before but has ended raises ``StaleLease``: a token is granted
+        at most once. Otherwise a job that is not queued raises
+        ``InvalidState`` (extra ``state=...``, the job's state); one that does
+        not exist, ``UnknownJob``.
         """
 
     def add_results(self, job_id: int, lease: str, results: list[RecordResult], now: float):
         """Accept per-record results, all or none; fires with the job's accepted count.
 
-        Raises ``UnknownJob``; ``StaleLease`` if ``lease`` is not the job's
-        current lease; ``UnknownRecord`` (extra ``records=[...]``) for an index
-        outside the job; ``DuplicateResult`` (extra ``records=[...]``) for one
-        already accepted, or given twice.
+        A result for a record already accepted under this same ``lease``
+        with the same value (the same output, as JSON text, and the same
+        error) is this write repeated: it is not accepted again, not counted
+        again, and not an error. A call of one or more results that are all
+        such repeats fires with the job's accepted count even if ``lease``
+        is no longer current.
+
+        Otherwise raises ``UnknownJob``; ``StaleLease`` if ``lease`` is not
+        the job's current lease or this server is not its owner;
+        ``UnknownRecord`` (extra ``records=[...]``) for an index outside the
+        job; ``DuplicateResult`` (extra ``records=[...]``) for a record
+        accepted under another lease or with another value, or given twice
+        in the call. ``updated`` moves only when a result is accepted.
         """
 
     def complete(self, job_id: int, lease: str, results: list[RecordResult], now: float):
@@ -203,7 +239,13 @@ class IStore(Protocol):
 
         Raises ``Incomplete`` (extra ``missing=n``) unless every record then
         has an accepted result; in that case the trailing results are not
-        accepted either.
+        accepted either. Trailing results that repeat ones accepted under
+        ``lease`` count as accepted, as in ``add_results``.
+
+        A job that is ``done`` and whose ``completed`` event names ``lease``
+        was completed by this write: sent again, it fires with None and
+        changes nothing, whatever ``results`` it carries. Under any other
+        lease that is not current it raises ``StaleLease``, done or not.
         """
 
     def release(
@@ -220,10 +262,17 @@ class IStore(Protocol):
     ):
         """End a lease: the job moves to ``state`` (queued, paused, failed, cancelled).
 
-        ``reason`` and ``error`` go into the job's history. ``not_before``
-        delays a re-queued job (backoff); ``attempts`` overrides the attempt
-        count (a returned job does not use an attempt). Raises ``UnknownJob``
-        or ``StaleLease``; ``state`` must be one of ``SETTABLE_STATES``.
+        ``reason`` and ``error`` go into the job's history (a ``released``
+        event with detail ``{"to": state, "reason", "error"}``).
+        ``not_before`` delays a re-queued job (backoff); ``attempts``
+        overrides the attempt count (a returned job does not use an attempt).
+
+        If ``lease`` is no longer current and the job's history has a
+        ``released`` event naming it with this same detail, the lease was
+        ended by this write: sent again, it fires with None and changes
+        nothing. Otherwise raises ``UnknownJob``, or ``StaleLease`` (a lease
+        ended by anyone else, or for another target, stays stale);
+        ``state`` must be one of ``SETTABLE_STATES``.
         """
 
     def set_state(
@@ -291,7 +340,7 @@ class IStore(Protocol):
     # records it as the lease's owner, and the lease-fenced writes
     # (``add_results``, ``complete``, ``release``) check the owner as well as
     # the token: a lease another server took over is stale here
-    # (``StaleLease``). A store with one server behaves as before.
+    # (``StaleLease``), except for a write repeated as said for each.
 
     server_id: str
 
@@ -327,6 +376,10 @@ class IStore(Protocol):
         ``StaleLease`` if ``lease`` is not the job's current lease. History
         event ``reattached`` (attempt, lease, worker, detail ``{"from": old
         server}``).
+
+        Taking again a lease this server already owns for the same
+        ``worker`` is the same write repeated: it fires with the job as it
+        is now and changes nothing (no second event).
         """
 
     def runnable(self, now: float, limit: int):
@@ -343,15 +396,21 @@ class IStore(Protocol):
     def job_states(self, job_ids: list[int]):
         """Fire with ``{"job", "state", "accepted", "total"}`` for those ids that exist, by id."""
 
-    def end_lease(self, job_id: int, state: str, now: float, *, reason: str):
-        """End a running job's lease whoever owns it: an operator on another server acts.
+    def end_lease(self, job_id: int, lease: str, state: str, now: float, *, reason: str):
+        """End a running job's ``lease`` whoever owns it: an operator on another server acts.
 
-        Moves a running job to ``state`` (queued with attempts reset to 0 for
-        a requeue — ``reason`` "requeued" —, paused or cancelled; the lease's
+        Fenced by the token, not the owner: moves a job running under
+        ``lease`` to ``state`` (queued with attempts reset to 0 for a
+        requeue — ``reason`` "requeued" —, paused or cancelled; the lease's
         attempt is not counted: attempts - 1), clearing lease, worker and
         owner; history event ``released`` (detail ``{"to", "reason"}``).
-        Raises ``UnknownJob``, or ``InvalidState`` if the job is not running;
-        ``state`` must be one of ``END_LEASE_STATES``.
+
+        If ``lease`` is no longer current and a ``released`` event names it
+        with this same detail, the lease was ended by this write: sent
+        again, it fires with None and changes nothing. Otherwise raises
+        ``UnknownJob``, or ``InvalidState`` (extra ``state=...``, the job's
+        state) if the job is not running under ``lease``; ``state`` must be
+        one of ``END_LEASE_STATES``.
         """
 
     # -- credentials (gridd.server.auth) ----------------------------------

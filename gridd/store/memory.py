@@ -57,6 +57,32 @@ def _load(text: str | None):
     return None if text is None else json.loads(text)
 
 
+def _encode(results) -> list[tuple[int, str | None, str | None]]:
+    """(index, output JSON or None, error) per result, as the SQL stores keep them."""
+    return [(r.index, None if r.error is not None else _dump(r.output), r.error) for r in results]
+
+
+def _repeats(record, lease, output, error) -> bool:
+    """Was this very result (value and error) accepted for ``record`` under ``lease``?"""
+    return (
+        lease is not None
+        and record.accepted_at is not None
+        and (record.lease, record.output, record.error) == (lease, output, error)
+    )
+
+
+def _has_event(job, event, lease, detail=None) -> bool:
+    """Does the job's history have ``event`` naming ``lease`` (with ``detail``, if given)?"""
+    encoded = None if detail is None else _dump(detail)
+    return lease is not None and any(
+        e["event"] == event and e["lease"] == lease and (detail is None or e["detail"] == encoded) for e in job.history
+    )
+
+
+def _stale(job_id, lease) -> StaleLease:
+    return StaleLease(f"lease {lease!r} is not the current lease of job {job_id}")
+
+
 def _leased_at(job) -> float | None:
     """When a running job's current lease was granted, from its history."""
     if job.state != "running" or job.lease is None:
@@ -193,37 +219,57 @@ class MemoryStore:
         return ids
 
     @_answer
-    def grant(self, job_id, lease, worker, attempt, now):
+    def grant(self, job_id, lease, worker, now):
         job = self._job(job_id)
+        if lease is not None and job.lease == lease:
+            return self._active(job)  # this claim, made before: sent again
+        if _has_event(job, "leased", lease):
+            raise StaleLease(f"lease {lease!r} of job {job_id} has ended; a lease is granted once")
         if job.state != "queued":
             raise InvalidState(f"job {job_id} is {job.state}, not queued", state=job.state)
-        job.state, job.lease, job.worker, job.attempts = "running", lease, worker, attempt
+        job.state, job.lease, job.worker, job.attempts = "running", lease, worker, job.attempts + 1
         job.server, job.not_before, job.updated = self.server_id, None, now
-        job.add_event(now, "leased", attempt, lease, worker)
+        job.add_event(now, "leased", job.attempts, lease, worker)
+        return self._active(job)
 
     @_answer
     def add_results(self, job_id, lease, results, now):
-        job = self._leased(job_id, lease)
-        self._accept(job, self._checked(job, results), now)
+        job = self._job(job_id)
+        encoded = _encode(results)
+        if not self._owns(job, lease):
+            if encoded and self._all_repeats(job, lease, encoded):
+                return job.accepted
+            raise _stale(job_id, lease)
+        self._accept(job, self._checked(job, lease, encoded), now)
         return job.accepted
 
     @_answer
     def complete(self, job_id, lease, results, now):
-        job = self._leased(job_id, lease)
-        accepted = self._checked(job, results)
+        job = self._job(job_id)
+        encoded = _encode(results)
+        if not self._owns(job, lease):
+            if job.state == "done" and _has_event(job, "completed", lease):
+                return None  # this completion, made before: sent again
+            raise _stale(job_id, lease)
+        accepted = self._checked(job, lease, encoded)
         missing = len(job.records) - job.accepted - len(accepted)
         if missing:
             raise Incomplete(f"job {job_id} lacks {missing} results", missing=missing)
         self._accept(job, accepted, now)
         job.add_event(now, "completed", job.attempts, lease, job.worker)
-        job.state, job.lease, job.worker, job.server = "done", None, None, None
+        job.state, job.lease, job.worker, job.server, job.updated = "done", None, None, None, now
 
     @_answer
     def release(self, job_id, lease, state, now, *, reason, error=None, not_before=None, attempts=None):
         if state not in SETTABLE_STATES:
             raise ValueError(f"cannot release a job to {state!r}")
-        job = self._leased(job_id, lease)
-        job.add_event(now, "released", job.attempts, lease, job.worker, {"to": state, "reason": reason, "error": error})
+        detail = {"to": state, "reason": reason, "error": error}
+        job = self._job(job_id)
+        if not self._owns(job, lease):
+            if job.lease != lease and _has_event(job, "released", lease, detail):
+                return None  # this release, made before: sent again
+            raise _stale(job_id, lease)
+        job.add_event(now, "released", job.attempts, lease, job.worker, detail)
         job.state, job.not_before, job.updated = state, not_before, now
         job.lease = job.worker = job.server = None
         if attempts is not None:
@@ -274,19 +320,24 @@ class MemoryStore:
     def take_lease(self, job_id, lease, worker, now):
         job = self._job(job_id)
         if lease is None or job.lease != lease:
-            raise StaleLease(f"lease {lease!r} is not the current lease of job {job_id}")
+            raise _stale(job_id, lease)
+        if (job.server, job.worker) == (self.server_id, worker):
+            return self._active(job)  # taken over by this server already: sent again
         job.add_event(now, "reattached", job.attempts, lease, worker, {"from": job.server})
         job.server, job.worker, job.updated = self.server_id, worker, now
         return self._active(job)
 
     @_answer
-    def end_lease(self, job_id, state, now, *, reason):
+    def end_lease(self, job_id, lease, state, now, *, reason):
         if state not in END_LEASE_STATES:
             raise ValueError(f"cannot end a lease to {state!r}")
+        detail = {"to": state, "reason": reason}
         job = self._job(job_id)
-        if job.state != "running":
-            raise InvalidState(f"job {job_id} is {job.state}, not running", state=job.state)
-        job.add_event(now, "released", job.attempts, job.lease, job.worker, {"to": state, "reason": reason})
+        if lease is None or job.state != "running" or job.lease != lease:
+            if job.lease != lease and _has_event(job, "released", lease, detail):
+                return None  # this end, made before: sent again
+            raise InvalidState(f"job {job_id} is {job.state}, not running under lease {lease!r}", state=job.state)
+        job.add_event(now, "released", job.attempts, lease, job.worker, detail)
         job.state, job.not_before, job.updated = state, None, now
         job.attempts = 0 if state == "queued" else max(job.attempts - 1, 0)
         job.lease = job.worker = job.server = None
@@ -432,34 +483,51 @@ class MemoryStore:
             leased_at=_leased_at(job),
         )
 
-    def _leased(self, job_id, lease) -> _Job:
-        job = self._job(job_id)
-        if lease is None or job.lease != lease or job.server != self.server_id:
-            raise StaleLease(f"lease {lease!r} is not the current lease of job {job_id}")
-        return job
+    def _owns(self, job, lease) -> bool:
+        """Is ``lease`` the job's current lease, owned by this server?"""
+        return lease is not None and job.lease == lease and job.server == self.server_id
 
-    def _checked(self, job, results) -> list[tuple[int, str | None, str | None]]:
-        """Encode ``results`` and check each names a pending record of ``job`` once; change nothing."""
-        encoded = [(r.index, None if r.error is not None else _dump(r.output), r.error) for r in results]
+    @staticmethod
+    def _all_repeats(job, lease, encoded) -> bool:
+        """Is every one of ``encoded`` (distinct indices) a result already accepted under ``lease``, unchanged?"""
+        indices = [index for index, _, _ in encoded]
+        return len(set(indices)) == len(indices) and all(
+            0 <= index < len(job.records) and _repeats(job.records[index], lease, output, error)
+            for index, output, error in encoded
+        )
+
+    def _checked(self, job, lease, encoded) -> list[tuple[int, str | None, str | None]]:
+        """The results of ``encoded`` to accept: each names a pending record of ``job`` once; change nothing.
+
+        Results already accepted under ``lease`` with the same value are
+        left out (a repeat); any other result for an accepted record, or a
+        record named twice, raises ``DuplicateResult``.
+        """
         unknown = sorted({index for index, _, _ in encoded if not 0 <= index < len(job.records)})
         if unknown:
             raise UnknownRecord(f"job {job.id} has no records {unknown}", records=unknown)
-        seen, duplicates = set(), set()
-        for index, _, _ in encoded:
-            if index in seen or job.records[index].accepted_at is not None:
+        seen, duplicates, fresh = set(), set(), []
+        for index, output, error in encoded:
+            record = job.records[index]
+            if index in seen:
+                duplicates.add(index)
+            elif record.accepted_at is None:
+                fresh.append((index, output, error))
+            elif not _repeats(record, lease, output, error):
                 duplicates.add(index)
             seen.add(index)
         if duplicates:
             raise DuplicateResult(f"job {job.id} already has results {sorted(duplicates)}", records=sorted(duplicates))
-        return encoded
+        return fresh
 
     def _accept(self, job, encoded, now) -> None:
         for index, output, error in encoded:
             record = job.records[index]
             record.accepted_at, record.output, record.error = now, output, error
             record.lease, record.worker = job.lease, job.worker
-        job.accepted += len(encoded)
-        job.updated = now
+        if encoded:
+            job.accepted += len(encoded)
+            job.updated = now
 
     @staticmethod
     def _summary(job) -> dict:

@@ -21,6 +21,13 @@ WHERE accepted_at IS NULL``, so a write that races another one loses
 cleanly. Both rely on the row count being the number of rows *matched*,
 which is SQLite's and, with the ``FOUND_ROWS`` client flag, MySQL's.
 
+A lease's writes are idempotent (``IStore``): when such a check fails, the
+write looks for what it would have left behind had it committed before (the
+same results under the same lease, a ``completed`` or ``released`` event
+naming the lease, a ``leased`` event naming the token) and, finding it,
+answers as the first time and changes nothing. These look-ups run only on
+the refused path, except the one ``grant`` makes on ``job_events``.
+
 Several servers on one database (``IStore``'s last section): each store
 object writes as its ``server_id``. Every change that ends or moves a lease
 is an ``UPDATE`` whose ``WHERE`` names what the writer saw (lease, owner,
@@ -172,8 +179,8 @@ class SQLStore:
             return fail()
         return self._write(thd_submit, jobs, now)
 
-    def grant(self, job_id, lease, worker, attempt, now):
-        return self._write(thd_grant, self.server_id, job_id, lease, worker, attempt, now, self.dialect.skip_locked)
+    def grant(self, job_id, lease, worker, now):
+        return self._write(thd_grant, self.server_id, job_id, lease, worker, now, self.dialect.skip_locked)
 
     def add_results(self, job_id, lease, results, now):
         try:
@@ -209,10 +216,10 @@ class SQLStore:
     def take_lease(self, job_id, lease, worker, now):
         return self._write(thd_take_lease, self.server_id, job_id, lease, worker, now)
 
-    def end_lease(self, job_id, state, now, *, reason):
+    def end_lease(self, job_id, lease, state, now, *, reason):
         if state not in END_LEASE_STATES:
             return fail(ValueError(f"cannot end a lease to {state!r}"))
-        return self._write(thd_end_lease, job_id, state, now, reason)
+        return self._write(thd_end_lease, job_id, lease, state, now, reason)
 
     def add_credential(self, credential_id, role, secret_hash, now, note=None):
         return self._write(thd_add_credential, credential_id, role, secret_hash, now, note)
@@ -443,49 +450,112 @@ def thd_submit(txn, jobs, now) -> list[int]:
     return ids
 
 
-def thd_grant(txn, server, job_id, lease, worker, attempt, now, skip_locked="") -> None:
-    """Claim a queued job: the row lock decides between servers racing for it.
+def thd_grant(txn, server, job_id, lease, worker, now, skip_locked="") -> ActiveJob:
+    """Claim a queued job under ``lease``; return the job as read in this transaction.
 
-    With ``skip_locked`` (MySQL), a job whose row another server is claiming
-    at this moment is passed over at once instead of waited for: the claim
+    The row lock decides between servers racing for the job. With
+    ``skip_locked`` (MySQL), a job whose row another server is claiming at
+    this moment is passed over at once instead of waited for: the claim
     fails as ``InvalidState`` and the dispatcher takes its next job.
+
+    The attempt count is the row's own plus one, and the pending records are
+    read after the claim, so a server never hands out a job from a stale
+    copy of it. A token that appears in an earlier ``leased`` event of the
+    job is never granted again (one indexed look-up on ``job_events``):
+    that is what makes a repeated grant recognisable as one.
     """
     if skip_locked:
         txn.execute(f"SELECT id FROM jobs WHERE id = ? AND state = 'queued'{skip_locked}", (job_id,))
         if txn.fetchone() is None:
-            state = _thd_state(txn, job_id)  # raises UnknownJob
-            if state == "queued":  # locked: another server's claim is committing
-                raise InvalidState(f"job {job_id} is being claimed by another server", state=state)
-            raise InvalidState(f"job {job_id} is {state}, not queued", state=state)
+            return _thd_not_granted(txn, job_id, lease, locked=True)
+    if _thd_has_event(txn, job_id, "leased", lease):
+        return _thd_not_granted(txn, job_id, lease)
     txn.execute(
-        "UPDATE jobs SET state = 'running', lease = ?, worker = ?, server = ?, attempts = ?, not_before = NULL,"
-        " updated = ? WHERE id = ? AND state = 'queued'",
-        (lease, worker, server, attempt, now, job_id),
+        "UPDATE jobs SET state = 'running', lease = ?, worker = ?, server = ?, attempts = attempts + 1,"
+        " not_before = NULL, updated = ? WHERE id = ? AND state = 'queued'",
+        (lease, worker, server, now, job_id),
     )
     if txn.rowcount == 0:
-        state = _thd_state(txn, job_id)
-        raise InvalidState(f"job {job_id} is {state}, not queued", state=state)
-    _thd_event(txn, job_id, now, "leased", attempt, lease, worker)
+        return _thd_not_granted(txn, job_id, lease)
+    job = _thd_one_active(txn, job_id, leased_at=now)
+    _thd_event(txn, job_id, now, "leased", job.attempts, lease, worker)
+    return job
+
+
+def _thd_not_granted(txn, job_id, lease, locked=False) -> ActiveJob:
+    """Why a grant claimed nothing: the same claim repeated (return the job), or raise.
+
+    ``locked``: the claim found the row locked or not queued (SKIP LOCKED).
+    """
+    txn.execute("SELECT state, lease FROM jobs WHERE id = ?", (job_id,))
+    row = txn.fetchone()
+    if row is None:
+        raise UnknownJob(f"no job {job_id}")
+    state, current = row
+    if lease is not None and current == lease:
+        return _thd_one_active(txn, job_id)
+    if _thd_has_event(txn, job_id, "leased", lease):
+        raise StaleLease(f"lease {lease!r} of job {job_id} has ended; a lease is granted once")
+    if state == "queued" and locked:  # another server's claim is committing
+        raise InvalidState(f"job {job_id} is being claimed by another server", state=state)
+    raise InvalidState(f"job {job_id} is {state}, not queued", state=state)
+
+
+def _thd_one_active(txn, job_id, leased_at=None) -> ActiveJob:
+    """The active job ``job_id`` as ``thd_load_active`` gives it, in two queries when ``leased_at`` is known."""
+    if leased_at is None:
+        [job] = thd_load_active(txn, [job_id])
+        return job
+    txn.execute(
+        "SELECT id, type, priority, requires, params, total, state, attempts, retries, timeout, lease, worker,"
+        " not_before, name, submitter, created FROM jobs WHERE id = ?",
+        (job_id,),
+    )
+    [row] = _thd_dicts(txn)
+    row.update(requires=json.loads(row["requires"]), params=json.loads(row["params"]))
+    txn.execute("SELECT idx, data FROM records WHERE job_id = ? AND accepted_at IS NULL ORDER BY idx", (job_id,))
+    pending = {index: json.loads(data) for index, data in txn.fetchall()}
+    return ActiveJob(**row, pending=pending, leased_at=leased_at)
 
 
 def thd_add_results(txn, server, job_id, lease, results, now) -> int:
-    return _thd_accept(txn, server, job_id, lease, results, now)[1]
+    try:
+        return _thd_accept(txn, server, job_id, lease, results, now)[1]
+    except StaleLease:
+        # The same results sent again after the lease ended: answered as the first time.
+        if results and _thd_all_repeats(txn, job_id, lease, results):
+            txn.execute("SELECT accepted FROM jobs WHERE id = ?", (job_id,))
+            return txn.fetchone()[0]
+        raise
 
 
 def thd_complete(txn, server, job_id, lease, results, now) -> None:
-    total, accepted, attempt, worker = _thd_accept(txn, server, job_id, lease, results, now)
+    try:
+        total, accepted, attempt, worker = _thd_accept(txn, server, job_id, lease, results, now)
+    except StaleLease:
+        if _thd_state(txn, job_id) == "done" and _thd_has_event(txn, job_id, "completed", lease):
+            return None  # this completion, made before: sent again
+        raise
     if accepted < total:
         raise Incomplete(f"job {job_id} lacks {total - accepted} results", missing=total - accepted)
-    txn.execute("UPDATE jobs SET state = 'done', lease = NULL, worker = NULL, server = NULL WHERE id = ?", (job_id,))
+    txn.execute(
+        "UPDATE jobs SET state = 'done', lease = NULL, worker = NULL, server = NULL, updated = ? WHERE id = ?",
+        (now, job_id),
+    )
     _thd_event(txn, job_id, now, "completed", attempt, lease, worker)
 
 
 def thd_release(txn, server, job_id, lease, state, now, detail, not_before, attempts) -> None:
-    _, _, attempt, worker = _thd_fence(txn, server, job_id, lease, now)
+    try:
+        _, _, attempt, worker = _thd_fence(txn, server, job_id, lease)
+    except StaleLease:
+        if _thd_ended_by(txn, job_id, lease, detail):
+            return None  # this release, made before: sent again
+        raise
     txn.execute(
-        "UPDATE jobs SET state = ?, lease = NULL, worker = NULL, server = NULL, not_before = ?, attempts = ?"
-        " WHERE id = ?",
-        (state, not_before, attempt if attempts is None else attempts, job_id),
+        "UPDATE jobs SET state = ?, lease = NULL, worker = NULL, server = NULL, not_before = ?, attempts = ?,"
+        " updated = ? WHERE id = ?",
+        (state, not_before, attempt if attempts is None else attempts, now, job_id),
     )
     _thd_event(txn, job_id, now, "released", attempt, lease, worker, detail)
 
@@ -589,32 +659,36 @@ def thd_take_lease(txn, server, job_id, lease, worker, now) -> ActiveJob:
     """Make ``server`` the owner of the job's running lease; return the job."""
     # The fence without the owner: any owner's lease may be taken over.
     # The UPDATE locks the row (MySQL), so the owner read next is the one replaced.
-    txn.execute("UPDATE jobs SET updated = ? WHERE id = ? AND lease = ?", (now, job_id, lease))
+    txn.execute("UPDATE jobs SET updated = updated WHERE id = ? AND lease = ?", (job_id, lease))
     if txn.rowcount == 0:
         _thd_state(txn, job_id)  # UnknownJob if there is no such job
         raise StaleLease(f"lease {lease!r} is not the current lease of job {job_id}")
-    txn.execute("SELECT server, attempts FROM jobs WHERE id = ?", (job_id,))
-    previous, attempt = txn.fetchone()
-    txn.execute("UPDATE jobs SET server = ?, worker = ? WHERE id = ?", (server, worker, job_id))
-    _thd_event(txn, job_id, now, "reattached", attempt, lease, worker, {"from": previous})
-    [job] = thd_load_active(txn, [job_id])
-    return job
+    txn.execute("SELECT server, worker, attempts FROM jobs WHERE id = ?", (job_id,))
+    previous, current_worker, attempt = txn.fetchone()
+    if (previous, current_worker) != (server, worker):
+        txn.execute("UPDATE jobs SET server = ?, worker = ?, updated = ? WHERE id = ?", (server, worker, now, job_id))
+        _thd_event(txn, job_id, now, "reattached", attempt, lease, worker, {"from": previous})
+    # else: taken over by this server already, and sent again: nothing changes.
+    return _thd_one_active(txn, job_id)
 
 
-def thd_end_lease(txn, job_id, state, now, reason) -> None:
-    """End a running job's lease, whoever owns it, as an operator's move."""
-    txn.execute("UPDATE jobs SET updated = ? WHERE id = ? AND state = 'running'", (now, job_id))
+def thd_end_lease(txn, job_id, lease, state, now, reason) -> None:
+    """End the job's running ``lease``, whoever owns it, as an operator's move."""
+    detail = {"to": state, "reason": reason}
+    txn.execute("UPDATE jobs SET updated = ? WHERE id = ? AND state = 'running' AND lease = ?", (now, job_id, lease))
     if txn.rowcount == 0:
         current = _thd_state(txn, job_id)
-        raise InvalidState(f"job {job_id} is {current}, not running", state=current)
-    txn.execute("SELECT attempts, lease, worker FROM jobs WHERE id = ?", (job_id,))
-    attempt, lease, worker = txn.fetchone()
+        if _thd_ended_by(txn, job_id, lease, detail):
+            return None  # this end, made before: sent again
+        raise InvalidState(f"job {job_id} is {current}, not running under lease {lease!r}", state=current)
+    txn.execute("SELECT attempts, worker FROM jobs WHERE id = ?", (job_id,))
+    attempt, worker = txn.fetchone()
     txn.execute(
         "UPDATE jobs SET state = ?, lease = NULL, worker = NULL, server = NULL, not_before = NULL, attempts = ?"
         " WHERE id = ?",
         (state, 0 if state == "queued" else max(attempt - 1, 0), job_id),
     )
-    _thd_event(txn, job_id, now, "released", attempt, lease, worker, {"to": state, "reason": reason})
+    _thd_event(txn, job_id, now, "released", attempt, lease, worker, detail)
 
 
 def thd_add_credential(txn, credential_id, role, secret_hash, now, note) -> None:
@@ -637,15 +711,16 @@ def thd_revoke_credential(txn, credential_id, now) -> None:
             raise UnknownCredential(f"no credential {credential_id!r}")
 
 
-def _thd_fence(txn, server, job_id, lease, now) -> tuple[int, int, int, str]:
+def _thd_fence(txn, server, job_id, lease) -> tuple[int, int, int, str]:
     """Check that ``lease`` is the job's current lease and ``server`` its owner.
 
     Return the job's total, accepted, attempts, worker. The check is an
-    UPDATE, which also locks the job's row where the database has row locks,
-    so that no other writer (another server taking the lease over, say) can
-    end or move the lease before this write commits.
+    UPDATE (that changes nothing), which also locks the job's row where the
+    database has row locks, so that no other writer (another server taking
+    the lease over, say) can end or move the lease before this write
+    commits. The write that follows sets ``updated`` if it changes the job.
     """
-    txn.execute("UPDATE jobs SET updated = ? WHERE id = ? AND lease = ? AND server = ?", (now, job_id, lease, server))
+    txn.execute("UPDATE jobs SET updated = updated WHERE id = ? AND lease = ? AND server = ?", (job_id, lease, server))
     if txn.rowcount == 0:
         _thd_state(txn, job_id)  # UnknownJob if there is no such job
         raise StaleLease(f"lease {lease!r} is not the current lease of job {job_id}")
@@ -654,24 +729,78 @@ def _thd_fence(txn, server, job_id, lease, now) -> tuple[int, int, int, str]:
 
 
 def _thd_accept(txn, server, job_id, lease, results, now) -> tuple[int, int, int, str]:
-    """Accept ``results`` under ``lease``, all or none; return the job's total, accepted, attempts, worker."""
-    total, accepted, attempt, worker = _thd_fence(txn, server, job_id, lease, now)
+    """Accept ``results`` under ``lease``, all or none; return the job's total, accepted, attempts, worker.
+
+    A result the record already has from this lease, unchanged, is a repeat:
+    left out, and not an error.
+    """
+    total, accepted, attempt, worker = _thd_fence(txn, server, job_id, lease)
     unknown = sorted({index for index, _, _ in results if not 0 <= index < total})
     if unknown:
         raise UnknownRecord(f"job {job_id} has no records {unknown}", records=unknown)
-    duplicates = set()
+    seen, duplicates = set(), set()
+    for index, _, _ in results:
+        (duplicates if index in seen else seen).add(index)  # named twice in the call
+    taken = {}  # index -> (output, error) given for a record that was accepted already
     for index, output, error in results:
+        if index in duplicates:
+            continue
         txn.execute(
             "UPDATE records SET output = ?, error = ?, accepted_at = ?, lease = ?, worker = ?"
             " WHERE job_id = ? AND idx = ? AND accepted_at IS NULL",
             (output, error, now, lease, worker, job_id, index),
         )
         if txn.rowcount == 0:
-            duplicates.add(index)
+            taken[index] = (output, error)
+    if taken:
+        found = _thd_accepted(txn, job_id, sorted(taken))
+        duplicates.update(index for index, value in taken.items() if found.get(index) != (lease, *value))
     if duplicates:
+        # The savepoint is rolled back: none of the call is accepted.
         raise DuplicateResult(f"job {job_id} already has results {sorted(duplicates)}", records=sorted(duplicates))
-    txn.execute("UPDATE jobs SET accepted = accepted + ? WHERE id = ?", (len(results), job_id))
-    return total, accepted + len(results), attempt, worker
+    fresh = len(results) - len(taken)
+    if fresh:
+        txn.execute("UPDATE jobs SET accepted = accepted + ?, updated = ? WHERE id = ?", (fresh, now, job_id))
+    return total, accepted + fresh, attempt, worker
+
+
+def _thd_accepted(txn, job_id, indices) -> dict[int, tuple[str, str | None, str | None]]:
+    """The accepted results among the job's records ``indices``: index -> (lease, output, error)."""
+    found = {}
+    for start in range(0, len(indices), _IN_CHUNK):
+        chunk = indices[start : start + _IN_CHUNK]
+        txn.execute(
+            f"SELECT idx, lease, output, error FROM records WHERE job_id = ? AND idx IN ({', '.join('?' * len(chunk))})"
+            " AND accepted_at IS NOT NULL",
+            (job_id, *chunk),
+        )
+        found.update((index, (lease, output, error)) for index, lease, output, error in txn.fetchall())
+    return found
+
+
+def _thd_all_repeats(txn, job_id, lease, results) -> bool:
+    """Is every one of ``results`` (distinct indices) accepted already under ``lease``, unchanged?"""
+    indices = [index for index, _, _ in results]
+    if len(set(indices)) != len(indices):
+        return False
+    found = _thd_accepted(txn, job_id, sorted(indices))
+    return all(found.get(index) == (lease, output, error) for index, output, error in results)
+
+
+def _thd_has_event(txn, job_id, event, lease) -> bool:
+    """Does an ``event`` of the job name ``lease``? One look-up on the index (job_id, id)."""
+    if lease is None:
+        return False
+    txn.execute("SELECT 1 FROM job_events WHERE job_id = ? AND event = ? AND lease = ? LIMIT 1", (job_id, event, lease))
+    return txn.fetchone() is not None
+
+
+def _thd_ended_by(txn, job_id, lease, detail) -> bool:
+    """Did a ``released`` event with exactly ``detail`` end ``lease``: is this write a repeat?"""
+    if lease is None:
+        return False
+    txn.execute("SELECT detail FROM job_events WHERE job_id = ? AND event = 'released' AND lease = ?", (job_id, lease))
+    return any(text is not None and json.loads(text) == detail for (text,) in txn.fetchall())
 
 
 def _thd_state(txn, job_id) -> str:
