@@ -10,7 +10,7 @@ from twisted.logger import globalLogPublisher
 def clean_reactor_and_log(request):
     """Fail a test that leaves delayed calls on the global reactor or logs an error.
 
-    pytest-twisted has no trial-style dirty-reactor check (shared/FACTS.md). A
+    pytest-twisted has no trial-style dirty-reactor check. A
     test that expects an error to be logged marks itself with
     ``@pytest.mark.expected_log_errors``.
     """

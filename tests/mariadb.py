@@ -1,4 +1,4 @@
-"""A throwaway MariaDB server for the tests, started as shared/FACTS.md says.
+"""A throwaway MariaDB server for the tests, started with --no-defaults on its own data directory, socket and port.
 
 One server serves the whole test session (``conftest.py``'s ``mariadb``
 fixture); each test gets a database of its own from ``database()``, dropped

@@ -98,7 +98,7 @@ def _listen(certdir: Path, port: int = 0) -> str:
 
 
 def _tls(name: str, port: int, trust: Path) -> str:
-    """Check ``name`` while connecting to 127.0.0.1 (shared/FACTS.md: the endpoint= form)."""
+    """Check ``name`` while connecting to 127.0.0.1 (the tls: endpoint's endpoint= form)."""
     return f"tls:{name}:{port}:trustRoots={tls.escape_endpoint_value(str(trust))}:endpoint=tcp\\:127.0.0.1\\:{port}"
 
 
@@ -376,7 +376,7 @@ class _Hello(protocol.Protocol):
 @pytest.mark.expected_log_errors
 @pytest_twisted.ensureDeferred
 async def test_twisted_tls_endpoint_alone_accepts_certificate_without_san(reactor, tmp_path, pki):
-    """The trap gridd guards against (shared/FACTS.md): Twisted's plain tls: endpoint accepts a no-SAN certificate."""
+    """The trap gridd guards against: Twisted's plain tls: endpoint accepts a no-SAN certificate."""
     from twisted.internet.interfaces import IHandshakeListener
     from zope.interface import directlyProvides
 

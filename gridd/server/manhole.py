@@ -4,7 +4,7 @@
 into the live process and use ``grid`` (``gridd.server.operator.Operator``)
 to look and act, or the raw ``dispatcher``, ``store`` and ``server`` to dig.
 Twisted's ``manhole_tap`` offers passwords only and writes a world-readable
-RSA host key (shared/FACTS.md), so the pieces are put together here:
+RSA host key, so the pieces are put together here:
 
 - ``load_or_create_host_key``: an ed25519 host key made on first start in
   the data directory with mode 0600, never shipped, reused afterwards;

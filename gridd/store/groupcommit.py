@@ -2,7 +2,8 @@
 
 A commit costs a disk sync, and a database commits only a few thousand times a
 second however small the transaction; rows inside one transaction are almost
-free (shared/FACTS.md). So writes that arrive while a transaction is running
+free (measured on SQLite: about 4k single-row commits a second in WAL mode,
+over a million rows a second in one transaction). So writes that arrive while a transaction is running
 wait and then share the next one, and the write rate is bounded by the rows
 the database can take, not by its commits.
 

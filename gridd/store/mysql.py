@@ -127,7 +127,8 @@ class MySQLDialect:
     - Reconnects: adbapi runs with ``cp_reconnect=True``, and each
       interaction first pings its connection and replaces it if the ping
       fails (``_MySQLConnection``): after a server restart the first query on
-      each pooled connection would otherwise fail (shared/FACTS.md).
+      each pooled connection would otherwise fail with error 2013 (lost
+      connection), and adbapi would log two errors for it.
     - Bounded retry: a whole transaction is run again, at most
       ``len(retry_delays)`` more times, after a deadlock (1213), a lock wait
       timeout (1205) or a lost connection (2003, 2006, 2013), all of which
