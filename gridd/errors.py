@@ -121,7 +121,7 @@ class AlreadyReady(GriddError):
     default_message = "HELLO was already accepted on this connection"
 
 
-# Jobs, leases and results (gridd.dispatcher, gridd.store).
+# Jobs, leases and results (gridd.scheduler, gridd.store).
 
 
 class UnknownJob(GriddError):

@@ -9,12 +9,14 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from gridd import errors
-from gridd.dispatcher import ORPHAN_LOOKS_KEPT, Dispatcher, parse_version
+from gridd.scheduler import Dispatcher, parse_version
+from gridd.server.actions import WireActions
+from gridd.server.session import Session
 from gridd.store.memory import MemoryStore
 
 
-class FakeConnection:
-    """The dispatcher's connection interface, recording what it is told."""
+class FakeConnection(WireActions):
+    """The scheduler's connection interface, recording what it is told as the wire would carry it."""
 
     def __init__(self, address="10.0.0.1:1234"):
         self.address = address
@@ -191,7 +193,7 @@ def test_heartbeats_keep_a_worker_alive():
         g.clock.advance(1.9)
         g.d.seen(w)
     assert w.dropped is None
-    assert g.d.jobs[job["job"]].lease == job["lease"]
+    assert g.d.jobs[job["job"]].token == job["lease"]
 
 
 def test_deadline_passed_while_the_server_was_stalled_gives_one_more_beat():
@@ -205,7 +207,7 @@ def test_deadline_passed_while_the_server_was_stalled_gives_one_more_beat():
     g.d.seen(w)  # the beat that waited unread while the server was stalled
     g.clock.advance(5.9)
     assert w.dropped is None
-    assert g.d.jobs[job["job"]].lease == job["lease"]
+    assert g.d.jobs[job["job"]].token == job["lease"]
     g.clock.advance(0.1)  # on time now, and nothing heard: silent
     assert w.dropped
 
@@ -442,7 +444,7 @@ def test_drained_worker_gets_no_new_jobs():
     assert w.take("DRAIN") == [{"drain": True}]
     g.submit()
     assert not w.take("JOB")
-    assert g.d.jobs[job["job"]].lease == job["lease"]
+    assert g.d.jobs[job["job"]].token == job["lease"]
     run(g.d.worker_action("w1", "undrain"))
     assert len(w.take("JOB")) == 1
 
@@ -697,12 +699,13 @@ def test_superseding_connection_naming_a_lease_with_the_wrong_job_does_not_stran
 
 def test_submit_refuses_a_job_whose_job_line_would_not_fit():
     """A job whose JOB push would exceed the line limit is refused whole, before anything is stored."""
-    g = Grid(max_line=65_536)
+    g = Grid()
+    check = Session(None, g.d, None, max_line=65_536).check_fits
     with pytest.raises(errors.TooLarge) as e:
-        g.submit({}, {"records": ["x" * 100] * 700})
+        run(g.d.submit([{"type": "noop", "records": ["a"]}, {"type": "noop", "records": ["x" * 100] * 700}], check=check))
     assert e.value.extra == {"job": 1, "max_line": 65_536}
     assert run(g.store.counts())["queued"] == 0
-    assert g.submit({"records": ["x" * 100] * 500})
+    assert run(g.d.submit([{"type": "noop", "records": ["x" * 100] * 500}], check=check))["jobs"]
 
 
 def test_credential_revoked_through_another_server_is_acted_on_at_the_next_sync():
@@ -794,7 +797,7 @@ def test_connection_lost_while_stopping_leaves_leases_for_reattaching():
     view = g.state(job_id)
     assert (view["state"], view["lease"], view["attempts"]) == ("running", job["lease"], 1)
     assert "released" not in [h["event"] for h in view["history"]]
-    assert g.d.workers == {}
+    assert len(g.d.workers) == 0
 
 
 def test_store_outage_does_not_expire_live_servers_leases():
@@ -1004,7 +1007,7 @@ def test_run_queue_drops_the_ids_of_jobs_that_left_it():
     ids = g.submit(*[{"priority": i % 3} for i in range(1500)])
     for job_id in ids[:1200]:
         run(g.d.cancel(job_id))
-    assert sum(len(heap) for heap in g.d._queue._heaps.values()) < 1500 - 1000
+    assert sum(len(heap) for heap in g.d.queue._heaps.values()) < 1500 - 1000
     w = g.worker(slots=300)
     expected = sorted(ids[1200:], key=lambda i: (-((i - ids[0]) % 3), i))
     assert [j["job"] for j in w.take("JOB")] == expected
@@ -1108,6 +1111,7 @@ def test_results_committed_though_reported_lost_do_not_fail_the_job():
     run(g.d.done(w, job_id, job["lease"], [{"i": 2, "out": 1}]))
     view = g.state(job_id)
     assert (view["state"], view["accepted"], view["attempts"]) == ("done", 3, 1)
+    assert [r["i"] for r in run(g.store.get_results(job_id))] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("verb", ["FAIL", "RETURN"])
@@ -1137,20 +1141,22 @@ def test_fail_or_return_committed_though_reported_lost_answered_as_made_when_sen
     assert (again["job"], again["attempt"]) == (job_id, 2 if verb == "FAIL" else 1)
 
 
-def test_grant_committed_though_reported_lost_is_requeued_without_using_an_attempt():
-    """A grant answered ``commit_unknown`` that did commit is found orphaned at the syncs; its attempt never ran."""
+def test_grant_committed_though_reported_lost_is_made_again_and_the_job_sent_at_its_first_attempt():
+    """A grant answered ``commit_unknown`` that did commit: the same grant again says so, and the JOB goes out once."""
     g = Grid(LosesCommitOutcomes(server_id="A"), sync_interval=0.5, backoff_base=1.0)
     g.store.lose_next = "grant"
     [job_id] = g.submit()
-    w = g.worker()  # the grant commits, and is reported lost: no JOB
+    w = g.worker()  # the grant commits, and is reported lost: no JOB yet
     assert not w.take("JOB")
-    for _ in range(6):  # the retried grant is refused (running); two syncs confirm the orphan
+    g.clock.advance(1.0)  # the grant is made again under the same lease
+    [job] = w.take("JOB")
+    assert (job["job"], job["lease"], job["attempt"]) == (job_id, "L1", 1)
+    for _ in range(4):  # no sync takes the lease for an orphan
         g.clock.advance(0.5)
         g.d.seen(w)
-    [job] = w.take("JOB")
-    assert (job["job"], job["attempt"]) == (job_id, 1)
-    released = [e for e in g.state(job_id)["history"] if e["event"] == "released"]
-    assert [e["detail"]["reason"] for e in released] == ["orphaned"]
+    assert w.take("JOB") == [] and w.take("REVOKE") == []
+    history = g.state(job_id)["history"]
+    assert [e["event"] for e in history] == ["submitted", "leased"]
     run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
     assert (g.state(job_id)["state"], g.state(job_id)["attempts"]) == ("done", 1)
 
@@ -1170,22 +1176,17 @@ def test_resume_committed_though_reported_lost_runs_the_job_after_the_next_sync(
     assert (job["job"], job["attempt"]) == (job_id, 1)
 
 
-def test_grant_reported_lost_that_was_not_made_is_forgotten_after_a_few_syncs():
-    """A grant answered ``commit_unknown`` that did not commit: the job runs, and the memory of the grant goes."""
+def test_grant_reported_lost_that_was_not_made_is_made_by_the_next_try():
+    """A grant answered ``commit_unknown`` that did not commit: the same grant again makes it, at attempt 1."""
     g = Grid(LosesCommitOutcomes(server_id="A"), sync_interval=0.5, backoff_base=1.0)
     g.store.lose_next = "grant, not made"
     [job_id] = g.submit()
     w = g.worker()
-    assert not w.take("JOB") and len(g.d._unsure_grants) == 1
-    for _ in range(4):  # the backoff passes; the job is granted again, for real
-        g.clock.advance(0.5)
-        g.d.seen(w)
+    assert not w.take("JOB") and g.state(job_id)["state"] == "queued"
+    g.clock.advance(1.0)
     [job] = w.take("JOB")
-    assert (job["job"], job["attempt"]) == (job_id, 1)
-    for _ in range(2 * ORPHAN_LOOKS_KEPT):
-        g.clock.advance(0.5)
-        g.d.seen(w)
-    assert g.d._unsure_grants == {}
+    assert (job["job"], job["lease"], job["attempt"]) == (job_id, "L1", 1)
+    assert g.state(job_id)["attempts"] == 1
 
 
 def done_made_but_answered_commit_unknown(g):
@@ -1228,13 +1229,15 @@ def test_done_after_commit_unknown_of_a_lease_that_did_not_complete_the_job_stay
     assert g.state(job_id)["state"] == "queued"
 
 
-def test_done_reported_lost_that_was_made_is_finished_by_the_sync_and_its_resend_answered_ok():
-    """With a shared store the sync may see the made DONE first: no REVOKE, watchers hear done, the resend is OK."""
+def test_done_reported_lost_that_was_made_is_left_in_doubt_by_the_sync_and_its_resend_answered_ok():
+    """With a shared store the sync leaves a lease in doubt to its resend: no REVOKE; the resend is OK, watchers hear done once."""
     g = Grid(LosesCommitOutcomes(server_id="A"), sync_interval=0.5)
     client, w, job_id, job = done_made_but_answered_commit_unknown(g)
     g.clock.advance(1.0)  # two syncs, before the worker's retry (1 s later)
     g.d.seen(w)
     assert w.take("REVOKE") == []
-    assert [(e["state"], e["accepted"]) for e in client.take("EVENT")] == [("done", 1)]
     assert run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}])) == {}
+    assert [(e["state"], e["accepted"]) for e in client.take("EVENT")] == [("done", 1)]
+    g.clock.advance(1.0)
+    assert client.take("EVENT") == []
     assert (g.state(job_id)["state"], g.state(job_id)["attempts"]) == ("done", 1)

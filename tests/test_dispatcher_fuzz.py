@@ -30,7 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from twisted.internet import task
 
 from gridd import errors
-from gridd.dispatcher import Dispatcher
+from gridd.scheduler import Dispatcher
 from gridd.store.memory import MemoryStore
 from tests.test_dispatcher import FakeConnection, run
 
@@ -377,15 +377,15 @@ class DispatcherMachine(RuleBasedStateMachine):
         d = self.d
         leased: dict[int, str] = {}
         for name, worker in d.workers.items():
-            assert d._worker_by_conn.get(worker.conn) is worker
+            assert d.workers.by_connection.get(worker.conn) is worker
             for lease, job in worker.leases.items():
-                assert job.lease == lease and job.worker is worker
+                assert job.token == lease and job.worker is worker
                 assert job.id not in leased, f"job {job.id} leased to {leased[job.id]} and {name}"
                 leased[job.id] = name
                 assert d.jobs.get(job.id) is job
         for job in d.jobs.values():
             view = run(self.store.get_job(job.id))
-            assert (view["state"], view["lease"]) == (job.state, job.lease), (job.id, view["state"], job.state)
+            assert (view["state"], view["lease"]) == (job.state, job.token), (job.id, view["state"], job.state)
             if job.lease is not None:
                 assert job.worker is not None and leased.get(job.id) == job.worker.name
         for job_id in self.acked_jobs:

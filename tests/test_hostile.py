@@ -160,7 +160,7 @@ def test_rate_flooding_peer_cut_off(stacks):
     assert (err.body["code"], err.rid, err.body["limit"]) == ("too_many", None, 10)
     assert "for too long; closing" in err.body["message"]
     assert w1.lost
-    assert stack.dispatcher.workers == {}
+    assert len(stack.dispatcher.workers) == 0
 
 
 def test_rate_flood_in_one_chunk_stops_at_the_cut(stacks):
@@ -604,7 +604,7 @@ async def test_real_sockets_thousands_of_abandoned_connections_leave_nothing_beh
         client = await bounded(connect(reactor, f"tcp:127.0.0.1:{server.port}", server.secret), reactor)
         await bounded(client.wait(await client.submit([{"type": "sleep", "records": [0]}])), reactor)
         connections = set(server.factory.connections)
-        watchers = set(server.dispatcher._watchers)
+        watchers = set(server.dispatcher.watchers)
         sockets, descriptors = open_sockets(), len(open_fds())
         assert len(connections) == 2  # the worker and the client
 
@@ -635,8 +635,8 @@ async def test_real_sockets_thousands_of_abandoned_connections_leave_nothing_beh
         assert slowest < 2.0, f"a STATS took {slowest:.2f} s during a wave of {per_wave} abandoned connections"
 
         assert server.dispatcher.workers["w1"].conn is worker_conn, "the worker was disturbed"
-        assert set(server.dispatcher.workers) == {"w1"} and len(server.dispatcher._worker_by_conn) == 1
-        assert set(server.dispatcher._watchers) == watchers
+        assert set(server.dispatcher.workers) == {"w1"} and len(server.dispatcher.workers.by_connection) == 1
+        assert set(server.dispatcher.watchers) == watchers
         # Every socket of the 3,000 connections is closed, on both ends (both live in this process).
         assert open_sockets() <= sockets + 2, (sockets, open_sockets())
         assert len(open_fds()) <= descriptors + 4, (descriptors, len(open_fds()))

@@ -329,12 +329,12 @@ def test_connection_closed_mid_call_leaves_nothing_behind():
     t = Terminal(late=late)
     [job_id] = t.console.submit({})
     t.type(f"grid.wait({job_id})\r")
-    assert t.sessions == {t.manhole} and len(t.console.dispatcher._watchers) == 1
+    assert t.sessions == {t.manhole} and len(t.console.dispatcher.watchers) == 1
     with capturedLogs() as events:
         t.protocol.connectionLost(Failure(ConnectionError("gone")))
     t.console.clock.advance(0)
     assert t.sessions == set()
-    assert t.console.dispatcher._watchers == {}
+    assert len(t.console.dispatcher.watchers) == 0
     assert t.grid._waits == set()
     assert t.namespace == {}
     closed = [formatEvent(e) for e in events if "closed" in e.get("log_format", "")]
@@ -829,7 +829,7 @@ async def test_manhole_overview_figures_match_the_store(manhole_grid, client):
 async def test_manhole_connection_closed_mid_call_leaks_nothing(manhole_grid, client):
     """An SSH client killed while its manhole waits on a job: the server drops the session and its watch, no error."""
     grid = manhole_grid
-    watching = "[type(c).__name__ for c in dispatcher._watchers].count('_Watcher')"
+    watching = "[type(c).__name__ for c in dispatcher.watchers].count('_Watcher')"
     a, b = await console(grid), await console(grid)
     try:
         await b.run("grid.stop_dispatching()")

@@ -11,13 +11,14 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from gridd import errors
-from gridd.dispatcher import Dispatcher, RateCounter
+from gridd.scheduler import Dispatcher, RateCounter
+from gridd.server.actions import WireActions
 from gridd.server.operator import Operator
 from gridd.store.memory import MemoryStore
 
 
-class FakeConnection:
-    """A worker's connection as the dispatcher sees it, recording what it is sent."""
+class FakeConnection(WireActions):
+    """A worker's connection as the scheduler sees it, recording what it is sent as the wire would carry it."""
 
     def __init__(self, address="10.0.0.7:4242"):
         self.address = address
@@ -365,16 +366,16 @@ def test_wait_fires_when_the_job_ends_and_forgets_its_watch():
     c = Console()
     [job_id] = c.submit({})
     d = c.grid.wait(job_id)
-    assert not d.called and len(c.dispatcher._watchers) == 1
+    assert not d.called and len(c.dispatcher.watchers) == 1
     w = c.worker()
     [job] = w.take("JOB")
     c.finish(w, job)
     assert repr(run(d)) == f"job {job_id} done: 1/1 records"
     c.clock.advance(0)
-    assert c.dispatcher._watchers == {}
+    assert len(c.dispatcher.watchers) == 0
     assert repr(run(c.grid.wait(job_id))) == f"job {job_id} done: 1/1 records"  # already over: at once
     c.clock.advance(0)
-    assert c.dispatcher._watchers == {}
+    assert len(c.dispatcher.watchers) == 0
 
 
 def test_close_cancels_waits_and_leaves_no_watch_behind():
@@ -386,7 +387,7 @@ def test_close_cancels_waits_and_leaves_no_watch_behind():
     with pytest.raises(defer.CancelledError):
         run(d)
     c.clock.advance(0)
-    assert c.dispatcher._watchers == {}
+    assert len(c.dispatcher.watchers) == 0
 
 
 def test_wait_cancelled_before_its_watch_is_set_up_leaves_no_watch():
@@ -404,7 +405,7 @@ def test_wait_cancelled_before_its_watch_is_set_up_leaves_no_watch():
     c.clock.advance(0)
     with pytest.raises(defer.CancelledError):
         run(d)
-    assert c.dispatcher._watchers == {}
+    assert len(c.dispatcher.watchers) == 0
 
 
 def test_wait_for_an_unknown_job_fails():
@@ -413,7 +414,7 @@ def test_wait_for_an_unknown_job_fails():
     with pytest.raises(errors.UnknownJob):
         run(c.grid.wait(99))
     c.clock.advance(0)
-    assert c.dispatcher._watchers == {}
+    assert len(c.dispatcher.watchers) == 0
 
 
 def test_repr_and_doc_explain_every_method():

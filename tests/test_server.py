@@ -22,7 +22,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from gridd import wire
-from gridd.dispatcher import Dispatcher
+from gridd.scheduler import Dispatcher
 from gridd.server.auth import Authenticator
 from gridd.server.protocol import ServerFactory
 from gridd.store.memory import MemoryStore

@@ -18,7 +18,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from gridd import errors, wire
-from gridd.dispatcher import Dispatcher
+from gridd.scheduler import Dispatcher
 from gridd.server import tap
 from gridd.server.auth import Identity
 from gridd.server.protocol import ServerFactory

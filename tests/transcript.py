@@ -31,7 +31,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from gridd import errors
-from gridd.dispatcher import Dispatcher
+from gridd.scheduler import Dispatcher
 from gridd.server.auth import Authenticator, hash_secret
 from gridd.server.protocol import Limits, ServerFactory
 from gridd.server.service import GriddService
@@ -132,7 +132,6 @@ class Server:
             self.clock,
             beat=float(options.get("beat", 2.0)),
             backoff_base=float(options.get("backoff_base", 1.0)),
-            max_line=int(options.get("max_line", 1_048_576)),
             new_lease=lambda: f"L{next(leases)}",
         )
         # Credentials: seeded ones (``-- option credentials=ID:ROLE,...``) have the

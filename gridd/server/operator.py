@@ -22,6 +22,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from gridd import errors
+from gridd.scheduler.connection import JobStatus
+from gridd.scheduler.inprocess import InProcessConnection
 from gridd.store.base import JOB_STATES, TERMINAL_STATES
 
 __all__ = ["Operator", "Report"]
@@ -298,8 +300,8 @@ class Operator:
             if d.called:  # cancelled while the watch was being set up: undo it
                 self.dispatcher.connection_lost(watcher)
                 return
-            for status in reply["jobs"]:
-                watcher.send("EVENT", status)
+            for view in reply["jobs"]:
+                watcher.tell(JobStatus(view["job"], view["state"], view["accepted"], view["total"]))
 
         def refused(failure):
             if not d.called:
@@ -391,25 +393,18 @@ class Operator:
             d.cancel()
 
 
-class _Watcher:
-    """The dispatcher's connection interface for ``Operator.wait``: EVENTs in, nothing out."""
-
-    address = "manhole"
+class _Watcher(InProcessConnection):
+    """The scheduler's connection for ``Operator.wait``: job changes in, nothing out."""
 
     def __init__(self, job_id: int):
+        super().__init__("manhole", on_status=self._changed)
         self.job_id = job_id
         self.finished: defer.Deferred | None = None
 
-    def send(self, verb: str, body: dict | None = None):
-        if verb == "EVENT" and body and body.get("job") == self.job_id and body.get("state") in TERMINAL_STATES:
+    def _changed(self, status: JobStatus):
+        if status.job == self.job_id and status.state in TERMINAL_STATES:
             if self.finished is not None and not self.finished.called:
-                self.finished.callback(body)
-
-    def drop(self, reason: str):
-        pass
-
-    def ping(self, timeout: float) -> defer.Deferred:
-        return defer.succeed(True)
+                self.finished.callback(status.view())
 
 
 def _who(who) -> dict:

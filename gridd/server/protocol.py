@@ -2,7 +2,8 @@
 
 ``ServerProtocol`` frames lines, parses them with ``gridd.wire``, hands each
 message to its ``Session`` and writes the reply. It also implements the
-dispatcher's connection interface (``send``, ``drop``, ``ping``) and the
+scheduler's connection interface (its actions rendered as lines by
+``gridd.server.actions``, ``drop`` and ``ping``) and the
 connection-level limits of protocols/PROTOCOL.md section 12, which bound what
 any one connection, however hostile, can cost the server:
 
@@ -37,6 +38,7 @@ from zope.interface import implementer
 
 from gridd import errors, wire
 from gridd.deadline import Deadline
+from gridd.server.actions import WireActions
 from gridd.server.session import Session
 
 __all__ = ["ServerProtocol", "ServerFactory", "OutputBound", "TokenBucket", "Limits"]
@@ -128,7 +130,7 @@ class OutputBound:
         return self.waiting <= self.limit
 
 
-class ServerProtocol(LineOnlyReceiver):
+class ServerProtocol(WireActions, LineOnlyReceiver):
     delimiter = b"\n"
 
     def __init__(self, factory: ServerFactory):
@@ -301,7 +303,7 @@ class ServerProtocol(LineOnlyReceiver):
         if call is not None and call.active():
             call.cancel()
 
-    # -- the dispatcher's connection interface ---------------------------
+    # -- the scheduler's connection interface ----------------------------
 
     def send(self, verb: str, body: dict | None = None):
         if self.transport is None or self._ending or self.transport.disconnecting:

@@ -5,8 +5,8 @@ accepted, then ``worker`` or ``client``, then ``closed``. The session checks
 that each verb is allowed in the current state and for the connection's
 identity (section 13: the roles ``worker``, ``submitter`` and ``admin``), and
 calls the one dispatcher method that handles it. It knows nothing of bytes
-(``gridd.server.protocol`` does) nor of scheduling (``gridd.dispatcher``
-does); the dispatcher knows nothing of roles.
+(``gridd.server.protocol`` does) nor of scheduling (``gridd.scheduler``
+does); the scheduler knows nothing of roles.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from gridd import __version__, errors, wire
+from gridd.scheduler.connection import JobOffer
+from gridd.server.actions import job_body
 from gridd.server.auth import Identity
 
 __all__ = ["Session", "WORKER_REQUESTS", "CLIENT_REQUESTS", "ROLE_VERBS", "OWN_JOB_VERBS", "HELLO_ROLE"]
@@ -40,7 +42,7 @@ WORKER_REQUESTS = {
 
 #: Client verbs.
 CLIENT_REQUESTS = {
-    "SUBMIT": lambda d, c, b: d.submit(b["jobs"], submitter=c.session.submitter),
+    "SUBMIT": lambda d, c, b: d.submit(b["jobs"], submitter=c.session.submitter, check=c.session.check_fits),
     "SHOW": lambda d, c, b: d.show(b["job"]),
     "LIST": lambda d, c, b: d.list_jobs(b.get("state"), b.get("type"), b.get("after", 0), b.get("limit", 100)),
     "RESULTS": lambda d, c, b: d.results(b["job"], b.get("after", -1), b.get("limit", 1000)),
@@ -56,6 +58,9 @@ CLIENT_REQUESTS = {
 }
 
 _NOTIFICATIONS = ("BEAT", "PONG")
+
+#: The largest job id, as the largest JOB line would carry it.
+MAX_ID = 2**53 - 1
 
 #: What each role may send once its HELLO is accepted (PROTOCOL.md section 13).
 #: A submitter's job control is further limited to the jobs it submitted.
@@ -135,6 +140,27 @@ class Session:
         if role == "submitter" and msg.verb in OWN_JOB_VERBS:
             return defer.Deferred.fromCoroutine(self._own_job(msg, call))
         return defer.Deferred.fromCoroutine(call)
+
+    def check_fits(self, index: int, spec: dict, timeout: float):
+        """Refuse a job whose JOB line, at its largest, would exceed the line limit."""
+        records = spec["records"]
+        largest = JobOffer(
+            job=MAX_ID,
+            lease="x" * 32,
+            type=spec["type"],
+            attempt=1000,
+            params=spec.get("params", {}),
+            total=len(records),
+            records=list(enumerate(records)),
+            timeout=float(timeout),
+        )
+        size = len(wire.encode("JOB", job_body(largest))) - 1
+        if size > self.max_line:
+            raise errors.TooLarge(
+                f"job {index} of the SUBMIT would need a {size}-byte JOB line; split its records",
+                job=index,
+                max_line=self.max_line,
+            )
 
     @property
     def submitter(self) -> str | None:

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from gridd import config, wire
-from gridd.dispatcher import Dispatcher
+from gridd.scheduler import Dispatcher
 from gridd.server.auth import Authenticator, load_or_create_secret
 from gridd.server.protocol import Limits, ServerFactory
 from gridd.server.service import GriddService, is_loopback_listen, is_plain_tcp
@@ -168,7 +168,6 @@ def makeService(options, reactor=None) -> service.MultiService:
         backoff_base=options["backoff-base"],
         backoff_max=options["backoff-max"],
         reattach_grace=options["reattach-grace"],
-        max_line=options["max-line"],
         sync_interval=options["sync-interval"] if shared else None,
     )
     # 2. Who may connect (credentials in the store, and the shared secret unless
