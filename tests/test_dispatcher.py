@@ -13,6 +13,7 @@ from gridd.scheduler import Dispatcher, parse_version
 from gridd.server.actions import WireActions
 from gridd.server.session import Session
 from gridd.store.memory import MemoryStore
+from tests.controlled import ControlledStore
 
 
 class FakeConnection(WireActions):
@@ -883,45 +884,30 @@ def test_store_outage_holds_dispatching_says_why_once_and_resumes_by_itself():
     assert {g.state(i)["attempts"] for i in pushed} == {1}
 
 
-class FrozenBeats(MemoryStore):
-    """A memory store whose beats, while ``frozen``, hang until ``thaw`` (a database that froze, then went on)."""
-
-    def __init__(self, server_id=None):
-        super().__init__(server_id)
-        self.frozen = False
-        self.held: list[tuple[defer.Deferred, float, float]] = []
-
-    def beat(self, now, deadline):
-        if not self.frozen:
-            return super().beat(now, deadline)
-        d = defer.Deferred()
-        self.held.append((d, now, deadline))
-        return d
-
-    def thaw(self):
-        self.frozen = False
-        held, self.held = self.held, []
-        for d, now, deadline in held:
-            super().beat(now, deadline).chainDeferred(d)
+def thaw(store: ControlledStore):
+    """The hung beats go through, with the times they were made at."""
+    store.clear("beat")
+    store.answer_all("beat")
 
 
 def test_store_that_hangs_then_answers_does_not_expire_live_servers_leases():
     """A beat that hung past every deadline and then went through counts as an outage: the others get time to beat."""
-    store = FrozenBeats(server_id="A")
+    store = ControlledStore(server_id="A")
     a = Grid(store, lease_prefix="A", sync_interval=0.5, reattach_grace=2.0)
     b = Grid(store.sibling("B"), lease_prefix="B", sync_interval=0.5, reattach_grace=2.0, clock=a.clock)
     wa = a.worker("wa")
     [job_id] = a.submit()
     [job] = wa.take("JOB")
-    a.store.frozen = b.store.frozen = True
+    a.store.hold("beat", work=False)  # a database that froze, then went on
+    b.store.hold("beat", work=False)
     for _ in range(60):  # 30 s frozen: both servers' last stored beats are stale
         a.clock.advance(0.5)
         a.d.seen(wa)
-    b.store.thaw()  # B's hung beat goes through first ...
+    thaw(b.store)  # B's hung beat goes through first ...
     for _ in range(6):
         a.clock.advance(0.5)
         a.d.seen(wa)
-    a.store.thaw()  # ... A's a moment later
+    thaw(a.store)  # ... A's a moment later
     for _ in range(20):
         a.clock.advance(0.5)
         a.d.seen(wa)
@@ -1013,93 +999,34 @@ def test_run_queue_drops_the_ids_of_jobs_that_left_it():
     assert [j["job"] for j in w.take("JOB")] == expected
 
 
-class SnapshotRunnable(MemoryStore):
-    """A memory store whose ``runnable`` reads, while ``hold`` is set, wait; the test says when each reads and answers."""
-
-    def __init__(self, server_id=None):
-        super().__init__(server_id)
-        self.hold = False
-        self.reads: list[tuple[defer.Deferred, float, int]] = []
-        self.snapshots: list[tuple[defer.Deferred, defer.Deferred]] = []
-
-    def runnable(self, now, limit):
-        if not self.hold:
-            return super().runnable(now, limit)
-        d = defer.Deferred()
-        self.reads.append((d, now, limit))
-        return d
-
-    def snapshot(self):
-        """The held reads look at the store now (as a database read's snapshot would)."""
-        reads, self.reads = self.reads, []
-        self.snapshots += [(d, super(SnapshotRunnable, self).runnable(now, limit)) for d, now, limit in reads]
-
-    def answer(self):
-        snapshots, self.snapshots = self.snapshots, []
-        for d, result in snapshots:
-            result.chainDeferred(d)
-
-
 def test_sync_keeps_a_job_that_left_and_reentered_the_queue_during_its_read():
     """A job granted and given back while a sync's read was out is not judged by that read: it stays queued here."""
-    store = SnapshotRunnable(server_id="A")
+    store = ControlledStore(server_id="A")
     g = Grid(store, sync_interval=0.5)
     [job_id] = g.submit()
-    store.hold = True
+    store.hold("runnable", work=False)
     g.clock.advance(0.5)  # a sync starts its read; the job is runnable here
     w = g.worker("wa")
     [job] = w.take("JOB")
-    store.snapshot()  # the read sees the job running
+    [read] = store.held
+    read.work()  # the read's snapshot sees the job running
     run(g.d.set_slots(w, 0))
     run(g.d.give_back(w, job_id, job["lease"], "host busy"))  # queued again, before the read returns
-    store.hold = False
-    store.answer()
+    store.clear("runnable")
+    store.answer("runnable")
     assert job_id in g.d.jobs and run(g.d.stats())["queued_runnable"] == 1
     run(g.d.set_slots(w, 1))
     assert [j["job"] for j in w.take("JOB")] == [job_id]
     g.d.stop()
 
 
-class LosesCommitOutcomes(MemoryStore):
-    """A memory store whose next write of a named kind applies, then fails as its COMMIT's reply was lost."""
-
-    lose_next: str | None = None
-
-    def _lost(self, kind, d):
-        if self.lose_next == kind:
-            self.lose_next = None
-            d.addCallback(lambda _: defer.fail(errors.CommitUnknown()))
-        return d
-
-    def add_results(self, job_id, lease, results, now):
-        return self._lost("add_results", super().add_results(job_id, lease, results, now))
-
-    def grant(self, job_id, lease, worker, now):
-        if self.lose_next == "grant, not made":
-            self.lose_next = None
-            return defer.fail(errors.CommitUnknown())
-        return self._lost("grant", super().grant(job_id, lease, worker, now))
-
-    def complete(self, job_id, lease, results, now):
-        if self.lose_next == "complete, not made":
-            self.lose_next = None
-            return defer.fail(errors.CommitUnknown())
-        return self._lost("complete", super().complete(job_id, lease, results, now))
-
-    def set_state(self, job_id, allowed, state, now, **kwargs):
-        return self._lost("set_state", super().set_state(job_id, allowed, state, now, **kwargs))
-
-    def release(self, job_id, lease, state, now, **kwargs):
-        return self._lost("release", super().release(job_id, lease, state, now, **kwargs))
-
-
 def test_results_committed_though_reported_lost_do_not_fail_the_job():
     """A RESULT committed though answered ``commit_unknown``: sent again it is OK, counted once; DONE goes through."""
-    g = Grid(store=LosesCommitOutcomes())
+    g = Grid(store=ControlledStore())
     w = g.worker()
     [job_id] = g.submit(records=["a", "b", "c"])
     [job] = w.take("JOB")
-    g.store.lose_next = "add_results"
+    g.store.lose("add_results")
     with pytest.raises(errors.CommitUnknown):
         run(g.d.result(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
     assert g.state(job_id)["accepted"] == 1  # it did commit
@@ -1117,7 +1044,7 @@ def test_results_committed_though_reported_lost_do_not_fail_the_job():
 @pytest.mark.parametrize("verb", ["FAIL", "RETURN"])
 def test_fail_or_return_committed_though_reported_lost_answered_as_made_when_sent_again(verb):
     """A FAIL or RETURN answered ``commit_unknown`` that was made: sent again it is answered as the first time."""
-    g = Grid(LosesCommitOutcomes(), backoff_base=1.0)
+    g = Grid(ControlledStore(), backoff_base=1.0)
     w = g.worker()
     [job_id] = g.submit()
     [job] = w.take("JOB")
@@ -1127,7 +1054,7 @@ def test_fail_or_return_committed_though_reported_lost_answered_as_made_when_sen
             return run(g.d.fail(w, job_id, job["lease"], "boom", True))
         return run(g.d.give_back(w, job_id, job["lease"], "host busy"))
 
-    g.store.lose_next = "release"
+    g.store.lose("release")
     with pytest.raises(errors.CommitUnknown):
         send()
     made = g.state(job_id)
@@ -1143,8 +1070,8 @@ def test_fail_or_return_committed_though_reported_lost_answered_as_made_when_sen
 
 def test_grant_committed_though_reported_lost_is_made_again_and_the_job_sent_at_its_first_attempt():
     """A grant answered ``commit_unknown`` that did commit: the same grant again says so, and the JOB goes out once."""
-    g = Grid(LosesCommitOutcomes(server_id="A"), sync_interval=0.5, backoff_base=1.0)
-    g.store.lose_next = "grant"
+    g = Grid(ControlledStore(server_id="A"), sync_interval=0.5, backoff_base=1.0)
+    g.store.lose("grant")
     [job_id] = g.submit()
     w = g.worker()  # the grant commits, and is reported lost: no JOB yet
     assert not w.take("JOB")
@@ -1163,10 +1090,10 @@ def test_grant_committed_though_reported_lost_is_made_again_and_the_job_sent_at_
 
 def test_resume_committed_though_reported_lost_runs_the_job_after_the_next_sync():
     """A RESUME answered ``commit_unknown`` that was made: the paused copy here is dropped, the sync brings the job."""
-    g = Grid(LosesCommitOutcomes(server_id="A"), sync_interval=0.5)
+    g = Grid(ControlledStore(server_id="A"), sync_interval=0.5)
     [job_id] = g.submit()
     assert run(g.d.pause(job_id)) == {"state": "paused"}
-    g.store.lose_next = "set_state"
+    g.store.lose("set_state")
     with pytest.raises(errors.CommitUnknown):
         run(g.d.resume(job_id))
     assert g.state(job_id)["state"] == "queued"  # it was made
@@ -1178,8 +1105,8 @@ def test_resume_committed_though_reported_lost_runs_the_job_after_the_next_sync(
 
 def test_grant_reported_lost_that_was_not_made_is_made_by_the_next_try():
     """A grant answered ``commit_unknown`` that did not commit: the same grant again makes it, at attempt 1."""
-    g = Grid(LosesCommitOutcomes(server_id="A"), sync_interval=0.5, backoff_base=1.0)
-    g.store.lose_next = "grant, not made"
+    g = Grid(ControlledStore(server_id="A"), sync_interval=0.5, backoff_base=1.0)
+    g.store.fail("grant", errors.CommitUnknown(), times=1)
     [job_id] = g.submit()
     w = g.worker()
     assert not w.take("JOB") and g.state(job_id)["state"] == "queued"
@@ -1197,7 +1124,7 @@ def done_made_but_answered_commit_unknown(g):
     [job] = w.take("JOB")
     run(g.d.watch(client, [job_id]))
     client.take("EVENT")
-    g.store.lose_next = "complete"
+    g.store.lose("complete")
     with pytest.raises(errors.CommitUnknown):
         run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
     return client, w, job_id, job
@@ -1205,7 +1132,7 @@ def done_made_but_answered_commit_unknown(g):
 
 def test_done_committed_though_reported_lost_is_answered_ok_when_sent_again():
     """A DONE answered ``commit_unknown`` that was made: sent again it is OK, and watchers hear the job is done."""
-    g = Grid(LosesCommitOutcomes())
+    g = Grid(ControlledStore())
     client, w, job_id, job = done_made_but_answered_commit_unknown(g)
     assert g.state(job_id)["state"] == "done"  # it was made
     assert run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}])) == {}
@@ -1215,11 +1142,11 @@ def test_done_committed_though_reported_lost_is_answered_ok_when_sent_again():
 
 def test_done_after_commit_unknown_of_a_lease_that_did_not_complete_the_job_stays_stale():
     """Sent again, a DONE answered ``commit_unknown`` that was not made, on a lease ended since, is still stale."""
-    g = Grid(LosesCommitOutcomes(server_id="A"))
+    g = Grid(ControlledStore(server_id="A"))
     w = g.worker()
     [job_id] = g.submit()
     [job] = w.take("JOB")
-    g.store.lose_next = "complete, not made"
+    g.store.fail("complete", errors.CommitUnknown(), times=1)
     with pytest.raises(errors.CommitUnknown):
         run(g.d.done(w, job_id, job["lease"], [{"i": 0, "out": 1}]))
     # The store ends the lease behind this server's back (an operator on another server).
@@ -1231,7 +1158,7 @@ def test_done_after_commit_unknown_of_a_lease_that_did_not_complete_the_job_stay
 
 def test_done_reported_lost_that_was_made_is_left_in_doubt_by_the_sync_and_its_resend_answered_ok():
     """With a shared store the sync leaves a lease in doubt to its resend: no REVOKE; the resend is OK, watchers hear done once."""
-    g = Grid(LosesCommitOutcomes(server_id="A"), sync_interval=0.5)
+    g = Grid(ControlledStore(server_id="A"), sync_interval=0.5)
     client, w, job_id, job = done_made_but_answered_commit_unknown(g)
     g.clock.advance(1.0)  # two syncs, before the worker's retry (1 s later)
     g.d.seen(w)

@@ -26,7 +26,7 @@ An oracle (:func:`expected_answers`) derives from the bytes alone, with
 the server must answer to each line; the replies the server wrote are
 matched against it by ``rid``, not by order (section 2).
 
-Section 4 holds the store's answers (a :class:`HoldingStore`: writes answer
+Section 4 holds the store's answers (a ``ControlledStore`` in commit order: writes answer
 in commit order, reads in any order) while a client and two workers send
 valid requests, and lets them go in an order hypothesis picks, between more
 requests and clock steps, with a small ``max_outstanding``. It checks
@@ -46,23 +46,21 @@ import itertools
 import json
 import re
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
 
 from gridd import errors, wire
 from gridd.scheduler.model import LeaseState
 from gridd.server.protocol import Limits
-from tests.test_server import MAX_LINE, SECRET, Peer, SlowStore, Stack, run
+from tests.controlled import Call, ControlledStore
+from tests.test_server import MAX_LINE, SECRET, Peer, Stack, run
 
 
 def fuzz(examples: int) -> settings:
@@ -781,9 +779,9 @@ def test_server_notification_with_rid_not_refused_at_outstanding_limit():
     """A BEAT (with an unknown "rid" field) while max_outstanding requests await replies is taken, not refused."""
 
     def world_with_slow_stats():
-        store = SlowStore()
+        store = ControlledStore()
         world = make_world(FuzzStack(store))
-        store.slow.add("counts")
+        store.hold("counts")
         return world
 
     with server(world_with_slow_stats) as world:
@@ -797,8 +795,8 @@ def test_server_notification_with_rid_not_refused_at_outstanding_limit():
 # -- 4. held answers: replies out of order, the outstanding limit filled -------------
 #
 # The memory store answers at once, so the tests above never see a reply
-# overtake another or max_outstanding fill up. Here a HoldingStore (a
-# tests/test_server.py SlowStore that records every call) holds the answers
+# overtake another or max_outstanding fill up. Here a ControlledStore in
+# commit order (tests/controlled.py, which records every call) holds the answers
 # of the methods hypothesis picks and lets them go in an order hypothesis
 # picks too, between valid requests of a client and two workers and steps
 # of the clock. The work of a held call is done at once, as a database
@@ -807,11 +805,6 @@ def test_server_notification_with_rid_not_refused_at_outstanding_limit():
 # group committer, in commit order); reads answer in any order (MySQL runs
 # them on other pool connections).
 
-#: Store methods that write; in commit order, a write is held behind any held write.
-STORE_WRITES = frozenset(
-    {"submit", "grant", "add_results", "complete", "release", "set_state", "end_lease", "take_lease"}
-    | {"beat", "expire_servers", "add_credential", "revoke_credential"}
-)
 #: The methods whose answers a test may choose to hold (those the requests below reach).
 HOLDABLE = ("submit", "grant", "add_results", "complete", "release", "set_state", "get_job", "list_jobs", "counts")
 #: Requests that commit a write before their OK, and the store methods that commit it.
@@ -831,99 +824,6 @@ CONTROL_TARGET = {"CANCEL": "cancelled", "PAUSE": "paused", "RESUME": "queued"}
 LEASE_ENDS = frozenset({"DONE", "FAIL", "RETURN"})
 #: What a request naming a lease the worker does not hold (or no longer) gets.
 NOT_YOURS = frozenset({"stale_lease", "unknown_job"})
-
-
-@dataclass(eq=False)
-class StoreCall:
-    """One call on the store: what, with what, on whose behalf, and how it went."""
-
-    name: str
-    args: tuple
-    kwargs: dict
-    #: (peer, rid) of the request whose handling made the call, or None (a timer).
-    cause: tuple | None
-    #: The work succeeded (done at the call, as a database commits before it answers).
-    succeeded: bool | None = None
-    #: The caller has been given the answer.
-    answered: bool = False
-
-    def done(self, result):
-        self.succeeded = not isinstance(result, Failure)
-        return result
-
-    def answer(self, result):
-        self.answered = True
-        return result
-
-
-class HoldingStore(SlowStore):
-    """A SlowStore that keeps held writes in commit order and records every call with its cause.
-
-    A write made while another write's answer is held is held too, and held
-    writes answer oldest first: the order in which a real store's group
-    committer answers them. Held reads answer in any order. (Its own methods
-    are named so that none hides a store method.)
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[StoreCall] = []
-        #: Parallel to ``held``: the record of each held call.
-        self.held_calls: list[StoreCall] = []
-
-    #: The request on whose behalf the code that calls the store runs: set by
-    #: the test while it sends a request, and by ``let_go`` to the held call's
-    #: cause. It is a context variable, so a coroutine started by a request
-    #: keeps it across its awaits (``Deferred.fromCoroutine`` runs each step in
-    #: the context it was started in), whichever answer resumes it.
-    _cause: ContextVar[tuple | None] = ContextVar("cause", default=None)
-
-    @property
-    def cause(self) -> tuple | None:
-        return self._cause.get()
-
-    @cause.setter
-    def cause(self, value: tuple | None):
-        self._cause.set(value)
-
-    def __getattr__(self, name):
-        method = getattr(self.inner, name)
-        if name.startswith("_") or not callable(method):
-            return method
-
-        def call(*args, **kwargs):
-            record = StoreCall(name, args, kwargs, self.cause)
-            self.calls.append(record)
-            result = method(*args, **kwargs).addBoth(record.done)
-            if name in self.slow or name in STORE_WRITES and self.write_held():
-                answer = defer.Deferred()
-                self.held.append((name, result, answer))
-                self.held_calls.append(record)
-            else:
-                answer = result
-            return answer.addBoth(record.answer)
-
-        return call
-
-    def write_held(self) -> bool:
-        return any(record.name in STORE_WRITES for record in self.held_calls)
-
-    def releasable(self) -> list[int]:
-        """Positions in ``held`` that may answer now: any read, and the oldest write."""
-        writes = [k for k, record in enumerate(self.held_calls) if record.name in STORE_WRITES]
-        return [k for k, record in enumerate(self.held_calls) if record.name not in STORE_WRITES] + writes[:1]
-
-    def let_go(self, pick: int):
-        """Let the ``pick``-th releasable held call answer (modulo), on behalf of its cause."""
-        options = self.releasable()
-        k = options[pick % len(options)]
-        _, result, answer = self.held.pop(k)
-        record = self.held_calls.pop(k)
-        previous, self.cause = self.cause, record.cause
-        try:
-            result.chainDeferred(answer)
-        finally:
-            self.cause = previous
 
 
 class StampedTransport(StringTransport):
@@ -962,9 +862,9 @@ class HeldPeer(FuzzPeer):
 
 
 class HeldStack(FuzzStack):
-    """A FuzzStack on a HoldingStore whose peers are HeldPeers on StampedTransports."""
+    """A FuzzStack on a ControlledStore whose peers are HeldPeers on StampedTransports."""
 
-    def __init__(self, store: HoldingStore):
+    def __init__(self, store: ControlledStore):
         self.stamps = itertools.count(1)
         super().__init__(store)
 
@@ -1045,7 +945,7 @@ held_steps = st.one_of(
 )
 
 
-def inner_view(store: HoldingStore) -> tuple:
+def inner_view(store: ControlledStore) -> tuple:
     """Everything the store holds that a request could change, read past the holding."""
     inner = store.inner
     ids = [job["id"] for job in run(inner.list_jobs(limit=10_000))]
@@ -1055,7 +955,14 @@ def inner_view(store: HoldingStore) -> tuple:
 def dispatcher_view(dispatcher) -> tuple:
     """The dispatcher's jobs, workers' leases and watchers, for "changed nothing"."""
     jobs = {
-        i: (j.state, j.token, j.accepted, j.attempts, j.lease and j.lease.state, sorted(j.lease.in_flight) if j.lease else [])
+        i: (
+            j.state,
+            j.token,
+            j.accepted,
+            j.attempts,
+            j.lease and j.lease.state,
+            sorted(j.lease.in_flight) if j.lease else [],
+        )
         for i, j in dispatcher.jobs.items()
     }
     workers = {name: sorted(w.leases) for name, w in dispatcher.workers.items()}
@@ -1064,7 +971,7 @@ def dispatcher_view(dispatcher) -> tuple:
 
 
 class HeldRun:
-    """Drives one client (c) and two workers (w1, w2) against a HoldingStore and checks each answer.
+    """Drives one client (c) and two workers (w1, w2) against a ControlledStore and checks each answer.
 
     Every message the server writes is read at once and matched by rid; the
     checks that need the whole run (leases, results, watchers, the end
@@ -1073,7 +980,7 @@ class HeldRun:
 
     def __init__(self, stack: HeldStack, peers: dict[str, HeldPeer], *, limit: int, slots: dict[str, int]):
         self.stack = stack
-        self.store: HoldingStore = stack.store
+        self.store: ControlledStore = stack.store
         self.peers = peers
         self.limit = limit
         self.slots = slots
@@ -1305,7 +1212,7 @@ class HeldRun:
         if req.ok and req.verb == "WATCH":
             self.watch_oks.append((req.replied, req))
 
-    def _commits(self, req: Request) -> list[StoreCall]:
+    def _commits(self, req: Request) -> list[Call]:
         """The store calls that commit ``req``'s effect: made on its behalf, naming its job and lease or target."""
         found = []
         for c in self.store.calls:
@@ -1344,7 +1251,7 @@ class HeldRun:
 
     def finish(self):
         """Let every held answer go (oldest first), stop holding, and run the clock on past every backoff."""
-        self.store.slow.clear()
+        self.store.clear()
         while self.store.held:
             self.store.let_go(0)
             self.stack.settle()
@@ -1469,7 +1376,7 @@ class HeldRun:
         assert not (runnable and free), f"jobs {runnable} wait to run while {free} have free slots"
 
 
-def make_held_world(store: HoldingStore, role: str, limit: int, slots: dict[str, int], first: list[dict]) -> World:
+def make_held_world(store: ControlledStore, role: str, limit: int, slots: dict[str, int], first: list[dict]) -> World:
     """c (submitter or admin), w1 and w2, each with max_outstanding=``limit``; c submitted ``first``.
 
     So far the store answers at once.
@@ -1503,7 +1410,7 @@ def make_held_world(store: HoldingStore, role: str, limit: int, slots: dict[str,
 )
 def test_server_held_answers_one_reply_each_and_store_agrees(role, limit, slow, slots, first, watch_all, steps):
     """Store answers held and let go in any order (writes in commit order): one reply each, and all agree."""
-    store = HoldingStore()
+    store = ControlledStore(in_commit_order=True)
     slot_map = dict(zip(WORKERS, slots, strict=True))
     with server(lambda: make_held_world(store, role, limit, slot_map, first)) as world:
         c, w1, w2 = world.bystanders
@@ -1511,7 +1418,7 @@ def test_server_held_answers_one_reply_each_and_store_agrees(role, limit, slow, 
         held.adopt(first)
         if watch_all:
             held.request("c", "WATCH", {"jobs": []})
-        store.slow |= slow
+        store.hold(*slow)
         for step in steps:
             held.step(step)
         held.finish()
@@ -1523,19 +1430,19 @@ def test_server_held_answers_one_reply_each_and_store_agrees(role, limit, slow, 
 
 def test_server_job_control_while_job_dispatched_keeps_lease_and_state():
     """A queued job's PAUSE and RESUME, committed while a freed slot hands it out, leave it running under one lease."""
-    store = HoldingStore()
+    store = ControlledStore(in_commit_order=True)
     stack = HeldStack(store)
     try:
         c = stack.client("c")
         w1, w2 = stack.worker("w1"), stack.worker("w2")
         for records in (["a"], ["b"], ["c"]):  # jobs 1 and 2 run under L1 and L2; job 3 waits
             stack.submit(c, records=records)
-        store.slow.add("complete")
+        store.hold("complete")
         w1.send("DONE", {"rid": 5, "job": 1, "lease": "L1", "results": [{"i": 0, "out": 0}]})
         c.send("WATCH", {"rid": 6, "jobs": [3]})
         c.send("PAUSE", {"rid": 7, "job": 3})
         c.send("RESUME", {"rid": 8, "job": 3})  # both commit behind the DONE, in this order
-        store.slow.clear()
+        store.clear()
         while store.held:  # the DONE frees w1's slot: job 3's grant commits after the RESUME
             store.let_go(0)
             stack.settle()
@@ -1554,7 +1461,7 @@ def test_server_job_control_while_job_dispatched_keeps_lease_and_state():
 
 def test_server_watch_reply_current_when_job_changes_during_its_reads():
     """A result accepted while a WATCH waits for the store's view of another job shows in its OK or in an EVENT."""
-    store = HoldingStore()
+    store = ControlledStore(in_commit_order=True)
     stack = HeldStack(store)
     try:
         c = stack.client("c")
@@ -1562,7 +1469,7 @@ def test_server_watch_reply_current_when_job_changes_during_its_reads():
         stack.submit(c, records=["a"])
         assert w1.request("DONE", {"job": 1, "lease": "L1", "results": [{"i": 0, "out": 0}]}).verb == "OK"
         stack.submit(c, records=["a", "b"])  # job 2 runs under L2; job 1, done, is read from the store
-        store.slow.add("get_job")
+        store.hold("get_job")
         c.send("WATCH", {"rid": 7, "jobs": [2, 1]})
         accepted = w1.request("RESULT", {"job": 2, "lease": "L2", "results": [{"i": 0, "out": 0}]})
         assert accepted.body["accepted"] == 1
@@ -1578,19 +1485,19 @@ def test_server_watch_reply_current_when_job_changes_during_its_reads():
 
 def test_server_job_control_before_submit_answered_keeps_lease_and_state():
     """A PAUSE and RESUME of a job a LIST showed before its SUBMIT's OK leave it running under one lease."""
-    store = HoldingStore()
+    store = ControlledStore(in_commit_order=True)
     stack = HeldStack(store)
     try:
         c = stack.client("c")
         w1 = stack.worker("w1")
         c.send("WATCH", {"rid": 5, "jobs": []})
-        store.slow.add("submit")
+        store.hold("submit")
         c.send("SUBMIT", {"rid": 6, "jobs": [{"type": "noop", "records": ["a"]}]})
         listed = c.request("LIST", {})  # a read may overtake a write: the client learns of job 1
         assert [job["id"] for job in listed.body["jobs"]] == [1]
         c.send("PAUSE", {"rid": 7, "job": 1})
         c.send("RESUME", {"rid": 8, "job": 1})  # both commit behind the SUBMIT, in this order
-        store.slow.clear()
+        store.clear()
         while store.held:  # the SUBMIT's answer hands job 1 to w1: its grant commits after the RESUME
             store.let_go(0)
             stack.settle()

@@ -33,8 +33,9 @@ from gridd.jobtypes import load_job_types
 from gridd.server.protocol import Limits, OutputBound, TokenBucket
 from gridd.worker.runner import InlineThreads
 from gridd.worker.service import make_worker_service
+from tests.controlled import ControlledStore
 from tests.live import LiveServer, bounded, turns
-from tests.test_server import DEADLINE, HANDSHAKE, SlowStore, Stack
+from tests.test_server import DEADLINE, HANDSHAKE, Stack
 
 # -- the pieces ----------------------------------------------------------------------
 
@@ -66,7 +67,7 @@ def test_output_bound_counts_only_while_the_transport_is_full():
 
 
 def limited(**limits) -> Stack:
-    stack = Stack(SlowStore())
+    stack = Stack(ControlledStore())
     stack.factory.limits = Limits(**limits)
     return stack
 
@@ -90,7 +91,7 @@ def test_outstanding_requests_over_limit_refused_with_too_many(stacks):
     c1 = stack.client()
     stack.submit(c1)
     before = stack.snapshot()
-    stack.store.slow |= {"get_job", "submit"}
+    stack.store.hold("get_job", "submit")
     c1.send("SHOW", {"rid": 10, "job": 1})
     c1.send("SUBMIT", {"rid": 11, "jobs": [{"type": "noop", "records": [1]}]})
     c1.send("BEAT")  # notifications are not requests: never counted, never refused
@@ -110,7 +111,7 @@ def test_outstanding_requests_over_limit_refused_with_too_many(stacks):
     stack.store.answer("submit")
     stack.settle()
     assert c1.reply(11).body["jobs"] == [2]
-    stack.store.slow.clear()
+    stack.store.clear()
     assert run_counts(stack) == len(before[1]) + 1  # only SUBMIT 11 made a job
 
 
@@ -627,9 +628,7 @@ async def test_real_sockets_thousands_of_abandoned_connections_leave_nothing_beh
             await bounded(defer.gatherResults([p.lost for p in peers]), reactor)
             logged_in = [p for p in peers if p.hello]
             assert all(p.received.startswith(b"OK ") for p in logged_in), [p.received for p in logged_in][:3]
-            await turns(
-                reactor, lambda: set(server.factory.connections) == connections, what=f"wave {wave} forgotten"
-            )
+            await turns(reactor, lambda: set(server.factory.connections) == connections, what=f"wave {wave} forgotten")
             done |= await bounded(finished, reactor)
         assert len(done) == waves * 10 and {s["state"] for s in done.values()} == {"done"}
         assert slowest < 2.0, f"a STATS took {slowest:.2f} s during a wave of {per_wave} abandoned connections"

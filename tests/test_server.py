@@ -26,6 +26,7 @@ from gridd.scheduler import Dispatcher
 from gridd.server.auth import Authenticator
 from gridd.server.protocol import ServerFactory
 from gridd.store.memory import MemoryStore
+from tests.controlled import ControlledStore
 
 SECRET = "s3cret"
 MAX_LINE = 4096
@@ -111,44 +112,6 @@ class Peer:
     def aborted(self) -> bool:
         """The server cut this connection at once (abortConnection), as for a dead peer."""
         return self.transport.disconnected
-
-
-class SlowStore:
-    """A memory store whose chosen methods answer only when the test says so, in any order.
-
-    The work is done at once (as a database commits before it acknowledges);
-    only the answer waits. Methods named in ``failing`` fail with the given
-    exception instead and change nothing.
-    """
-
-    def __init__(self):
-        self.inner = MemoryStore()
-        self.slow: set[str] = set()
-        self.failing: dict[str, BaseException] = {}
-        self.held: list[tuple[str, defer.Deferred, defer.Deferred]] = []
-
-    def __getattr__(self, name):
-        method = getattr(self.inner, name)
-        if name in self.failing:
-            return lambda *a, **kw: defer.fail(self.failing[name])
-        if name not in self.slow:
-            return method
-
-        def held(*args, **kwargs):
-            answer = defer.Deferred()
-            self.held.append((name, method(*args, **kwargs), answer))
-            return answer
-
-        return held
-
-    def answer(self, name: str):
-        """Let the oldest held call of ``name`` answer."""
-        for i, (held_name, result, answer) in enumerate(self.held):
-            if held_name == name:
-                del self.held[i]
-                result.chainDeferred(answer)
-                return
-        raise AssertionError(f"no {name} call is held")
 
 
 class Stack:
@@ -705,14 +668,14 @@ def test_server_close_all_sends_bye_and_closes(world):
 
 def test_server_async_replies_carry_their_rid():
     """Replies that complete out of order each carry the rid of the request they answer."""
-    store = SlowStore()
+    store = ControlledStore()
     stack = Stack(store)
     try:
         c1 = stack.client()
         w1 = stack.worker()
         stack.submit(c1, records=["a", "b"])
         [job] = w1.take("JOB")
-        store.slow |= {"get_job", "add_results"}
+        store.hold("get_job", "add_results")
 
         c1.send("SHOW", {"rid": 10, "job": 1})
         c1.send("SHOW", {"rid": 11, "job": 99})
@@ -737,11 +700,11 @@ def test_server_async_replies_carry_their_rid():
 
 def test_server_reply_after_connection_lost_is_dropped_quietly():
     """A request whose answer comes after its connection closed is completed without writing or logging errors."""
-    store = SlowStore()
+    store = ControlledStore()
     stack = Stack(store)
     try:
         c1 = stack.client()
-        store.slow.add("submit")
+        store.hold("submit")
         c1.send("SUBMIT", {"rid": 5, "jobs": [{"type": "noop", "records": [1]}]})
         c1.transport.loseConnection()  # the peer went away: the transport is closed, then the protocol told
         stack.settle()
@@ -764,7 +727,7 @@ def test_server_reply_after_connection_lost_is_dropped_quietly():
 )
 def test_server_store_non_gridd_failure_is_internal_and_changes_nothing(verb, method):
     """A store write failing with a non-gridd exception gives a logged ERR internal and changes nothing."""
-    store = SlowStore()
+    store = ControlledStore()
     stack = Stack(store)
     logged = []
     globalLogPublisher.addObserver(logged.append)
@@ -774,7 +737,7 @@ def test_server_store_non_gridd_failure_is_internal_and_changes_nothing(verb, me
         stack.submit(c1, records=["a", "b"])
         [job] = w1.take("JOB")
         before = stack.snapshot()
-        store.failing[method] = sqlite3.OperationalError("disk I/O error")
+        store.fail(method, sqlite3.OperationalError("disk I/O error"))
         bodies = {
             "RESULT": {"job": 1, "lease": job["lease"], "results": [{"i": 0, "out": 0}]},
             "DONE": {"job": 1, "lease": job["lease"], "results": [{"i": 0, "out": 0}, {"i": 1, "out": 1}]},
@@ -788,7 +751,7 @@ def test_server_store_non_gridd_failure_is_internal_and_changes_nothing(verb, me
         assert err.rid is not None and not peer.closed
         [failure] = [e for e in logged if e.get("log_failure") is not None]
         assert failure["log_failure"].check(sqlite3.OperationalError) and failure["verb"] == verb
-        del store.failing[method]
+        store.clear(method)
         assert stack.snapshot() == before
         # The lease goes on: once the store recovers, the same request succeeds.
         assert peer.request(verb, bodies[verb]).verb == "OK"

@@ -25,6 +25,7 @@ from gridd.server.protocol import ServerFactory
 from gridd.server.service import GriddService, is_loopback_listen
 from gridd.store.memory import MemoryStore
 from gridd.store.sqlite import SQLiteStore
+from tests.controlled import ControlledStore
 
 
 def parse(tmp_path, *args) -> tap.Options:
@@ -173,40 +174,18 @@ def test_make_service_passes_settings_through(tmp_path):
     assert (server.factory.max_line, server.factory.handshake_timeout) == (70000, 3.0)
 
 
-class GatedStore:
-    """A memory store whose start and first load_active wait for the test; it records the calls made."""
-
-    def __init__(self):
-        self.inner = MemoryStore()
-        self.calls: list[str] = []
-        self.start_gate = defer.Deferred()
-        self.load_gate = defer.Deferred()
-        self._gates = {"start": self.start_gate, "load_active": self.load_gate}
-
-    def __getattr__(self, name):
-        method = getattr(self.inner, name)
-
-        def call(*args, **kwargs):
-            self.calls.append(name)
-            gate = self._gates.pop(name, None)
-            if gate is None:
-                return method(*args, **kwargs)
-            return gate.addCallback(lambda _: method(*args, **kwargs))
-
-        return call
-
-
 def test_gridd_service_listens_only_after_store_and_dispatcher_started(tmp_path, monkeypatch):
     """Starting the tree opens the store, then loads the dispatcher, and only then listens."""
-    store = GatedStore()
+    store = ControlledStore()
+    store.hold("start", "load_active", work=False, times=1)
     monkeypatch.setattr(tap, "open_store", lambda uri, reactor=None, server_id=None: store)
     top, server, reactor = build(tmp_path)
     top.startService()
-    assert store.calls == ["start"] and reactor.tcpServers == []
-    store.start_gate.callback(None)
-    assert store.calls == ["start", "beat", "load_active"] and reactor.tcpServers == []
+    assert [c.name for c in store.calls] == ["start"] and reactor.tcpServers == []
+    store.answer("start")
+    assert [c.name for c in store.calls] == ["start", "beat", "load_active"] and reactor.tcpServers == []
     assert not server.started.called
-    store.load_gate.callback(None)
+    store.answer("load_active")
     assert reactor.tcpServers == [(7700, server.factory, 50, "127.0.0.1")]
     [port] = server.started.result
     assert port.getHost().port == 7700
@@ -251,16 +230,16 @@ def test_gridd_service_memory_store_starts_and_writes_port_file(tmp_path, logged
 
 def test_gridd_service_stopped_while_store_starts_never_listens(tmp_path, monkeypatch):
     """A tree stopped before its store finished opening never listens, and stops the store it opened."""
-    store = GatedStore()
+    store = ControlledStore()
+    store.hold("start", "load_active", work=False, times=1)
     monkeypatch.setattr(tap, "open_store", lambda uri, reactor=None, server_id=None: store)
     top, server, reactor = build(tmp_path)
     top.startService()
     stopped = top.stopService()
     assert stopped.called
-    store.start_gate.callback(None)
-    store.load_gate.callback(None)
+    store.answer_all()
     assert reactor.tcpServers == [] and not server.listeners.running
-    assert store.calls[-1] == "stop" and not store.inner._running
+    assert store.calls[-1].name == "stop" and not store.inner._running
     assert reactor.getDelayedCalls() == []
 
 

@@ -30,12 +30,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from gridd import errors
 from gridd.scheduler import Dispatcher
 from gridd.server.auth import Authenticator, hash_secret
 from gridd.server.protocol import Limits, ServerFactory
 from gridd.server.service import GriddService
-from gridd.store.memory import MemoryStore
+from tests.controlled import ControlledStore
 
 TRANSCRIPTS = Path(__file__).resolve().parent.parent / "protocols" / "transcripts"
 SECRET = "s3cret"
@@ -90,42 +89,12 @@ class Connection:
         self.received.extend(lines)
 
 
-class LosingStore(MemoryStore):
-    """A memory store whose next write, once armed, applies and then fails with ``commit_unknown``.
-
-    As MariaDB does when it shuts down during a COMMIT that InnoDB has made
-    (``-- store lose-commit``). Housekeeping (``beat``, ``expire_servers``)
-    is left alone, so the write armed for is the next request's.
-    """
-
-    WRITES = (
-        "submit", "grant", "add_results", "complete", "release", "set_state", "take_lease", "end_lease",
-        "add_credential", "revoke_credential",
-    )  # fmt: skip
-
-    def __init__(self):
-        super().__init__()
-        self.armed = False
-        for name in self.WRITES:
-            setattr(self, name, self._losing(getattr(self, name)))
-
-    def _losing(self, write):
-        def call(*args, **kwargs):
-            d = write(*args, **kwargs)
-            if self.armed:
-                self.armed = False
-                d.addCallback(lambda _: defer.fail(errors.CommitUnknown("the database connection was lost during COMMIT")))
-            return d
-
-        return call
-
-
 class Server:
     """A server stack on a task.Clock and a memory store, reached through StringTransports."""
 
     def __init__(self, options: dict):
         self.clock = task.Clock()
-        self.store = LosingStore()
+        self.store = ControlledStore()
         leases = itertools.count(1)
         self.dispatcher = Dispatcher(
             self.store,
@@ -243,7 +212,7 @@ def replay(path: Path, chunk: int | None = None, record: bool = False) -> list[s
             elif step.kind == "store":
                 assert step.text in ("down", "up", "lose-commit"), f"{path.name}:{step.number}: -- store down|up|lose-commit"
                 if step.text == "lose-commit":
-                    server.store.armed = True
+                    server.store.lose()  # the next request's write: made, then lost during its COMMIT
                 else:
                     stopped = server.store.stop() if step.text == "down" else server.store.start()
                     assert stopped.called
