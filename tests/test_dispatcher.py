@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 from twisted.internet import defer, task
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from gridd import errors
@@ -528,6 +529,96 @@ def test_two_servers_job_submitted_on_one_runs_on_the_others_worker():
     [job] = w.take("JOB")
     assert job["job"] == job_id
     assert two.a.state(job_id)["worker"] == "on-b"
+
+
+def stale_copy_on_b_after_a_lost_its_worker(two: TwoServers, records=4):
+    """B holds a copy of a queued job read before A's worker took it, recorded results and was lost.
+
+    Returns (job id, B's idle worker, the JOB A's worker got). B has not
+    synced since: its copy has every record pending and no attempt used.
+    """
+    wb = two.b.worker("wb", slots=0)
+    [job_id] = two.a.submit(records=[f"r{i}" for i in range(records)])
+    two.advance(0.5, (two.b, wb))  # B's sync reads the job, queued
+    assert job_id in two.b.d.jobs and two.b.d.jobs[job_id].attempts == 0
+    wa = two.a.worker("wa")
+    [job] = wa.take("JOB")
+    assert run(two.a.d.result(wa, job_id, job["lease"], [{"i": 0, "out": 0}, {"i": 2, "out": 2}])) == {"accepted": 2}
+    two.a.d.connection_lost(wa)  # the worker is lost: the attempt counts, the job is queued again
+    assert (two.a.state(job_id)["state"], two.a.state(job_id)["attempts"]) == ("queued", 1)
+    assert len(two.b.d.jobs[job_id].pending) == records  # B's copy has not seen any of it
+    return job_id, wb, job
+
+
+def test_two_servers_claim_from_a_stale_copy_carries_only_records_without_a_result():
+    """The JOB a server sends from its stale copy of a job holds only the records the store has no result for."""
+    two = TwoServers()
+    job_id, wb, _ = stale_copy_on_b_after_a_lost_its_worker(two)
+    run(two.b.d.set_slots(wb, 1))  # B hands its copy out before its next sync
+    [job] = wb.take("JOB")
+    assert job["job"] == job_id and [r["i"] for r in job["records"]] == [1, 3]
+    run(two.b.d.done(wb, job_id, job["lease"], [{"i": 1, "out": 1}, {"i": 3, "out": 3}]))
+    assert [r["i"] for r in run(two.a.store.get_results(job_id))] == [0, 1, 2, 3]
+
+
+def test_two_servers_claim_from_a_stale_copy_counts_the_attempts_the_store_counted():
+    """An attempt used on one server counts on the other: the retry budget is the store's, whoever grants."""
+    two = TwoServers()
+    job_id, wb, first = stale_copy_on_b_after_a_lost_its_worker(two)
+    run(two.b.d.set_slots(wb, 1))
+    [job] = wb.take("JOB")
+    assert (first["attempt"], job["attempt"]) == (1, 2)
+    assert two.b.d.jobs[job_id].attempts == 2
+    history = [(e["event"], e.get("attempt")) for e in two.a.state(job_id)["history"] if e["event"] == "leased"]
+    assert history == [("leased", 1), ("leased", 2)]
+
+
+def test_two_servers_claim_from_a_stale_copy_waits_out_the_retry_backoff_set_elsewhere():
+    """A job another server put in its retry backoff is not granted from a copy that predates it."""
+    two = TwoServers(backoff_base=10.0)
+    wb = two.b.worker("wb", slots=0)
+    [job_id] = two.a.submit()
+    two.advance(0.5, (two.b, wb))
+    wa = two.a.worker("wa")
+    [job] = wa.take("JOB")
+    assert run(two.a.d.fail(wa, job_id, job["lease"], "boom", True)) == {"state": "queued", "retry_in": 10.0}
+    run(two.b.d.set_slots(wb, 1))  # B's copy says queued, now: the store says not before 10 s
+    assert wb.take("JOB") == [] and two.a.state(job_id)["attempts"] == 1
+    two.advance(9.0, (two.b, wb), (two.a, wa))
+    assert wb.take("JOB") == [] and wa.take("JOB") == []
+    two.advance(1.5, (two.b, wb), (two.a, wa))
+    [again] = wb.take("JOB") + wa.take("JOB")
+    assert (again["job"], again["attempt"]) == (job_id, 2)
+
+
+def test_store_outage_while_ending_leases_is_one_warning_with_its_cause_and_no_traceback():
+    """Ends of leases the store cannot record are retried under one warning naming the cause, then its end."""
+    from twisted.logger import globalLogPublisher
+
+    store = ControlledStore()
+    g = Grid(store, backoff_base=1.0)
+    workers = [g.worker(f"w{i}") for i in range(3)]
+    ids = g.submit(*[{} for _ in workers])
+    for w in workers:
+        w.take("JOB")
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        store.fail("release", errors.Unavailable("the database is restarting"))
+        for w in workers:
+            g.d.connection_lost(w)
+        for _ in range(30):  # 30 s of outage: each end is tried again every second
+            g.clock.advance(1.0)
+        assert sum(c.name == "release" for c in store.calls) >= 3 * 30
+        store.clear("release")
+        g.clock.advance(1.0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [(e["log_level"].name, formatEvent(e)) for e in events if "recording the end of leases" in formatEvent(e)]
+    assert [level for level, _ in said] == ["warn", "info"], said
+    assert "the database is restarting" in said[0][1] and "works again" in said[1][1]
+    assert not [e for e in events if e.get("log_failure") is not None or e.get("isError")]
+    assert [(g.state(i)["state"], g.state(i)["attempts"]) for i in ids] == [("queued", 1)] * 3
 
 
 def test_two_servers_each_job_is_leased_once():

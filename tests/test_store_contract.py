@@ -245,6 +245,20 @@ async def test_grant_counts_attempt_and_sends_pending_only(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_grant_during_retry_backoff_refused_until_it_is_over(store):
+    """A queued job whose backoff lasts past ``now`` is not granted (InvalidState, queued), changing nothing."""
+    job_id = await leased_job(store, records=1)
+    await store.release(job_id, "L1", "queued", T0 + 2, reason="failed", error="boom", not_before=T0 + 10)
+    before = await snapshot(store, job_id)
+    with pytest.raises(InvalidState) as caught:
+        await store.grant(job_id, "L2", "w2", T0 + 9)
+    assert caught.value.extra == {"state": "queued"} and "backoff" in caught.value.message
+    assert await snapshot(store, job_id) == before
+    active = await store.grant(job_id, "L2", "w2", T0 + 10)
+    assert (active.lease, active.attempts, active.not_before) == ("L2", 2, None)
+
+
+@pytest_twisted.ensureDeferred
 async def test_grant_repeated_same_answer_changes_nothing(store):
     """A grant sent again with the job's current lease fires with the job as it is now and changes nothing."""
     [job_id] = await store.submit([spec(3)], T0)

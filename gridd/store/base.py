@@ -212,8 +212,10 @@ class IStore(Protocol):
         ``pending``) and changes nothing. A token that was a lease of this
         job before but has ended raises ``StaleLease``: a token is granted
         at most once. Otherwise a job that is not queued raises
-        ``InvalidState`` (extra ``state=...``, the job's state); one that does
-        not exist, ``UnknownJob``.
+        ``InvalidState`` (extra ``state=...``, the job's state), and so does a
+        queued job whose retry backoff lasts past ``now`` (``not_before``,
+        which another server may have set since this one read the job:
+        extra ``state="queued"``); one that does not exist, ``UnknownJob``.
         """
 
     def add_results(self, job_id: int, lease: str, results: list[RecordResult], now: float):

@@ -227,6 +227,8 @@ class MemoryStore:
             raise StaleLease(f"lease {lease!r} of job {job_id} has ended; a lease is granted once")
         if job.state != "queued":
             raise InvalidState(f"job {job_id} is {job.state}, not queued", state=job.state)
+        if job.not_before is not None and job.not_before > now:
+            raise InvalidState(f"job {job_id} waits out its retry backoff for {job.not_before - now:g} s more", state="queued")
         job.state, job.lease, job.worker, job.attempts = "running", lease, worker, job.attempts + 1
         job.server, job.not_before, job.updated = self.server_id, None, now
         job.add_event(now, "leased", job.attempts, lease, worker)

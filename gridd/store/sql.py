@@ -460,44 +460,48 @@ def thd_grant(txn, server, job_id, lease, worker, now, skip_locked="") -> Active
 
     The attempt count is the row's own plus one, and the pending records are
     read after the claim, so a server never hands out a job from a stale
-    copy of it. A token that appears in an earlier ``leased`` event of the
+    copy of it; nor before its retry backoff is over (``not_before``), which
+    another server may have set since its copy was read. A token that appears in an earlier ``leased`` event of the
     job is never granted again (one indexed look-up on ``job_events``):
     that is what makes a repeated grant recognisable as one.
     """
     if skip_locked:
         txn.execute(f"SELECT id FROM jobs WHERE id = ? AND state = 'queued'{skip_locked}", (job_id,))
         if txn.fetchone() is None:
-            return _thd_not_granted(txn, job_id, lease, locked=True)
+            return _thd_not_granted(txn, job_id, lease, now, locked=True)
     if _thd_has_event(txn, job_id, "leased", lease):
-        return _thd_not_granted(txn, job_id, lease)
+        return _thd_not_granted(txn, job_id, lease, now)
     txn.execute(
         "UPDATE jobs SET state = 'running', lease = ?, worker = ?, server = ?, attempts = attempts + 1,"
-        " not_before = NULL, updated = ? WHERE id = ? AND state = 'queued'",
-        (lease, worker, server, now, job_id),
+        " not_before = NULL, updated = ? WHERE id = ? AND state = 'queued'"
+        " AND (not_before IS NULL OR not_before <= ?)",
+        (lease, worker, server, now, job_id, now),
     )
     if txn.rowcount == 0:
-        return _thd_not_granted(txn, job_id, lease)
+        return _thd_not_granted(txn, job_id, lease, now)
     job = _thd_one_active(txn, job_id, leased_at=now)
     _thd_event(txn, job_id, now, "leased", job.attempts, lease, worker)
     return job
 
 
-def _thd_not_granted(txn, job_id, lease, locked=False) -> ActiveJob:
+def _thd_not_granted(txn, job_id, lease, now, locked=False) -> ActiveJob:
     """Why a grant claimed nothing: the same claim repeated (return the job), or raise.
 
     ``locked``: the claim found the row locked or not queued (SKIP LOCKED).
     """
-    txn.execute("SELECT state, lease FROM jobs WHERE id = ?", (job_id,))
+    txn.execute("SELECT state, lease, not_before FROM jobs WHERE id = ?", (job_id,))
     row = txn.fetchone()
     if row is None:
         raise UnknownJob(f"no job {job_id}")
-    state, current = row
+    state, current, not_before = row
     if lease is not None and current == lease:
         return _thd_one_active(txn, job_id)
     if _thd_has_event(txn, job_id, "leased", lease):
         raise StaleLease(f"lease {lease!r} of job {job_id} has ended; a lease is granted once")
     if state == "queued" and locked:  # another server's claim is committing
         raise InvalidState(f"job {job_id} is being claimed by another server", state=state)
+    if state == "queued" and not_before is not None and not_before > now:
+        raise InvalidState(f"job {job_id} waits out its retry backoff for {not_before - now:g} s more", state=state)
     raise InvalidState(f"job {job_id} is {state}, not queued", state=state)
 
 
