@@ -148,6 +148,14 @@ def test_install_ships_the_plugin_file_without_package_markers(installed):
     assert top - {"bin"} == {"gridd", "twisted"}, top  # no tests/, bench/ or protocols/ at the top of site-packages
 
 
+def test_install_ships_every_package_of_the_tree(installed):
+    """Every package under gridd/ is in the install, each of its modules too: none left out of pyproject.toml."""
+    source = sorted(p.relative_to(ROOT) for p in (ROOT / "gridd").rglob("*.py") if "__pycache__" not in p.parts)
+    assert source
+    missing = [str(path) for path in source if not (installed / path).is_file()]
+    assert not missing, f"not installed: {missing}"
+
+
 def test_install_ships_every_sql_migration_as_package_data(installed):
     """Every SQL migration of both dialects is in the install, byte for byte."""
     for dialect in ("sqlite", "mysql"):

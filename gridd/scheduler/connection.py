@@ -1,8 +1,8 @@
 """What the scheduler needs of a connection: a small interface of actions in its own words.
 
 A connection is whatever carries a worker or a client to the scheduler:
-the server's line protocol (``gridd.server.protocol`` renders each action as
-a wire line), an in-process connection for tests and embedding
+the server's line protocol (``gridd.server.actions`` renders each action
+as a wire line), an in-process connection for tests and embedding
 (``gridd.scheduler.inprocess``), or a test's fake. The scheduler never
 names a verb or a field of the wire; it offers jobs, revokes leases, tells
 watchers of changes, says whether a worker is drained, asks a peer whether

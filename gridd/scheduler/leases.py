@@ -307,19 +307,24 @@ class Leases:
         else:
             state, not_before = plan["to"], None
             attempts = 0 if plan["reset"] else job.attempts - 1
-        await core.store.release(
-            job.id,
-            lease.token,
-            state,
-            core.clock.seconds(),
-            reason=reason,
-            error=plan["error"],
-            not_before=not_before,
-            attempts=attempts,
-        )
+        await self._release(job, lease, state, reason, plan["error"], not_before, attempts)
         self._ends_trouble.ok()
         job.attempts = attempts
         core.enter(job, state, not_before)
+
+    def _release(self, job: Job, lease: Lease, state: str, reason: str, error, not_before, attempts):
+        """Record in the store that ``lease`` ended for ``reason`` and its job went to ``state``."""
+        clock = self.core.clock
+        return self.core.store.release(
+            job.id,
+            lease.token,
+            state,
+            clock.seconds(),
+            reason=reason,
+            error=error,
+            not_before=not_before,
+            attempts=attempts,
+        )
 
     def _record_end_until_answered(self, job: Job, lease: Lease, reason: str, plan: dict):
         d = defer.Deferred.fromCoroutine(self._record_end(job, lease, reason, plan))
@@ -349,7 +354,9 @@ class Leases:
             # The store said why already (once per outage); so does this, once.
             self._ends_trouble.failed(failure.value, core.backoff_base)
         else:
-            log.failure("job {job}: could not record the end of lease {lease}; retrying", failure, job=job.id, lease=lease)
+            log.failure(
+                "job {job}: could not record the end of lease {lease}; retrying", failure, job=job.id, lease=lease
+            )
 
         def again():
             job.timer = None
@@ -414,16 +421,7 @@ class Leases:
         lease.state = LeaseState.CLOSING
         state, not_before, attempts = self.next_state(job, retry=retry, backoff=backoff, count=count)
         try:
-            await core.store.release(
-                job.id,
-                lease.token,
-                state,
-                core.clock.seconds(),
-                reason=kind,
-                error=error,
-                not_before=not_before,
-                attempts=attempts,
-            )
+            await self._release(job, lease, state, kind, error, not_before, attempts)
         except errors.StaleLease:
             self.ended_elsewhere(job, lease)
             raise

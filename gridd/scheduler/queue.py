@@ -62,9 +62,7 @@ class RunQueue:
         if self._stale > 1000 and self._stale > len(self._members):
             # Lazy removal leaves ids in the heaps until they reach a top: a
             # server whose jobs run elsewhere would keep them all.
-            self._heaps = {
-                bucket: [i for i in heap if i in self._members] for bucket, heap in self._heaps.items()
-            }
+            self._heaps = {bucket: [i for i in heap if i in self._members] for bucket, heap in self._heaps.items()}
             self._heaps = {bucket: heap for bucket, heap in self._heaps.items() if heap}
             for heap in self._heaps.values():
                 heapq.heapify(heap)

@@ -6,7 +6,8 @@ that each verb is allowed in the current state and for the connection's
 identity (section 13: the roles ``worker``, ``submitter`` and ``admin``), and
 calls the one dispatcher method that handles it. It knows nothing of bytes
 (``gridd.server.protocol`` does) nor of scheduling (``gridd.scheduler``
-does); the scheduler knows nothing of roles.
+does), beyond the size of a job offer it checks a SUBMIT against; the
+scheduler knows nothing of roles.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ implementation.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -144,6 +145,20 @@ class RecordResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+def dump_json(value) -> str:
+    """The stores' one JSON form of a value: compact, UTF-8, no NaN (which JSON has not)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def encode_results(results: list[RecordResult]) -> list[tuple[int, str | None, str | None]]:
+    """(index, output as JSON or None, error) per result, as every store keeps them; an error has no output.
+
+    Two results are the same result when these are equal: that is how a
+    repeated write is recognised.
+    """
+    return [(r.index, None if r.error is not None else dump_json(r.output), r.error) for r in results]
 
 
 @dataclass

@@ -43,23 +43,16 @@ from gridd.store.base import (
     JOB_STATES,
     SETTABLE_STATES,
     ActiveJob,
+    dump_json,
+    encode_results,
     server_id_for,
 )
 
 __all__ = ["MemoryStore"]
 
 
-def _dump(value) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
 def _load(text: str | None):
     return None if text is None else json.loads(text)
-
-
-def _encode(results) -> list[tuple[int, str | None, str | None]]:
-    """(index, output JSON or None, error) per result, as the SQL stores keep them."""
-    return [(r.index, None if r.error is not None else _dump(r.output), r.error) for r in results]
 
 
 def _repeats(record, lease, output, error) -> bool:
@@ -73,7 +66,7 @@ def _repeats(record, lease, output, error) -> bool:
 
 def _has_event(job, event, lease, detail=None) -> bool:
     """Does the job's history have ``event`` naming ``lease`` (with ``detail``, if given)?"""
-    encoded = None if detail is None else _dump(detail)
+    encoded = None if detail is None else dump_json(detail)
     return lease is not None and any(
         e["event"] == event and e["lease"] == lease and (detail is None or e["detail"] == encoded) for e in job.history
     )
@@ -128,7 +121,7 @@ class _Job:
     history: list[dict] = field(default_factory=list)
 
     def add_event(self, at, event, attempt=None, lease=None, worker=None, detail=None):
-        encoded = None if detail is None else _dump(detail)
+        encoded = None if detail is None else dump_json(detail)
         self.history.append(
             {"at": at, "event": event, "attempt": attempt, "lease": lease, "worker": worker, "detail": encoded}
         )
@@ -193,7 +186,12 @@ class MemoryStore:
         # Encode everything first: a value that is not JSON fails the call
         # before any job is stored.
         encoded = [
-            (spec, _dump(spec.requires), _dump(spec.params), [_Record(_dump(data)) for data in spec.records])
+            (
+                spec,
+                dump_json(spec.requires),
+                dump_json(spec.params),
+                [_Record(dump_json(data)) for data in spec.records],
+            )
             for spec in specs
         ]
         ids = []
@@ -228,7 +226,9 @@ class MemoryStore:
         if job.state != "queued":
             raise InvalidState(f"job {job_id} is {job.state}, not queued", state=job.state)
         if job.not_before is not None and job.not_before > now:
-            raise InvalidState(f"job {job_id} waits out its retry backoff for {job.not_before - now:g} s more", state="queued")
+            raise InvalidState(
+                f"job {job_id} waits out its retry backoff for {job.not_before - now:g} s more", state="queued"
+            )
         job.state, job.lease, job.worker, job.attempts = "running", lease, worker, job.attempts + 1
         job.server, job.not_before, job.updated = self.server_id, None, now
         job.add_event(now, "leased", job.attempts, lease, worker)
@@ -237,7 +237,7 @@ class MemoryStore:
     @_answer
     def add_results(self, job_id, lease, results, now):
         job = self._job(job_id)
-        encoded = _encode(results)
+        encoded = encode_results(results)
         if not self._owns(job, lease):
             if encoded and self._all_repeats(job, lease, encoded):
                 return job.accepted
@@ -248,7 +248,7 @@ class MemoryStore:
     @_answer
     def complete(self, job_id, lease, results, now):
         job = self._job(job_id)
-        encoded = _encode(results)
+        encoded = encode_results(results)
         if not self._owns(job, lease):
             if job.state == "done" and _has_event(job, "completed", lease):
                 return None  # this completion, made before: sent again

@@ -66,6 +66,8 @@ from gridd.store.base import (
     CommitOutcomeUnknown,
     SchemaTooNew,
     StoreUnavailable,
+    dump_json,
+    encode_results,
     server_id_for,
 )
 from gridd.store.groupcommit import GroupCommitter
@@ -184,14 +186,14 @@ class SQLStore:
 
     def add_results(self, job_id, lease, results, now):
         try:
-            encoded = _encode_results(results)
+            encoded = encode_results(results)
         except (TypeError, ValueError):
             return fail()
         return self._write(thd_add_results, self.server_id, job_id, lease, encoded, now)
 
     def complete(self, job_id, lease, results, now):
         try:
-            encoded = _encode_results(results)
+            encoded = encode_results(results)
         except (TypeError, ValueError):
             return fail()
         return self._write(thd_complete, self.server_id, job_id, lease, encoded, now)
@@ -319,28 +321,19 @@ def _reason(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _dump(value) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
 def _encode_job(spec):
     row = (
         spec.name,
         spec.type,
         spec.priority,
-        _dump(spec.requires),
-        _dump(spec.params),
+        dump_json(spec.requires),
+        dump_json(spec.params),
         len(spec.records),
         spec.retries,
         spec.timeout,
         spec.submitter,
     )
-    return row, [_dump(data) for data in spec.records]
-
-
-def _encode_results(results):
-    """(index, output JSON or None, error) per result; an error result has no output."""
-    return [(r.index, None if r.error is not None else _dump(r.output), r.error) for r in results]
+    return row, [dump_json(data) for data in spec.records]
 
 
 # -- migrations ----------------------------------------------------------
@@ -510,16 +503,11 @@ def _thd_one_active(txn, job_id, leased_at=None) -> ActiveJob:
     if leased_at is None:
         [job] = thd_load_active(txn, [job_id])
         return job
-    txn.execute(
-        "SELECT id, type, priority, requires, params, total, state, attempts, retries, timeout, lease, worker,"
-        " not_before, name, submitter, created FROM jobs WHERE id = ?",
-        (job_id,),
-    )
+    txn.execute(f"SELECT {_ACTIVE_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
     [row] = _thd_dicts(txn)
-    row.update(requires=json.loads(row["requires"]), params=json.loads(row["params"]))
     txn.execute("SELECT idx, data FROM records WHERE job_id = ? AND accepted_at IS NULL ORDER BY idx", (job_id,))
     pending = {index: json.loads(data) for index, data in txn.fetchall()}
-    return ActiveJob(**row, pending=pending, leased_at=leased_at)
+    return _active_job(row, pending=pending, leased_at=leased_at)
 
 
 def thd_add_results(txn, server, job_id, lease, results, now) -> int:
@@ -819,7 +807,7 @@ def _thd_state(txn, job_id) -> str:
 def _thd_event(txn, job_id, now, event, attempt=None, lease=None, worker=None, detail=None) -> None:
     txn.execute(
         "INSERT INTO job_events (job_id, at, event, attempt, lease, worker, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (job_id, now, event, attempt, lease, worker, None if detail is None else _dump(detail)),
+        (job_id, now, event, attempt, lease, worker, None if detail is None else dump_json(detail)),
     )
 
 
@@ -827,6 +815,18 @@ def _thd_event(txn, job_id, now, event, attempt=None, lease=None, worker=None, d
 
 #: ACTIVE_STATES as an SQL list, for ``state IN ...``.
 _ACTIVE = "(" + ", ".join(f"'{state}'" for state in ACTIVE_STATES) + ")"
+
+
+#: The columns of ``jobs`` an ``ActiveJob`` is made of (``_active_job``).
+_ACTIVE_COLUMNS = (
+    "id, type, priority, requires, params, total, state, attempts, retries, timeout, lease, worker,"
+    " not_before, name, submitter, created"
+)
+
+
+def _active_job(row: dict, **more) -> ActiveJob:
+    """An ``ActiveJob`` from a row of ``_ACTIVE_COLUMNS`` (its JSON columns decoded) and ``more``."""
+    return ActiveJob(**row | {"requires": json.loads(row["requires"]), "params": json.loads(row["params"])}, **more)
 
 
 def thd_load_active(txn, job_ids) -> list[ActiveJob]:
@@ -837,14 +837,12 @@ def thd_load_active(txn, job_ids) -> list[ActiveJob]:
         where += f" AND jobs.id IN ({', '.join('?' * len(job_ids))})"
         args = tuple(job_ids)
     txn.execute(
-        "SELECT id, type, priority, requires, params, total, state, attempts, retries, timeout, lease, worker,"
-        f" not_before, name, submitter, created FROM jobs WHERE {where} ORDER BY id",
+        f"SELECT {_ACTIVE_COLUMNS} FROM jobs WHERE {where} ORDER BY id",
         args,
     )
     jobs = {}
     for row in _thd_dicts(txn):
-        row.update(requires=json.loads(row["requires"]), params=json.loads(row["params"]))
-        jobs[row["id"]] = ActiveJob(**row, pending={})
+        jobs[row["id"]] = _active_job(row, pending={})
     txn.execute(
         "SELECT records.job_id, records.idx, records.data FROM records JOIN jobs ON jobs.id = records.job_id"
         f" WHERE {where} AND records.accepted_at IS NULL ORDER BY records.job_id, records.idx",
