@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from gridd import errors, wire
 from gridd.peer import ConnectionDropped
-from gridd.worker.runner import Assignment, InlineThreads, JobRunner, PoolThreads
+from gridd.worker.runner import Assignment, AttemptFailed, InlineThreads, JobRunner, PoolThreads
 
 __all__ = ["ServerConnection", "Holding", "WorkerCore"]
 
@@ -181,7 +181,12 @@ class WorkerCore:
 
     ``job_types`` maps names to job type instances; ``threads`` runs threaded
     job types (a :class:`PoolThreads` in the service, :class:`InlineThreads`
-    in tests). ``on_drained_idle`` is called once the server has drained the
+    in tests). ``make_runner(job_type, assignment, on_result=, on_progress=)``
+    builds the runner of one attempt (an object with ``run()``, firing True
+    when done and False when cancelled, and ``cancel()``); by default a
+    :class:`JobRunner` on ``threads``. A job type with a ``runner`` method
+    (the built-in ``command`` type, say) builds its own: ``runner(assignment,
+    clock=, on_result=, on_progress=)``. ``on_drained_idle`` is called once the server has drained the
     worker and no lease is left (``--exit-when-drained`` stops the reactor).
     """
 
@@ -196,6 +201,7 @@ class WorkerCore:
         memory: int = 0,
         tags: Iterable[str] = (),
         threads: PoolThreads | InlineThreads | None = None,
+        make_runner: Callable[..., Any] | None = None,
         on_drained_idle: Callable[[], None] | None = None,
     ):
         self.clock = clock
@@ -204,6 +210,7 @@ class WorkerCore:
         self.memory = memory
         self.tags = list(tags)
         self.threads = threads or InlineThreads()
+        self.make_runner = make_runner or self._thread_runner
         self.on_drained_idle = on_drained_idle
         self.drained = False
         self.returning = False
@@ -294,16 +301,22 @@ class WorkerCore:
             n=len(assignment.records),
             lease=assignment.lease,
         )
-        holding.runner = JobRunner(
-            job_type,
-            assignment,
-            clock=self.clock,
-            threads=self.threads,
+        report = dict(
             on_result=lambda result: self._result(holding, result),
             on_progress=lambda note: self._progress(holding, note),
         )
+        own = getattr(job_type, "runner", None)
+        if own is not None:
+            holding.runner = own(assignment, clock=self.clock, **report)
+        else:
+            holding.runner = self.make_runner(job_type, assignment, **report)
         holding.runner.run().addCallbacks(
             self._runner_finished, self._runner_failed, callbackArgs=(holding,), errbackArgs=(holding,)
+        )
+
+    def _thread_runner(self, job_type, assignment: Assignment, *, on_result, on_progress) -> JobRunner:
+        return JobRunner(
+            job_type, assignment, clock=self.clock, threads=self.threads, on_result=on_result, on_progress=on_progress
         )
 
     def revoke(self, job: int, lease: str, reason: str) -> None:
@@ -376,7 +389,11 @@ class WorkerCore:
             job=holding.job,
             attempt=holding.assignment.attempt,
         )
-        self._conclude(holding, "FAIL", _clip(f"{failure.type.__name__}: {failure.getErrorMessage()}"))
+        if failure.check(AttemptFailed):
+            detail = failure.getErrorMessage()  # says its cause itself: "exit code 3", "run-time limit 600 s"
+        else:
+            detail = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        self._conclude(holding, "FAIL", _clip(detail))
 
     def _progress(self, holding: Holding, note: str) -> None:
         if not self._holds(holding) or holding.outcome is not None:

@@ -19,7 +19,17 @@ from twisted.python.threadpool import ThreadPool
 
 from gridd.jobtypes import JobContext, RecordError
 
-__all__ = ["Assignment", "JobRunner", "PoolThreads", "InlineThreads"]
+__all__ = ["Assignment", "AttemptFailed", "JobRunner", "PoolThreads", "InlineThreads"]
+
+
+class AttemptFailed(Exception):
+    """An attempt failed for a cause outside the job type's code, which the message names.
+
+    A handler process that exited or was killed ("exit code 3", "killed by
+    SIGSEGV"), a limit passed ("memory limit 512 MiB", "run-time limit
+    600 s"), a command's output that breaks its contract. The FAIL sent to
+    the server carries the message as it is.
+    """
 
 
 @dataclass(frozen=True)
