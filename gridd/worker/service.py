@@ -19,7 +19,7 @@ connects. Build a worker in-process (end-to-end tests, the demo) with::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -31,6 +31,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from gridd import tls
+from gridd.worker.command import CommandType
 from gridd.worker.core import WorkerCore
 from gridd.worker.protocol import WorkerFactory
 from gridd.worker.runner import InlineThreads, PoolThreads
@@ -163,6 +164,7 @@ def make_worker_service(
     slots: int,
     memory: int = 0,
     tags: Iterable[str] = (),
+    commands: Mapping[str, str] | None = None,
     exit_when_drained: bool = False,
     threads: PoolThreads | InlineThreads | None = None,
     stop_timeout: float = STOP_TIMEOUT,
@@ -173,8 +175,11 @@ def make_worker_service(
     ``servers`` are endpoint strings (or endpoints), tried in turn; strings go
     through :func:`gridd.tls.client_endpoint` (``ssl:`` is refused, ``tls:``
     checks the server's name strictly). ``threads`` replaces the thread pool
-    (``InlineThreads()`` in tests).
+    (``InlineThreads()`` in tests). ``commands`` (NAME to absolute PATH, from
+    ``--command``) adds the ``command`` job type running those programs.
     """
+    if commands:
+        job_types = {**job_types, "command": CommandType(commands, reactor=reactor)}
     endpoints = []
     for server in servers:
         if isinstance(server, str):

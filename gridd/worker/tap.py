@@ -13,6 +13,7 @@ from twisted.python import usage
 
 from gridd import config, tls
 from gridd.jobtypes import load_job_types
+from gridd.worker.command import parse_command
 from gridd.worker.service import make_worker_service
 
 __all__ = ["Options", "makeService"]
@@ -76,11 +77,22 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["servers"] = []
+        self["commands"] = []
 
     def opt_server(self, spec):
         """Endpoint of a gridd server, e.g. tls:gridd.example:7701:trustRoots=certs
         [default: tcp:127.0.0.1:7700]. Repeatable: each reconnect attempt tries the next."""
         self["servers"].append(spec)
+
+    def opt_command(self, spec):
+        self["commands"].append(spec)
+
+    opt_command.__doc__ = (
+        "A program this worker may run, as NAME=PATH: a job of type 'command' with params.command=NAME "
+        "runs PATH (no shell) with its records as JSON lines on standard input, and reads one "
+        '{"out": VALUE} or {"error": TEXT} line per record from its standard output. Repeatable; '
+        "giving it offers the job type 'command'. Jobs name programs, never paths."
+    )
 
     def postOptions(self):
         if not self["servers"]:
@@ -99,8 +111,23 @@ class Options(usage.Options):
         if not 1 <= len(self["name"]) <= 128:
             raise usage.UsageError("--name must be 1 to 128 characters")
         self["tags"] = _comma_list(self["tags"] or "")
+        commands = {}
+        for spec in self["commands"]:
+            try:
+                name, path = parse_command(spec)
+            except ValueError as e:
+                raise usage.UsageError(f"--command {spec}: {e}") from None
+            if name in commands:
+                raise usage.UsageError(f"--command {name} is given twice")
+            commands[name] = path
+        self["commands"] = commands
+        types = None if self["types"] is None else _comma_list(self["types"])
+        if types is not None and "command" in types:
+            if not commands:
+                raise usage.UsageError("--types command needs at least one --command NAME=PATH")
+            types = [t for t in types if t != "command"]
         try:
-            self["job_types"] = load_job_types(None if self["types"] is None else _comma_list(self["types"]))
+            self["job_types"] = load_job_types(types)
         except ValueError as e:
             raise usage.UsageError(f"--types: {e}") from None
         if self["secret-file"] is None:
@@ -123,5 +150,6 @@ def makeService(options, reactor=None):
         slots=options["slots"],
         memory=options["memory"],
         tags=options["tags"],
+        commands=options["commands"],
         exit_when_drained=bool(options["exit-when-drained"]),
     )
