@@ -1,0 +1,261 @@
+"""Handler processes: a pool of them per job type, and the runner of one attempt in one of them.
+
+Rules this module owns:
+
+- A job type's records are processed in a child process
+  (``gridd.worker.child``), never in the worker's own: whatever the handler
+  does (exits, crashes, hangs, eats memory) ends that process, fails that
+  attempt only, and the worker keeps its connection and its other jobs.
+- Processes are reused across attempts of the same type and version, so a
+  process's start-up is paid once; at most ``size`` of them per type are
+  kept idle. A process that failed an attempt, was cancelled or passed a
+  limit is killed with its whole process group, never reused.
+- An attempt fails with a message naming its cause: the exit code or the
+  signal, the memory or CPU limit passed, or the run-time limit.
+- Cancel and revoke kill at once; results already streamed stay streamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections import defaultdict, deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger
+
+from gridd.worker.runner import Assignment, AttemptFailed
+
+__all__ = ["HandlerPool", "HandlerProcess", "ProcessRunner"]
+
+log = Logger()
+
+#: The last bytes of a handler's standard error kept, for the error of a failed attempt.
+STDERR_KEPT = 16 * 1024
+
+
+def type_path(job_type: Any) -> str:
+    """``module:Class`` of a job type instance, as the child process loads it."""
+    cls = type(job_type)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _describe_end(reason, limits: dict) -> str:
+    """What ended a process, in words: "exit code 3", "killed by SIGSEGV", "CPU limit 10 s"."""
+    value = reason.value
+    sig = getattr(value, "signal", None)
+    if sig:
+        name = signal.Signals(sig).name
+        if sig == signal.SIGXCPU and limits.get("cpu"):
+            return f"CPU limit {limits['cpu']} s"
+        return f"killed by {name}"
+    code = getattr(value, "exitCode", None)
+    return f"exit code {code}" if code else "exited"
+
+
+class HandlerProcess(protocol.ProcessProtocol):
+    """One handler process and the attempt it is serving, if any."""
+
+    def __init__(self, key: tuple, limits: dict):
+        self.key = key
+        self.limits = limits
+        self.ready = defer.Deferred()
+        self.ended = defer.Deferred()
+        self.pid: int | None = None
+        self.alive = True
+        self.grouped = False  # it has left our process group (setsid): kill its group
+        self._buffer = b""
+        self._stderr = b""
+        #: The attempt served now hears each line and the process's end (its cause, in words).
+        self.on_line: Callable[[dict], None] | None = None
+        self.on_end: Callable[[str], None] | None = None
+
+    # -- the process's side ----------------------------------------------
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+
+    def outReceived(self, data: bytes):
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                self.kill()
+                return
+            if "ready" in message and not self.ready.called:
+                self.grouped = True
+                self.ready.callback(self)
+            elif self.on_line is not None:
+                self.on_line(message)
+
+    def errReceived(self, data: bytes):
+        self._stderr = (self._stderr + data)[-STDERR_KEPT:]
+
+    def processEnded(self, reason):
+        self.alive = False
+        cause = _describe_end(reason, self.limits)
+        if not self.ready.called:
+            self.ready.errback(AttemptFailed(f"the handler process did not start ({cause}): {self.stderr_tail()}"))
+        if self.on_end is not None:
+            self.on_end(cause)
+        self.ended.callback(cause)
+
+    # -- the worker's side -----------------------------------------------
+
+    def send(self, **message) -> None:
+        if self.alive:
+            self.transport.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+    def stderr_tail(self, lines: int = 5) -> str:
+        return " | ".join(self._stderr.decode("utf-8", "replace").strip().splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """Kill the process, with its whole process group once it has one of its own."""
+        if not self.alive or self.pid is None:
+            return
+        try:
+            if self.grouped:
+                os.killpg(self.pid, signal.SIGKILL)
+            else:
+                self.transport.signalProcess("KILL")
+        except (ProcessLookupError, error.ProcessExitedAlready):
+            pass
+
+
+class HandlerPool:
+    """The worker's handler processes, by job type and version; idle ones are reused."""
+
+    def __init__(self, reactor, *, size: int = 4, limits: dict | None = None):
+        self.reactor = reactor
+        self.size = size
+        self.limits = dict(limits or {})
+        self._idle: dict[tuple, deque[HandlerProcess]] = defaultdict(deque)
+        self._all: set[HandlerProcess] = set()
+
+    def acquire(self, job_type: Any) -> defer.Deferred:
+        """Fire with a ready process for ``job_type``: an idle one, or one started now."""
+        key = (type_path(job_type), job_type.version)
+        idle = self._idle[key]
+        while idle:
+            process = idle.popleft()
+            if process.alive:
+                return defer.succeed(process)
+        return self._start(key)
+
+    def release(self, process: HandlerProcess) -> None:
+        """The attempt is over and went well: keep the process for the next one, if there is room."""
+        process.on_line = process.on_end = None
+        idle = self._idle[process.key]
+        if process.alive and len(idle) < self.size:
+            idle.append(process)
+        else:
+            process.kill()
+
+    def discard(self, process: HandlerProcess) -> None:
+        process.on_line = process.on_end = None
+        process.kill()
+
+    def stop(self) -> defer.Deferred:
+        """Kill every process; fire once all have ended."""
+        ends = [p.ended for p in self._all if p.alive]
+        for process in list(self._all):
+            process.kill()
+        self._idle.clear()
+        return defer.DeferredList(ends)
+
+    def _start(self, key: tuple) -> defer.Deferred:
+        process = HandlerProcess(key, self.limits)
+        spec = json.dumps({"type": key[0], "limits": self.limits})
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.reactor.spawnProcess(process, sys.executable, [sys.executable, "-m", "gridd.worker.child", spec], env=env)
+        self._all.add(process)
+        process.ended.addBoth(lambda r: self._all.discard(process) or r)
+        return process.ready
+
+
+class ProcessRunner:
+    """Runs one attempt in a handler process from the pool; the ``JobRunner`` interface."""
+
+    def __init__(self, pool: HandlerPool, job_type: Any, assignment: Assignment, *, clock, on_result, on_progress):
+        self._pool = pool
+        self._job_type = job_type
+        self._assignment = assignment
+        self._clock = clock
+        self._on_result = on_result
+        self._on_progress = on_progress
+        self._process: HandlerProcess | None = None
+        self._outcome: defer.Deferred | None = None
+        self._cancelled = False
+        self._limit_call = None
+        #: Fires with the handler process once the attempt has one.
+        self.started = defer.Deferred()
+
+    def run(self) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._run())
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._process is not None:
+            self._pool.discard(self._process)
+        if self._outcome is not None and not self._outcome.called:
+            self._outcome.callback(False)
+
+    async def _run(self) -> bool:
+        a = self._assignment
+        process = await self._pool.acquire(self._job_type)
+        if self._cancelled:
+            self._pool.release(process)
+            return False
+        self._process = process
+        pending = deque(record["i"] for record in a.records)
+        outcome = self._outcome = defer.Deferred()
+
+        def on_line(message: dict):
+            if outcome.called:
+                return
+            if "out" in message or "error" in message:
+                if not pending:
+                    return end(AttemptFailed("the handler process gave more results than records"))
+                self._on_result({"i": pending.popleft(), **message})
+            elif "progress" in message:
+                self._on_progress(str(message["progress"]))
+            elif "done" in message:
+                if pending:
+                    return end(AttemptFailed(f"the handler process gave no result for {len(pending)} records"))
+                outcome.callback(True)
+            elif "failed" in message:
+                end(AttemptFailed(str(message["failed"])))
+
+        def end(failure: Exception):
+            if not outcome.called:
+                outcome.errback(failure)
+
+        def died(cause: str):
+            tail = process.stderr_tail()
+            end(AttemptFailed(f"the handler process died ({cause})" + (f": {tail}" if tail else "")))
+
+        process.on_line, process.on_end = on_line, died
+        limit = a.timeout
+        self._limit_call = self._clock.callLater(limit, end, AttemptFailed(f"run-time limit {limit:g} s"))
+        job = {"job": a.job, "lease": a.lease, "attempt": a.attempt, "total": a.total, "params": a.params}
+        process.send(job=job)
+        for record in a.records:
+            process.send(record=record)
+        process.send(end=True)
+        self.started.callback(process)
+        try:
+            completed = await outcome
+        except AttemptFailed:
+            self._pool.discard(process)
+            raise
+        finally:
+            if self._limit_call.active():
+                self._limit_call.cancel()
+        if completed:
+            self._pool.release(process)
+        return completed
