@@ -51,6 +51,7 @@ WRITES = frozenset(
 )
 #: Writes no request makes: ``lose()`` without a name leaves them alone.
 HOUSEKEEPING = frozenset({"beat", "expire_servers"})
+_REQUEST_WRITES = WRITES - HOUSEKEEPING
 
 #: The request on whose behalf the code that calls the store runs. A context
 #: variable, so that a coroutine started while a request was sent keeps it
@@ -107,7 +108,7 @@ class _Rule:
     error: BaseException | None = None
 
     def matches(self, name: str) -> bool:
-        return self.name == name or (self.name is None and name in WRITES - HOUSEKEEPING)
+        return self.name == name or (self.name is None and name in _REQUEST_WRITES)
 
 
 class ControlledStore:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
+import threading
 
 from twisted.internet import task
 
@@ -46,7 +46,7 @@ class Hangs(JobType):
     name, version, threaded = "hangs", "1.0", True
 
     def process(self, record, params, context):
-        time.sleep(3600)
+        threading.Event().wait()  # an event nothing sets: it hangs until killed
 
 
 class Hogs(JobType):

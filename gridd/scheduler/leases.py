@@ -158,8 +158,10 @@ class Leases:
             else:
                 core.finish(job, state)
         elif failure.check(errors.InvalidState, errors.UnknownJob):
-            # Someone else has it now (another server sharing the store): not ours to run.
-            log.info("job {job}: claimed elsewhere ({f.value})", job=job.id, f=failure)
+            # Not ours to run now: another server sharing the store claimed it,
+            # or put it in a retry backoff this copy has not seen; the next
+            # sync brings the store's view.
+            log.info("job {job}: not claimed ({f.value})", job=job.id, f=failure)
             core.forget(job)
         else:
             if failure.check(errors.Unavailable):

@@ -41,13 +41,13 @@ import json
 import os
 import re
 import shutil
-import signal
 from collections import deque
 from collections.abc import Callable, Mapping
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
+from gridd.worker.processes import KeptOutput, end_of, kill
 from gridd.worker.runner import Assignment, AttemptFailed
 
 __all__ = ["CommandType", "CommandRunner", "STDERR_KEPT", "parse_command"]
@@ -119,7 +119,7 @@ class CommandRunner(protocol.ProcessProtocol):
         self._name = ""
         self._stdin = b""
         self._stdout = bytearray()
-        self._stderr = bytearray()
+        self._stderr = KeptOutput(STDERR_KEPT)
         self._pid: int | None = None
         self._exited = False
         self._cancelled = False
@@ -163,7 +163,7 @@ class CommandRunner(protocol.ProcessProtocol):
     @property
     def stderr(self) -> str:
         """The standard error kept so far."""
-        return self._stderr.decode("utf-8", "replace")
+        return self._stderr.text()
 
     # -- the process's side ----------------------------------------------
 
@@ -188,8 +188,7 @@ class CommandRunner(protocol.ProcessProtocol):
             self._fail(f"command {self._name} wrote a line longer than {MAX_LINE} bytes")
 
     def errReceived(self, data: bytes):
-        self._stderr += data
-        del self._stderr[:-STDERR_KEPT]
+        self._stderr.add(data)
 
     def processExited(self, reason):
         self._exited = True
@@ -201,7 +200,7 @@ class CommandRunner(protocol.ProcessProtocol):
             self._line(bytes(self._stdout))
         self._stdout.clear()
         cause, failed = _cause(reason)
-        tail = " | ".join(self.stderr.strip().splitlines()[-TAIL_LINES:])
+        tail = self._stderr.tail(TAIL_LINES)
         tail = f": {tail}" if tail else ""
         given, total = len(self._assignment.records) - len(self._pending), len(self._assignment.records)
         if failed:
@@ -255,22 +254,12 @@ class CommandRunner(protocol.ProcessProtocol):
     def _kill(self) -> None:
         if self._pid is None or self._exited:
             return
-        if self._kill_group():
-            return
-        try:
-            self.transport.signalProcess("KILL")
-        except (error.ProcessExitedAlready, OSError):
-            pass
+        if not self._kill_group():
+            kill(self.transport, self._pid, group=False)
 
     def _kill_group(self) -> bool:
         """SIGKILL the program's own process group, if it has one (yet)."""
-        if self._pid is None or not self._type.setsid:
-            return False
-        try:
-            os.killpg(self._pid, signal.SIGKILL)
-        except OSError:
-            return False
-        return True
+        return self._pid is not None and bool(self._type.setsid) and kill(self.transport, self._pid, group=True)
 
 
 def _refuse(constant: str):
@@ -292,12 +281,7 @@ def _result_body(line: bytes) -> dict | None:
 
 def _cause(reason) -> tuple[str, bool]:
     """How the process ended, in words, and whether that fails the attempt."""
-    value = reason.value
-    number = getattr(value, "signal", None)
-    if number:
-        try:
-            return f"was killed by {signal.Signals(number).name}", True
-        except ValueError:
-            return f"was killed by signal {number}", True
-    code = getattr(value, "exitCode", None) or 0
+    code, killed_by = end_of(reason)
+    if killed_by is not None:
+        return f"was killed by {killed_by}", True
     return f"exited with code {code}", code != 0

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
+from gridd.worker.processes import KeptOutput, end_of, kill
 from gridd.worker.runner import Assignment, AttemptFailed
 
 __all__ = ["HandlerPool", "HandlerProcess", "ProcessRunner"]
@@ -46,14 +46,11 @@ def type_path(job_type: Any) -> str:
 
 def _describe_end(reason, limits: dict) -> str:
     """What ended a process, in words: "exit code 3", "killed by SIGSEGV", "CPU limit 10 s"."""
-    value = reason.value
-    sig = getattr(value, "signal", None)
-    if sig:
-        name = signal.Signals(sig).name
-        if sig == signal.SIGXCPU and limits.get("cpu"):
-            return f"CPU limit {limits['cpu']} s"
-        return f"killed by {name}"
-    code = getattr(value, "exitCode", None)
+    code, killed_by = end_of(reason)
+    if killed_by == "SIGXCPU" and limits.get("cpu"):
+        return f"CPU limit {limits['cpu']} s"
+    if killed_by is not None:
+        return f"killed by {killed_by}"
     return f"exit code {code}" if code else "exited"
 
 
@@ -69,7 +66,7 @@ class HandlerProcess(protocol.ProcessProtocol):
         self.alive = True
         self.grouped = False  # it has left our process group (setsid): kill its group
         self._buffer = b""
-        self._stderr = b""
+        self._stderr = KeptOutput(STDERR_KEPT)
         #: The attempt served now hears each line and the process's end (its cause, in words).
         self.on_line: Callable[[dict], None] | None = None
         self.on_end: Callable[[str], None] | None = None
@@ -94,7 +91,7 @@ class HandlerProcess(protocol.ProcessProtocol):
                 self.on_line(message)
 
     def errReceived(self, data: bytes):
-        self._stderr = (self._stderr + data)[-STDERR_KEPT:]
+        self._stderr.add(data)
 
     def processEnded(self, reason):
         self.alive = False
@@ -112,19 +109,12 @@ class HandlerProcess(protocol.ProcessProtocol):
             self.transport.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
     def stderr_tail(self, lines: int = 5) -> str:
-        return " | ".join(self._stderr.decode("utf-8", "replace").strip().splitlines()[-lines:])
+        return self._stderr.tail(lines)
 
     def kill(self) -> None:
         """Kill the process, with its whole process group once it has one of its own."""
-        if not self.alive or self.pid is None:
-            return
-        try:
-            if self.grouped:
-                os.killpg(self.pid, signal.SIGKILL)
-            else:
-                self.transport.signalProcess("KILL")
-        except (ProcessLookupError, error.ProcessExitedAlready):
-            pass
+        if self.alive and self.pid is not None:
+            kill(self.transport, self.pid, group=self.grouped)
 
 
 class HandlerPool:

@@ -54,8 +54,8 @@ class Options(usage.Options):
             None,
             None,
             "File holding this worker's token: its credential (gridctl credentials add NAME --role worker), "
-            "or the shared secret the server wrote to DATADIR/secret (default: $GRIDD_DATA/secret when GRIDD_DATA is set, else ./gridd-data/secret "
-            "when it exists, else ~/.gridd/secret).",
+            "or the shared secret the server wrote to DATADIR/secret (default: $GRIDD_DATA/secret "
+            "when GRIDD_DATA is set, else ./gridd-data/secret when it exists, else ~/.gridd/secret).",
         ],
         [
             "types",

@@ -1,0 +1,66 @@
+"""What the worker's child processes have in common: how one ended, in words; killing one; its kept log.
+
+Handler processes (``gridd.worker.pool``) and command programs
+(``gridd.worker.command``) each run in a process group of their own, so
+that killing the group kills whatever they started; both keep the last part
+of their standard error as the attempt's log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from twisted.internet import error
+
+__all__ = ["KeptOutput", "end_of", "kill"]
+
+
+def end_of(reason) -> tuple[int | None, str | None]:
+    """How a process ended (a ``processEnded`` reason): (exit code, or None; signal name, or None)."""
+    value = reason.value
+    number = getattr(value, "signal", None)
+    if number:
+        try:
+            return None, signal.Signals(number).name
+        except ValueError:
+            return None, f"signal {number}"
+    return getattr(value, "exitCode", None) or 0, None
+
+
+def kill(transport, pid: int, *, group: bool) -> bool:
+    """SIGKILL child process ``pid``, with its whole group when it leads one; False if that failed (it was gone).
+
+    The group outlives its leader: it can be killed after the process has
+    exited, while what it started still runs.
+    """
+    try:
+        if group:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            transport.signalProcess("KILL")
+    except (OSError, error.ProcessExitedAlready):
+        return False
+    return True
+
+
+class KeptOutput:
+    """The last ``limit`` bytes a process wrote to a stream."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._kept = bytearray()
+
+    def add(self, data: bytes) -> None:
+        self._kept += data
+        del self._kept[: -self.limit]
+
+    def __bool__(self) -> bool:
+        return bool(self._kept)
+
+    def text(self) -> str:
+        return self._kept.decode("utf-8", "replace")
+
+    def tail(self, lines: int = 5) -> str:
+        """Its last ``lines`` lines, joined on one line."""
+        return " | ".join(self.text().strip().splitlines()[-lines:])
