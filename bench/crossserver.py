@@ -101,6 +101,7 @@ class ReceivingWorker:
             token=SECRET,
             job_types={"noop": Noop()},
             slots=1,
+            handlers="threads",
             threads=InlineThreads(),
         )
         core = self.service.core

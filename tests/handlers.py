@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
 
 from twisted.internet import task
 
@@ -75,4 +76,49 @@ class Waits(JobType):
 
     async def process(self, record, params, context):
         await task.deferLater(context.clock, 0.01)
+        return record
+
+
+class Fills(JobType):
+    """Fills memory it really uses (written, not only reserved) until it is stopped."""
+
+    name, version, threaded = "fills", "1.0", True
+
+    def process(self, record, params, context):
+        hoard = []
+        for _ in range(64):
+            hoard.append(b"x" * (64 * 1024 * 1024))
+        return len(hoard)
+
+
+class ForkBomb(JobType):
+    """Starts processes that start processes, without end; each waits to be killed."""
+
+    name, version, threaded = "forkbomb", "1.0", True
+
+    def process(self, record, params, context):
+        while True:
+            if os.fork() == 0:
+                threading.Event().wait()
+
+
+class Burns(JobType):
+    """Spends ``record`` seconds of CPU time (forever when the record is null), then answers."""
+
+    name, version, threaded = "burns", "1.0", True
+
+    def process(self, record, params, context):
+        start = time.process_time()
+        while record is None or time.process_time() - start < record:
+            pass
+        return os.getpid()
+
+
+class Counts(JobType):
+    """Answers each record after a short wait on the child's reactor: a job that takes a while."""
+
+    name, version, threaded = "counts", "1.0", False
+
+    async def process(self, record, params, context):
+        await task.deferLater(context.clock, 0.02)
         return record

@@ -428,6 +428,7 @@ async def test_real_sockets_slowloris_and_non_reader_cut_while_worker_works(reac
         token=server.secret,
         job_types=load_job_types(["noop"]),
         slots=2,
+        handlers="threads",
         threads=InlineThreads(),
     )
     worker.startService()
@@ -594,6 +595,7 @@ async def test_real_sockets_thousands_of_abandoned_connections_leave_nothing_beh
         token=server.secret,
         job_types=load_job_types(["sleep"]),
         slots=2,
+        handlers="threads",
         threads=InlineThreads(),
     )
     worker.startService()

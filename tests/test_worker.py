@@ -639,16 +639,31 @@ def test_make_worker_service_builds_tree_without_connecting():
     clock = task.Clock()
     service = make_worker_service(clock, ["tcp:127.0.0.1:7700"], name="w1", token="t", job_types=TYPES, slots=2)
     assert isinstance(service, WorkerService) and not service.running
-    assert [child.name for child in service] == ["threads", "connection"]
+    assert [child.name for child in service] == ["handlers", "connection"]
     assert isinstance(service.getServiceNamed("connection"), ClientService)
     assert clock.getDelayedCalls() == []
+
+
+def test_make_worker_service_in_thread_mode_runs_handlers_in_a_thread_pool():
+    """``handlers="threads"`` puts a thread pool where the handler processes would be."""
+    service = make_worker_service(
+        task.Clock(), ["tcp:127.0.0.1:7700"], name="w1", token="t", job_types=TYPES, slots=2, handlers="threads"
+    )
+    assert [child.name for child in service] == ["threads", "connection"]
+
+
+def test_make_worker_service_refuses_an_unknown_handler_mode():
+    with pytest.raises(ValueError, match="handlers must be one of processes, threads"):
+        make_worker_service(task.Clock(), ["tcp:127.0.0.1:7700"], name="w1", token="t", job_types=TYPES, slots=2,
+                            handlers="fibres")  # fmt: skip
 
 
 def test_worker_service_connected_only_after_handshake():
     """when_connected fires once the HELLO is answered; stopping disconnects."""
     clock, endpoint = task.Clock(), FakeEndpoint()
     service = make_worker_service(
-        clock, [endpoint], name="w1", token="t", job_types={"noop": Noop()}, slots=1, threads=InlineThreads()
+        clock, [endpoint], name="w1", token="t", job_types={"noop": Noop()}, slots=1,
+        handlers="threads", threads=InlineThreads(),
     )
     service.startService()
     connected = service.when_connected()
@@ -715,6 +730,38 @@ def test_tap_options_refuse_bad_values(tmp_path):
     ):
         with pytest.raises(usage.UsageError):
             tap.Options().parseOptions(argv)
+
+
+def test_tap_handlers_and_limits_reach_the_service(tmp_path):
+    """--handlers picks processes or threads; --limits, per type and worker-wide, shape each attempt's limits."""
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    options = tap.Options()
+    options.parseOptions(
+        ["--secret-file", str(secret), "--memory", "800", "--limits", "cpu=60", "--limits", "noop:memory=100,files=32"]
+    )
+    assert options["handlers"] == "processes"
+    assert options["limits"].for_attempt("noop") == {"cpu": 60, "memory": 100, "files": 32}
+    assert options["limits"].for_attempt("other") == {"cpu": 60, "memory": 800}
+    assert [child.name for child in tap.makeService(options, reactor=task.Clock())] == ["handlers", "connection"]
+    threaded = tap.Options()
+    threaded.parseOptions(["--secret-file", str(secret), "--handlers", "threads"])
+    assert [child.name for child in tap.makeService(threaded, reactor=task.Clock())] == ["threads", "connection"]
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--handlers", "fibres"], "--handlers must be one of processes, threads"),
+        (["--limits", "disk=3"], "--limits: unknown limit 'disk'"),
+        (["--limits", "cpu=1", "--limits", "cpu=2"], "--limits: limit 'cpu' for every type is given twice"),
+    ],
+)
+def test_tap_refuses_bad_handlers_or_limits_saying_why(tmp_path, argv, words):
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    with pytest.raises(usage.UsageError, match=words):
+        tap.Options().parseOptions(["--secret-file", str(secret), *argv])
 
 
 def test_tap_make_service_does_not_connect(tmp_path):

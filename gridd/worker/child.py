@@ -1,15 +1,24 @@
 """A handler process: runs one job type's ``process`` for the worker, over its standard input and output.
 
 Started by ``gridd.worker.pool`` as ``python -m gridd.worker.child SPEC``,
-where SPEC is a JSON object: ``{"type": "module:Class", "limits": {...}}``.
-The process first leaves the worker's process group (``setsid``), so that
-the worker can kill it with everything it started, then applies its
-limits, loads the job type and says ``{"ready": {"pid": PID}}``.
+where SPEC is a JSON object::
+
+    {"type": "module:Class", "limits": {...}, "cgroups": [PROCS_FILE, ...],
+     "explain": {...}, "parent": PID}
+
+(``limits``: the rlimits to set; ``explain``: every limit of the process,
+to name the one a failure passed; ``parent``: the worker's pid). The
+process first joins its control groups (by writing its pid to each
+``cgroup.procs`` file), leaves the worker's process group (``setsid``), so
+that the worker can kill it with everything it started, asks to be killed
+when the worker dies, then applies its limits, loads the job type and says
+``{"ready": {"pid": PID}}``.
 
 It then serves attempts, one at a time, as JSON lines on standard input:
 
-- ``{"job": {"job": ID, "lease": L, "attempt": N, "total": T, "params": {...}}}``
-  starts an attempt;
+- ``{"job": {"job": ID, "lease": L, "attempt": N, "total": T, "params": {...}, "cpu": S}}``
+  starts an attempt (``cpu``, optional: the attempt may use S more seconds
+  of CPU time from now on, whatever earlier attempts used);
 - ``{"record": {"i": INDEX, "data": VALUE}}`` is one record of it, in order;
 - ``{"end": true}`` ends its records.
 
@@ -30,13 +39,18 @@ error instead, so that it cannot break the protocol.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
 import resource
+import signal
 import sys
 
-__all__ = ["LIMITS", "apply_limits", "main"]
+__all__ = ["LIMITS", "allow_cpu", "apply_limits", "die_with_parent", "join_cgroups", "main"]
+
+#: prctl's request to be sent a signal when the parent process dies.
+PR_SET_PDEATHSIG = 1
 
 #: The limits a handler process may be given, and the resource each sets.
 LIMITS = {
@@ -48,12 +62,48 @@ LIMITS = {
 
 
 def apply_limits(limits: dict) -> None:
-    """Set each limit given (None or absent: left as inherited) as both soft and hard limit."""
+    """Set each limit given (None or absent: left as inherited) as both soft and hard limit.
+
+    CPU time is the exception: only its soft limit is set, so that each
+    attempt can be given its own allowance (:func:`allow_cpu`).
+    """
     for name, value in limits.items():
         if value is None:
             continue
+        if name == "cpu":
+            allow_cpu(int(value))
+            continue
         amount = int(value) * 1024 * 1024 if name == "memory" else int(value)
         resource.setrlimit(LIMITS[name], (amount, amount))
+
+
+def allow_cpu(seconds: int) -> None:
+    """Let this process use ``seconds`` more of CPU time, then SIGXCPU ends it."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    used = int(usage.ru_utime + usage.ru_stime) + 1
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    soft = used + seconds
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
+def die_with_parent(parent: int | None) -> None:
+    """Be killed when the worker dies, even by SIGKILL: a handler never outlives its worker (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if parent is not None and os.getppid() != parent:  # the worker died before the request took hold
+        os._exit(1)
+
+
+def join_cgroups(procs_files: list[str]) -> None:
+    """Move this process into its control groups, before it runs anything it could leave them with."""
+    for path in procs_files:
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
 
 
 def load_type(path: str):
@@ -66,7 +116,9 @@ def load_type(path: str):
 
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[1])
+    join_cgroups(spec.get("cgroups") or [])
     os.setsid()
+    die_with_parent(spec.get("parent"))
     limits = spec.get("limits") or {}
     apply_limits(limits)
     out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
@@ -82,10 +134,15 @@ def main(argv: list[str]) -> int:
     def say(**message):
         out.write(json.dumps(message, separators=(",", ":"), allow_nan=False) + "\n")
 
+    named = spec.get("explain") or limits
+
     def explain(failure) -> str:
-        if failure.check(MemoryError) and limits.get("memory"):
-            return f"memory limit {limits['memory']} MiB ({failure.type.__name__})"
-        return f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        said = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        if failure.check(MemoryError) and named.get("memory"):
+            return f"memory limit {named['memory']} MiB ({failure.type.__name__})"
+        if failure.check(BlockingIOError) and named.get("processes"):
+            return f"process limit {named['processes']} ({said})"
+        return said
 
     async def attempt(job: dict, records: list[dict]):
         context = JobContext(
@@ -123,6 +180,8 @@ def main(argv: list[str]) -> int:
             elif "record" in message:
                 records.append(message["record"])
             elif "end" in message:
+                if job.get("cpu"):
+                    allow_cpu(int(job["cpu"]))
                 yield defer.Deferred.fromCoroutine(attempt(job, records)).addErrback(failed)
         done.callback(None)
 

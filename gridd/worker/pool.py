@@ -6,9 +6,11 @@ Rules this module owns:
   (``gridd.worker.child``), never in the worker's own: whatever the handler
   does (exits, crashes, hangs, eats memory) ends that process, fails that
   attempt only, and the worker keeps its connection and its other jobs.
-- Processes are reused across attempts of the same type and version, so a
-  process's start-up is paid once; at most ``size`` of them per type are
-  kept idle. A process that failed an attempt, was cancelled or passed a
+- Processes are reused across attempts of the same type, version and
+  limits, so a process's start-up is paid once; at most ``size`` of them per
+  type are kept idle. Limits are fixed when a process starts (rlimits, and a
+  control group of its own where the host offers one, ``gridd.worker.cgroups``),
+  except CPU time, which each attempt gets afresh. A process that failed an attempt, was cancelled or passed a
   limit is killed with its whole process group, never reused.
 - An attempt fails with a message naming its cause: the exit code or the
   signal, the memory or CPU limit passed, or the run-time limit.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -27,6 +30,7 @@ from typing import Any
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
+from gridd.worker.cgroups import Cgroups, Group
 from gridd.worker.processes import KeptOutput, end_of, kill
 from gridd.worker.runner import Assignment, AttemptFailed
 
@@ -36,6 +40,10 @@ log = Logger()
 
 #: The last bytes of a handler's standard error kept, for the error of a failed attempt.
 STDERR_KEPT = 16 * 1024
+#: Seconds between tries to remove an ended process's control group, and how many tries
+#: (killed processes leave their group only once the kernel has reaped them).
+REMOVAL_DELAY = 0.05
+REMOVAL_TRIES = 100
 
 
 def type_path(job_type: Any) -> str:
@@ -44,11 +52,13 @@ def type_path(job_type: Any) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _describe_end(reason, limits: dict) -> str:
+def _describe_end(reason, limits: dict, group: Group | None = None) -> str:
     """What ended a process, in words: "exit code 3", "killed by SIGSEGV", "CPU limit 10 s"."""
     code, killed_by = end_of(reason)
     if killed_by == "SIGXCPU" and limits.get("cpu"):
         return f"CPU limit {limits['cpu']} s"
+    if killed_by == "SIGKILL" and group is not None and group.killed_for_memory():
+        return f"memory limit {limits['memory']} MiB (control group)"
     if killed_by is not None:
         return f"killed by {killed_by}"
     return f"exit code {code}" if code else "exited"
@@ -57,9 +67,10 @@ def _describe_end(reason, limits: dict) -> str:
 class HandlerProcess(protocol.ProcessProtocol):
     """One handler process and the attempt it is serving, if any."""
 
-    def __init__(self, key: tuple, limits: dict):
+    def __init__(self, key: tuple, limits: dict, group: Group | None = None):
         self.key = key
         self.limits = limits
+        self.group = group
         self.ready = defer.Deferred()
         self.ended = defer.Deferred()
         self.pid: int | None = None
@@ -95,7 +106,7 @@ class HandlerProcess(protocol.ProcessProtocol):
 
     def processEnded(self, reason):
         self.alive = False
-        cause = _describe_end(reason, self.limits)
+        cause = _describe_end(reason, self.limits, self.group)
         if not self.ready.called:
             self.ready.errback(AttemptFailed(f"the handler process did not start ({cause}): {self.stderr_tail()}"))
         if self.on_end is not None:
@@ -116,26 +127,59 @@ class HandlerProcess(protocol.ProcessProtocol):
         if self.alive and self.pid is not None:
             kill(self.transport, self.pid, group=self.grouped)
 
+    def pause(self) -> None:
+        """Stop the process and everything it started (SIGSTOP to its group); nothing runs until resumed."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, number: int) -> None:
+        if self.alive and self.pid is not None:
+            try:
+                if self.grouped:
+                    os.killpg(self.pid, number)
+                else:
+                    os.kill(self.pid, number)
+            except ProcessLookupError:
+                pass
+
 
 class HandlerPool:
-    """The worker's handler processes, by job type and version; idle ones are reused."""
+    """The worker's handler processes, by job type, version and limits; idle ones are reused.
 
-    def __init__(self, reactor, *, size: int = 4, limits: dict | None = None):
+    ``limits`` are those of an attempt that names none; ``cgroups``, where
+    given, puts each process with a memory or process limit in control
+    groups of its own.
+    """
+
+    def __init__(self, reactor, *, size: int = 4, limits: dict | None = None, cgroups: Cgroups | None = None):
         self.reactor = reactor
         self.size = size
         self.limits = dict(limits or {})
+        self.cgroups = cgroups
         self._idle: dict[tuple, deque[HandlerProcess]] = defaultdict(deque)
         self._all: set[HandlerProcess] = set()
+        #: Control groups of ended processes that still held killed processes when last tried.
+        self._unremoved: list[Group] = []
+        self._removal_call = None
+        self._removal_tries = 0
 
-    def acquire(self, job_type: Any) -> defer.Deferred:
-        """Fire with a ready process for ``job_type``: an idle one, or one started now."""
-        key = (type_path(job_type), job_type.version)
+    def acquire(self, job_type: Any, limits: dict | None = None) -> defer.Deferred:
+        """Fire with a ready process for ``job_type`` under ``limits``: an idle one, or one started now."""
+        limits = self.limits if limits is None else dict(limits)
+        key = (type_path(job_type), job_type.version, tuple(sorted(limits.items())))
         idle = self._idle[key]
         while idle:
             process = idle.popleft()
             if process.alive:
                 return defer.succeed(process)
-        return self._start(key)
+        return self._start(key, limits)
+
+    @property
+    def processes(self) -> int:
+        """Handler processes alive now, busy or idle."""
+        return len(self._all)
 
     def release(self, process: HandlerProcess) -> None:
         """The attempt is over and went well: keep the process for the next one, if there is room."""
@@ -156,25 +200,63 @@ class HandlerPool:
         for process in list(self._all):
             process.kill()
         self._idle.clear()
-        return defer.DeferredList(ends)
+        return defer.DeferredList(ends).addCallback(lambda _: self._remove_groups(again=False))
 
-    def _start(self, key: tuple) -> defer.Deferred:
-        process = HandlerProcess(key, self.limits)
-        spec = json.dumps({"type": key[0], "limits": self.limits})
+    def _remove_groups(self, again: bool = True) -> None:
+        """Remove the groups of ended processes, killing what is left in them; try again shortly while any remain."""
+        if self._removal_call is not None and self._removal_call.active():
+            self._removal_call.cancel()
+        self._removal_call = None
+        for group in self._unremoved:
+            group.kill_all()
+        self._unremoved = [group for group in self._unremoved if not group.remove()]
+        if not self._unremoved:
+            self._removal_tries = 0
+        elif again and self._removal_tries < REMOVAL_TRIES:
+            self._removal_tries += 1
+            self._removal_call = self.reactor.callLater(REMOVAL_DELAY, self._remove_groups)
+
+    def _ended(self, process: HandlerProcess) -> None:
+        self._all.discard(process)
+        if process.group is not None:
+            if process.grouped:
+                kill(process.transport, process.pid, group=True)  # what it started, if anything is left
+            self._unremoved.append(process.group)
+        self._remove_groups()
+
+    def _start(self, key: tuple, limits: dict) -> defer.Deferred:
+        self._remove_groups()
+        group = None
+        if self.cgroups is not None and ("memory" in limits or "processes" in limits):
+            group = self.cgroups.make(memory=limits.get("memory"), processes=limits.get("processes"))
+        process = HandlerProcess(key, limits, group)
+        joins = group.procs_files() if group is not None else []
+        # A control group measures memory and processes better than rlimits can (address space
+        # is not memory; RLIMIT_NPROC counts all the user's processes and binds root not at all).
+        kept_by_group = {"memory": "memory", "processes": "pids"}
+        rlimits = {k: v for k, v in limits.items() if group is None or kept_by_group.get(k) not in group.paths}
+        spec = json.dumps({"type": key[0], "limits": rlimits, "cgroups": joins, "explain": limits, "parent": os.getpid()})
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.reactor.spawnProcess(process, sys.executable, [sys.executable, "-m", "gridd.worker.child", spec], env=env)
         self._all.add(process)
-        process.ended.addBoth(lambda r: self._all.discard(process) or r)
+        process.ended.addBoth(lambda r: self._ended(process) or r)
         return process.ready
 
 
 class ProcessRunner:
-    """Runs one attempt in a handler process from the pool; the ``JobRunner`` interface."""
+    """Runs one attempt in a handler process from the pool; the ``JobRunner`` interface.
 
-    def __init__(self, pool: HandlerPool, job_type: Any, assignment: Assignment, *, clock, on_result, on_progress):
+    ``limits`` (None: the pool's) are the attempt's; ``pause`` and ``resume``
+    stop and continue its process group.
+    """
+
+    def __init__(self, pool: HandlerPool, job_type: Any, assignment: Assignment, *, clock, on_result, on_progress,
+                 limits: dict | None = None):  # fmt: skip
         self._pool = pool
         self._job_type = job_type
         self._assignment = assignment
+        self._limits = limits
+        self._paused = False
         self._clock = clock
         self._on_result = on_result
         self._on_progress = on_progress
@@ -188,6 +270,17 @@ class ProcessRunner:
     def run(self) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(self._run())
 
+    def pause(self) -> None:
+        """Stop the attempt's process (SIGSTOP to its group) until :meth:`resume`."""
+        self._paused = True
+        if self._process is not None:
+            self._process.pause()
+
+    def resume(self) -> None:
+        self._paused = False
+        if self._process is not None:
+            self._process.resume()
+
     def cancel(self) -> None:
         self._cancelled = True
         if self._process is not None:
@@ -197,11 +290,13 @@ class ProcessRunner:
 
     async def _run(self) -> bool:
         a = self._assignment
-        process = await self._pool.acquire(self._job_type)
+        process = await self._pool.acquire(self._job_type, self._limits)
         if self._cancelled:
             self._pool.release(process)
             return False
         self._process = process
+        if self._paused:
+            process.pause()
         pending = deque(record["i"] for record in a.records)
         outcome = self._outcome = defer.Deferred()
 
@@ -233,6 +328,8 @@ class ProcessRunner:
         limit = a.timeout
         self._limit_call = self._clock.callLater(limit, end, AttemptFailed(f"run-time limit {limit:g} s"))
         job = {"job": a.job, "lease": a.lease, "attempt": a.attempt, "total": a.total, "params": a.params}
+        if "cpu" in process.limits:
+            job["cpu"] = process.limits["cpu"]
         process.send(job=job)
         for record in a.records:
             process.send(record=record)
@@ -244,6 +341,9 @@ class ProcessRunner:
             self._pool.discard(process)
             raise
         finally:
+            # The process is no longer this attempt's: a late cancel (the
+            # lease dropped after DONE) must not reach whoever reuses it.
+            self._process = None
             if self._limit_call.active():
                 self._limit_call.cancel()
         if completed:

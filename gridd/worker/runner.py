@@ -45,6 +45,8 @@ class Assignment:
     #: ``({"i": INDEX, "data": VALUE}, ...)``: only the records still without a result.
     records: tuple
     timeout: float
+    #: MiB of memory the job requires, and so may use (0: it says nothing).
+    memory: int = 0
 
     @classmethod
     def from_body(cls, body: dict) -> Assignment:
@@ -57,6 +59,7 @@ class Assignment:
             total=body["total"],
             records=tuple(body["records"]),
             timeout=body["timeout"],
+            memory=body.get("memory") or 0,
         )
 
 

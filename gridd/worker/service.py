@@ -1,16 +1,18 @@
-"""The worker's service tree: a thread pool and one reconnecting connection.
+"""The worker's service tree: its handler processes (or threads) and one reconnecting connection.
 
 ::
 
     WorkerService "gridworker"      returns running jobs on stop, then stops its children
-     ├── ThreadPoolService "threads"    runs threaded job types; started first, stopped last
+     ├── HandlerPoolService "handlers"  handler processes (the default); started first, stopped last
+     │   or ThreadPoolService "threads" runs threaded job types in threads (``handlers="threads"``)
      └── ClientService "connection"     connects, waits for the handshake, reconnects with backoff
 
 :func:`make_worker_service` builds the tree without starting it; starting it
 connects. Build a worker in-process (end-to-end tests, the demo) with::
 
     service = make_worker_service(reactor, ["tcp:127.0.0.1:7700"], name="w1",
-                                  token=secret, job_types=load_job_types(), slots=2)
+                                  token=secret, job_types=load_job_types(), slots=2,
+                                  handlers="threads")   # or "processes", the default
     service.startService()
     protocol = await service.when_connected()   # after the handshake
     ...
@@ -31,13 +33,18 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from gridd import tls
+from gridd.worker.cgroups import Cgroups
 from gridd.worker.command import CommandType
 from gridd.worker.core import WorkerCore
+from gridd.worker.limits import AttemptLimits
+from gridd.worker.pool import HandlerPool, ProcessRunner
 from gridd.worker.protocol import WorkerFactory
 from gridd.worker.runner import InlineThreads, PoolThreads
 
 __all__ = [
+    "HANDLER_MODES",
     "HANDSHAKE_TIMEOUT",
+    "HandlerPoolService",
     "STOP_TIMEOUT",
     "RoundRobinEndpoint",
     "ThreadPoolService",
@@ -50,6 +57,8 @@ __all__ = [
 HANDSHAKE_TIMEOUT = 30.0
 #: Seconds ``stopService`` waits for the server to acknowledge returned jobs.
 STOP_TIMEOUT = 10.0
+#: Where job types' records are processed: child processes (the default), or the worker's threads.
+HANDLER_MODES = ("processes", "threads")
 
 log = Logger()
 
@@ -92,6 +101,26 @@ class ThreadPoolService(Service):
     def stopService(self):
         super().stopService()
         self.pool.stop()
+
+
+class HandlerPoolService(Service):
+    """Owns the handler processes: stopping kills every one of them, with what they started."""
+
+    def __init__(self, pool: HandlerPool, limits: AttemptLimits):
+        self.pool = pool
+        self.limits = limits
+
+    def startService(self):
+        super().startService()
+        log.info(
+            "handlers run in child processes; limits: {limits}; {cgroups}",
+            limits=self.limits.describe(),
+            cgroups=self.pool.cgroups.describe() if self.pool.cgroups else "no control groups",
+        )
+
+    def stopService(self):
+        super().stopService()
+        return self.pool.stop().addCallback(lambda _: None)
 
 
 class WorkerService(MultiService):
@@ -166,6 +195,8 @@ def make_worker_service(
     tags: Iterable[str] = (),
     commands: Mapping[str, str] | None = None,
     exit_when_drained: bool = False,
+    handlers: str = "processes",
+    limits: AttemptLimits | None = None,
     threads: PoolThreads | InlineThreads | None = None,
     stop_timeout: float = STOP_TIMEOUT,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
@@ -177,7 +208,13 @@ def make_worker_service(
     checks the server's name strictly). ``threads`` replaces the thread pool
     (``InlineThreads()`` in tests). ``commands`` (NAME to absolute PATH, from
     ``--command``) adds the ``command`` job type running those programs.
+    ``handlers`` is where records are processed: ``"processes"`` (a pool of
+    handler processes, each attempt under ``limits``, the operator's
+    ``--limits`` and the job's memory) or ``"threads"`` (in this process, for
+    tests and embedding; limits do not apply).
     """
+    if handlers not in HANDLER_MODES:
+        raise ValueError(f"handlers must be one of {', '.join(HANDLER_MODES)}, not {handlers!r}")
     if commands:
         job_types = {**job_types, "command": CommandType(commands, reactor=reactor)}
     endpoints = []
@@ -188,10 +225,22 @@ def make_worker_service(
         endpoints.append(server)
     endpoint = endpoints[0] if len(endpoints) == 1 else RoundRobinEndpoint(endpoints)
 
-    pool_service = None
-    if threads is None:
+    pool_service = make_runner = None
+    if handlers == "processes":
+        limits = limits or AttemptLimits(offered_memory=memory)
+        cgroups = Cgroups()
+        handler_pool = HandlerPool(reactor, size=max(1, slots), cgroups=cgroups)
+        pool_service = HandlerPoolService(handler_pool, limits)
+        pool_service.setName("handlers")
+
+        def make_runner(job_type, assignment, **report):
+            attempt_limits = limits.for_attempt(assignment.type, assignment.memory)
+            return ProcessRunner(handler_pool, job_type, assignment, clock=reactor, limits=attempt_limits, **report)
+
+    elif threads is None:
         pool = ThreadPool(minthreads=0, maxthreads=max(1, slots), name="gridworker-jobs")
         pool_service = ThreadPoolService(pool)
+        pool_service.setName("threads")
         threads = PoolThreads(reactor, pool)
 
     core = WorkerCore(
@@ -201,6 +250,7 @@ def make_worker_service(
         memory=memory,
         tags=tags,
         threads=threads,
+        make_runner=make_runner,
         on_drained_idle=reactor.stop if exit_when_drained else None,
     )
     connection = ClientService(
@@ -216,9 +266,8 @@ def make_worker_service(
 
     worker = WorkerService(reactor, core, connection, stop_timeout)
     # Children start in this order and stop in the reverse one: the pool
-    # outlives the connection, so no threaded record loses its pool.
+    # outlives the connection, so no running record loses its process or thread.
     if pool_service is not None:
-        pool_service.setName("threads")
         pool_service.setServiceParent(worker)
     connection.setServiceParent(worker)
     return worker

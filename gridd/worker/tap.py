@@ -14,7 +14,8 @@ from twisted.python import usage
 from gridd import config, tls
 from gridd.jobtypes import load_job_types
 from gridd.worker.command import parse_command
-from gridd.worker.service import make_worker_service
+from gridd.worker.limits import LIMIT_NAMES, AttemptLimits
+from gridd.worker.service import HANDLER_MODES, make_worker_service
 
 __all__ = ["Options", "makeService"]
 
@@ -65,6 +66,14 @@ class Options(usage.Options):
         ],
         ["memory", None, 0, "Memory offered to one job, in MiB; jobs requiring more are not sent here.", int],
         ["tags", None, None, "Comma-separated labels jobs may require, e.g. gpu,linux (default: none)."],
+        [
+            "handlers",
+            None,
+            "processes",
+            "Where job types process records: 'processes' (default: a pool of child processes per type, "
+            "so that a handler that crashes, hangs or eats memory fails only its attempt) or 'threads' "
+            "(in the worker's own process: for trusted types and debugging; --limits do not apply).",
+        ],
     ]
     optFlags = [
         [
@@ -78,11 +87,25 @@ class Options(usage.Options):
         super().__init__()
         self["servers"] = []
         self["commands"] = []
+        self["limits"] = []
 
     def opt_server(self, spec):
         """Endpoint of a gridd server, e.g. tls:gridd.example:7701:trustRoots=certs
         [default: tcp:127.0.0.1:7700]. Repeatable: each reconnect attempt tries the next."""
         self["servers"].append(spec)
+
+    def opt_limits(self, spec):
+        self["limits"].append(spec)
+
+    opt_limits.__doc__ = (
+        "Limits of each attempt's handler process, as NAME=VALUE,... for every job type or "
+        "TYPE:NAME=VALUE,... for one (a type's own wins). Names: "
+        + "; ".join(f"{name} ({words})" for name, words in LIMIT_NAMES.items())
+        + ". memory and processes use a control group of the process's own where the host offers "
+        "one, else RLIMIT_AS and RLIMIT_NPROC. A job requiring memory (requires.memory) is limited to "
+        "that, and with --memory and no memory limit each job to what is offered; a lower limit of "
+        "yours always wins. The run-time limit is the job's timeout. Repeatable. [default: none]"
+    )
 
     def opt_command(self, spec):
         self["commands"].append(spec)
@@ -121,6 +144,12 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--command {name} is given twice")
             commands[name] = path
         self["commands"] = commands
+        if self["handlers"] not in HANDLER_MODES:
+            raise usage.UsageError(f"--handlers must be one of {', '.join(HANDLER_MODES)}")
+        try:
+            self["limits"] = AttemptLimits.from_specs(self["limits"], offered_memory=self["memory"])
+        except ValueError as e:
+            raise usage.UsageError(f"--limits: {e}") from None
         types = None if self["types"] is None else _comma_list(self["types"])
         if types is not None and "command" in types:
             if not commands:
@@ -151,5 +180,7 @@ def makeService(options, reactor=None):
         memory=options["memory"],
         tags=options["tags"],
         commands=options["commands"],
+        handlers=options["handlers"],
+        limits=options["limits"],
         exit_when_drained=bool(options["exit-when-drained"]),
     )
