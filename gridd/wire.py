@@ -47,7 +47,7 @@ _VERB = re.compile(rb"[A-Z]{1,16}\Z")
 _MAX_INT = 2**53 - 1
 
 #: Messages that are no request and get no reply, in either direction (PROTOCOL.md 2).
-NOTIFICATIONS = frozenset({"BEAT", "PONG", "PING", "JOB", "REVOKE", "DRAIN", "EVENT", "BYE"})
+NOTIFICATIONS = frozenset({"BEAT", "PONG", "PING", "JOB", "REVOKE", "DRAIN", "HOST", "EVENT", "BYE"})
 
 
 @dataclass(frozen=True)
@@ -240,9 +240,11 @@ SERVER_VERBS: dict[str, dict] = {
         "total": (_int(1), True),
         "records": (_list_of(lambda r: isinstance(r, dict) and _int()(r.get("i")) and "data" in r), True),
         "timeout": (_num(), True),
+        "memory": (_int(0), False),
     },
     "REVOKE": {"job": _JOB, "lease": _LEASE, "reason": (_str(0, 256), True)},
     "DRAIN": {"drain": (_is_bool, True)},
+    "HOST": {"busy": (_is_bool, True), "reason": (_str(0, 4096), False)},
     "EVENT": {"job": _JOB, "state": (_str(1, 32), True)},
     "BYE": {"reason": (_str(0, 256), False)},
 }

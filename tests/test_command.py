@@ -20,7 +20,7 @@ from gridd.worker import tap
 from gridd.worker.command import STDERR_KEPT, CommandRunner, CommandType, parse_command
 from gridd.worker.runner import Assignment, AttemptFailed
 from gridd.worker.service import make_worker_service
-from tests.live import bounded
+from tests.live import bounded, turns
 
 #: Upper-cases each record (a JSON string), and gives the record "bad" an error result.
 UPPER = r"""
@@ -373,3 +373,33 @@ def test_parse_command_keeps_equals_signs_in_the_path(tmp_path):
     path.write_text("#!/bin/sh\n")
     path.chmod(0o755)
     assert parse_command(f"run={path}") == ("run", str(path))
+
+
+@pytest_twisted.ensureDeferred
+async def test_pause_stops_the_program_and_what_it_started_and_resume_lets_it_finish(reactor, script):
+    """Paused, the program's whole group is stopped (state T, a child of it too); resumed, it gives every result."""
+    path = script(
+        "pausable",
+        "read -r line\nsleep 1000 &\nprintf '{\"out\": %s}\\n' $!\n"
+        'read -r go < "$0.go"\n'
+        "while IFS= read -r line; do printf '{\"out\": 1}\\n'; done\nkill $!\n",
+    )
+    os.mkfifo(path + ".go")
+    go = os.open(path + ".go", os.O_RDWR)  # a FIFO the program waits on: it reads a line only once written
+    attempt = Attempt(reactor, {"it": path}, ["a", "b", "c"])
+    first = await bounded(attempt.first, reactor)
+    child = first["out"]
+    attempt.runner.pause()
+
+    def stopped(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+    await turns(reactor, lambda: stopped(attempt.runner._pid) and stopped(child), what="the group stopped")
+    os.write(go, b"go\n")  # a stopped program cannot read it: only a resumed one goes on
+    attempt.runner.resume()
+    try:
+        assert await attempt.outcome() is True
+    finally:
+        os.close(go)
+    assert [r["i"] for r in attempt.results] == [0, 1, 2]

@@ -85,9 +85,11 @@ SERVER_EXAMPLES = {
         "total": 2,
         "records": [{"i": 0, "data": "a"}, {"i": 1, "data": None}],
         "timeout": 3600.0,
+        "memory": 512,
     },
     "REVOKE": {"job": 1, "lease": "L1", "reason": "cancelled"},
     "DRAIN": {"drain": True},
+    "HOST": {"busy": True, "reason": "VM host in use"},
     "EVENT": {"job": 1, "state": "done", "accepted": 2, "total": 2},
     "BYE": {"reason": "shutdown"},
 }

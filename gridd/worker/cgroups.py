@@ -120,7 +120,7 @@ class Cgroups:
                 for name in controllers.split(","):
                     if name in ("memory", "pids") and (root / name).is_dir():
                         self.bases[name] = (1, root / name / where)  # v1 first: v2 only where v1 lacks it
-        for name, (version, base) in list(self.bases.items()):
+        for name, (_, base) in list(self.bases.items()):
             if not os.access(base, os.W_OK):
                 del self.bases[name]
 

@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
-from gridd.worker.processes import KeptOutput, end_of, kill
+from gridd.worker.processes import KeptOutput, end_of, kill, pause, resume
 from gridd.worker.runner import Assignment, AttemptFailed
 
 __all__ = ["CommandType", "CommandRunner", "STDERR_KEPT", "parse_command"]
@@ -121,6 +121,7 @@ class CommandRunner(protocol.ProcessProtocol):
         self._stdout = bytearray()
         self._stderr = KeptOutput(STDERR_KEPT)
         self._pid: int | None = None
+        self._paused = False
         self._exited = False
         self._cancelled = False
         self._limit = None
@@ -160,6 +161,19 @@ class CommandRunner(protocol.ProcessProtocol):
         self._cancelled = True
         self._settle(False)
 
+    def pause(self) -> None:
+        """Stop the program and what it started (SIGSTOP to its group) until :meth:`resume`."""
+        self._paused = True
+        self._signal(pause)
+
+    def resume(self) -> None:
+        self._paused = False
+        self._signal(resume)
+
+    def _signal(self, send) -> None:
+        if self._pid is not None and not self._exited:
+            send(self._pid, group=bool(self._type.setsid))
+
     @property
     def stderr(self) -> str:
         """The standard error kept so far."""
@@ -169,6 +183,8 @@ class CommandRunner(protocol.ProcessProtocol):
 
     def connectionMade(self):
         self._pid = self.transport.pid
+        if self._paused:
+            self._signal(pause)
         # The transport buffers what the pipe cannot take yet; a program that
         # closes its input early only ends the writing (childConnectionLost).
         self.transport.write(self._stdin)

@@ -60,9 +60,24 @@ class ServerConnection(Protocol):
 
     def send_fail(self, job: int, lease: str, error: str, retry: bool) -> defer.Deferred: ...
 
-    def send_return(self, job: int, lease: str, reason: str) -> defer.Deferred: ...
+    def send_return(self, job: int, lease: str, reason: str, vacate: bool = False) -> defer.Deferred: ...
 
     def send_progress(self, job: int, lease: str, note: str) -> defer.Deferred: ...
+
+    def send_state(self, state: str, reason: str) -> defer.Deferred: ...
+
+    def send_check(self, holding: list[dict]) -> defer.Deferred: ...
+
+
+def _pause(runner) -> None:
+    """Pause a runner that can be paused (a job type's own runner may not)."""
+    if runner is not None and hasattr(runner, "pause"):
+        runner.pause()
+
+
+def _resume(runner) -> None:
+    if runner is not None and hasattr(runner, "resume"):
+        runner.resume()
 
 
 def _clip(text: str) -> str:
@@ -111,6 +126,15 @@ class WorkerCore:
         self._connection: ServerConnection | None = None
         self._max_line = wire.DEFAULT_MAX_LINE
         self._idle_waiters: list[defer.Deferred] = []
+        #: The host's state as this worker sees it: "idle", "busy" or "vacating" (STATE).
+        self.host_state = "idle"
+        self.host_reason = ""
+        #: Why running attempts are paused now ("host", "check"); empty: they run.
+        self._pauses: set[str] = set()
+        #: After a suspend, until the server has said which leases are still ours: nothing is reported.
+        self.checking = False
+        #: Called with (busy, reason) when the server relays the host-side signal (HOST).
+        self.on_host_signal: Callable[[bool, str], None] | None = None
 
     # -- what the HELLO says -------------------------------------------------
 
@@ -136,9 +160,20 @@ class WorkerCore:
         """A handshake succeeded: settle held leases by the reply, then report."""
         self._connection = connection
         self._max_line = connection.max_line
-        kept = {k["lease"]: k for k in welcome.get("kept") or ()}
-        lost = {k["lease"]: k for k in welcome.get("lost") or ()}
+        self._settle(welcome, set(self._holdings))
+        if self.host_state == "vacating":  # the HELLO could only say busy
+            self._send_state(connection)
+        self._end_check()
         for holding in list(self._holdings.values()):
+            self._flush(holding)
+
+    def _settle(self, reply: dict, listed: set[str]) -> None:
+        """Keep the ``listed`` leases the reply (HELLO's or CHECK's) lists in ``kept``; drop the other listed ones."""
+        kept = {k["lease"]: k for k in reply.get("kept") or ()}
+        lost = {k["lease"]: k for k in reply.get("lost") or ()}
+        for holding in list(self._holdings.values()):
+            if holding.lease not in listed:
+                continue
             if holding.lease in kept:
                 holding.reattach(kept[holding.lease].get("todo") or ())
                 self.log.info(
@@ -153,8 +188,6 @@ class WorkerCore:
                     "lease {lease} of job {job} lost: {reason}", lease=holding.lease, job=holding.job, reason=reason
                 )
                 self._drop(holding)
-        for holding in list(self._holdings.values()):
-            self._flush(holding)
 
     def detach(self, connection: ServerConnection) -> None:
         """The connection is gone; jobs keep running and results wait for the next."""
@@ -179,6 +212,9 @@ class WorkerCore:
         holding = self._holdings[assignment.lease] = Holding(assignment)
         if self.returning:
             self._conclude(holding, "RETURN", "worker is shutting down")
+            return
+        if self.host_state != "idle":  # sent before the server heard the host is busy
+            self._conclude(holding, "RETURN", f"the host is busy: {self.host_reason}", vacate=True)
             return
         job_type = self.job_types.get(assignment.type)
         if job_type is None:
@@ -206,6 +242,8 @@ class WorkerCore:
         holding.runner.run().addCallbacks(
             self._runner_finished, self._runner_failed, callbackArgs=(holding,), errbackArgs=(holding,)
         )
+        if self._pauses:
+            _pause(holding.runner)
 
     def _thread_runner(self, job_type, assignment: Assignment, *, on_result, on_progress) -> JobRunner:
         return JobRunner(
@@ -231,6 +269,101 @@ class WorkerCore:
             self._check_idle()
         else:
             self.log.info("undrained by the server: taking jobs again")
+
+    def host_signal(self, busy: bool, reason: str = "") -> None:
+        """``HOST``: the server relays the host-side signal (an operator's ``gridctl worker busy|idle``)."""
+        self.log.info("the server says the host is {state}", state="busy" if busy else "idle")
+        if self.on_host_signal is not None:
+            self.on_host_signal(busy, reason)
+
+    # -- from the host -------------------------------------------------------
+
+    def set_host_state(self, state: str, reason: str = "") -> None:
+        """The host is ``idle``, ``busy`` or ``vacating`` (its jobs paused): say it to the server (STATE).
+
+        While the host is not idle, a ``JOB`` the server sent before it heard
+        is given straight back (RETURN vacate).
+        """
+        if (state, reason) == (self.host_state, self.host_reason):
+            return
+        self.host_state, self.host_reason = state, reason
+        if self._connection is not None:
+            self._send_state(self._connection)
+
+    def pause(self, why: str) -> None:
+        """Stop every running attempt (its handler process gets SIGSTOP) until :meth:`resume` with the same ``why``."""
+        if not self._pauses:
+            for holding in self._holdings.values():
+                _pause(holding.runner)
+        self._pauses.add(why)
+
+    def resume(self, why: str) -> None:
+        """Undo one :meth:`pause`; attempts run again once no reason to pause is left."""
+        if why not in self._pauses:
+            return
+        self._pauses.discard(why)
+        if not self._pauses:
+            for holding in self._holdings.values():
+                _resume(holding.runner)
+
+    def vacate(self, reason: str) -> None:
+        """Give every running job back (RETURN with vacate): the host stayed busy past the grace period."""
+        for holding in list(self._holdings.values()):
+            if holding.outcome is None:
+                if holding.runner is not None:
+                    holding.runner.cancel()
+                self._conclude(holding, "RETURN", reason, vacate=True)
+
+    def check_leases(self, how: str) -> None:
+        """After a suspend (``how`` says what happened): pause every attempt, send nothing, ask the server (CHECK).
+
+        Leases the server no longer counts as this worker's are dropped with
+        their results unsent; the others resume. Without a connection, the
+        next handshake's reply answers the same question.
+        """
+        if not self._holdings:
+            self.log.info("{how}; no job was running", how=how)
+            return
+        self.log.info(
+            "{how}: {n} jobs paused until the server says which leases are still ours", how=how, n=len(self._holdings)
+        )
+        self.pause("check")
+        self.checking = True
+        if self._connection is not None:
+            connection, listed = self._connection, set(self._holdings)
+            d = connection.send_check(self.holding())
+            d.addCallbacks(
+                self._checked, self._check_failed, callbackArgs=(connection, listed), errbackArgs=(connection,)
+            )
+
+    def _checked(self, reply: dict, connection: ServerConnection, listed: set[str]) -> None:
+        if connection is not self._connection or not self.checking:
+            return  # a reconnect's handshake settled the leases
+        self._settle(reply, listed)
+        self._end_check()
+
+    def _check_failed(self, failure: Failure, connection: ServerConnection) -> None:
+        if failure.check(ConnectionDropped) or connection is not self._connection or not self.checking:
+            return  # the next handshake answers
+        self.log.warn("the server did not answer the lease check ({f.value}): going on with every lease", f=failure)
+        self._end_check()
+
+    def _end_check(self) -> None:
+        """The leases are settled: the kept ones run and report again."""
+        if not self.checking:
+            return
+        self.checking = False
+        self.resume("check")
+        for holding in list(self._holdings.values()):
+            self._flush(holding)
+
+    def _send_state(self, connection: ServerConnection) -> None:
+        d = connection.send_state(self.host_state, self.host_reason)
+        d.addErrback(self._state_refused, self.host_state)
+
+    def _state_refused(self, failure: Failure, state: str) -> None:
+        if not failure.check(ConnectionDropped):  # else the next HELLO says it
+            self.log.warn("the server refused STATE {state}: {f.value}", state=state, f=failure)
 
     # -- shutting down -------------------------------------------------------
 
@@ -292,13 +425,14 @@ class WorkerCore:
         if not self._holds(holding) or holding.outcome is not None:
             return
         holding.progress_note = _clip(note)
-        if not holding.progress_in_flight and self._connection is not None:
+        if not holding.progress_in_flight and self._connection is not None and not self.checking:
             self._send_progress(holding)
 
     # -- reporting -----------------------------------------------------------
 
-    def _conclude(self, holding: Holding, outcome: str, detail: str = "") -> None:
+    def _conclude(self, holding: Holding, outcome: str, detail: str = "", vacate: bool = False) -> None:
         if holding.finish(outcome, detail):
+            holding.vacate = vacate
             self._flush(holding)
 
     def _budget(self) -> int:
@@ -310,7 +444,7 @@ class WorkerCore:
             holding.flush_call.cancel()
         holding.flush_call = None
         connection = self._connection
-        if connection is None or holding.final_in_flight or not self._holds(holding):
+        if connection is None or self.checking or holding.final_in_flight or not self._holds(holding):
             return
         budget = self._budget()
         done = holding.outcome == "DONE"
@@ -348,7 +482,7 @@ class WorkerCore:
         elif holding.outcome == "FAIL":
             d = connection.send_fail(holding.job, holding.lease, holding.detail, True)
         else:
-            d = connection.send_return(holding.job, holding.lease, holding.detail)
+            d = connection.send_return(holding.job, holding.lease, holding.detail, holding.vacate)
         d.addCallbacks(
             self._final_accepted,
             self._final_refused,

@@ -35,6 +35,8 @@ class Holding:
         self.outcome: str | None = None
         #: The error text of FAIL or the reason of RETURN.
         self.detail = ""
+        #: A RETURN because the host became busy (RETURN vacate).
+        self.vacate = False
         self.unacked: dict[int, tuple[dict, int]] = {}
         self.unsent: list[int] = []
         #: After a reconnect: the records the server still wants.

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from gridd.worker.cgroups import Cgroups, Group
-from gridd.worker.processes import KeptOutput, end_of, kill
+from gridd.worker.processes import KeptOutput, end_of, kill, pause, resume
 from gridd.worker.runner import Assignment, AttemptFailed
 
 __all__ = ["HandlerPool", "HandlerProcess", "ProcessRunner"]
@@ -129,20 +128,12 @@ class HandlerProcess(protocol.ProcessProtocol):
 
     def pause(self) -> None:
         """Stop the process and everything it started (SIGSTOP to its group); nothing runs until resumed."""
-        self._signal(signal.SIGSTOP)
+        if self.alive and self.pid is not None:
+            pause(self.pid, group=self.grouped)
 
     def resume(self) -> None:
-        self._signal(signal.SIGCONT)
-
-    def _signal(self, number: int) -> None:
         if self.alive and self.pid is not None:
-            try:
-                if self.grouped:
-                    os.killpg(self.pid, number)
-                else:
-                    os.kill(self.pid, number)
-            except ProcessLookupError:
-                pass
+            resume(self.pid, group=self.grouped)
 
 
 class HandlerPool:
@@ -235,7 +226,9 @@ class HandlerPool:
         # is not memory; RLIMIT_NPROC counts all the user's processes and binds root not at all).
         kept_by_group = {"memory": "memory", "processes": "pids"}
         rlimits = {k: v for k, v in limits.items() if group is None or kept_by_group.get(k) not in group.paths}
-        spec = json.dumps({"type": key[0], "limits": rlimits, "cgroups": joins, "explain": limits, "parent": os.getpid()})
+        spec = json.dumps(
+            {"type": key[0], "limits": rlimits, "cgroups": joins, "explain": limits, "parent": os.getpid()}
+        )
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.reactor.spawnProcess(process, sys.executable, [sys.executable, "-m", "gridd.worker.child", spec], env=env)
         self._all.add(process)

@@ -13,7 +13,7 @@ import signal
 
 from twisted.internet import error
 
-__all__ = ["KeptOutput", "end_of", "kill"]
+__all__ = ["KeptOutput", "end_of", "kill", "pause", "resume"]
 
 
 def end_of(reason) -> tuple[int | None, str | None]:
@@ -40,6 +40,27 @@ def kill(transport, pid: int, *, group: bool) -> bool:
         else:
             transport.signalProcess("KILL")
     except (OSError, error.ProcessExitedAlready):
+        return False
+    return True
+
+
+def pause(pid: int, *, group: bool) -> bool:
+    """Stop process ``pid`` (SIGSTOP), with its whole group when it leads one; False if it was gone."""
+    return _send(pid, signal.SIGSTOP, group)
+
+
+def resume(pid: int, *, group: bool) -> bool:
+    """Continue a process :func:`pause` stopped (SIGCONT)."""
+    return _send(pid, signal.SIGCONT, group)
+
+
+def _send(pid: int, number: int, group: bool) -> bool:
+    try:
+        if group:
+            os.killpg(pid, number)
+        else:
+            os.kill(pid, number)
+    except OSError:
         return False
     return True
 

@@ -34,13 +34,17 @@ class WorkerProtocol(PeerProtocol):
 
     def hello_fields(self) -> dict:
         core = self.core
-        return {
+        fields = {
             "slots": core.slots,
             "types": core.type_versions(),
             "memory": core.memory,
             "tags": list(core.tags),
             "holding": core.holding(),
         }
+        if core.host_state != "idle":
+            # Vacating is said by a STATE after the handshake: HELLO knows only idle and busy.
+            fields["state"] = "busy"
+        return fields
 
     def fit_hello(self, body: dict) -> dict:
         """List as many held leases as fit in a HELLO line (PROTOCOL.md 6.2), the oldest first.
@@ -97,6 +101,8 @@ class WorkerProtocol(PeerProtocol):
             self.core.revoke(body["job"], body["lease"], body["reason"])
         elif message.verb == "DRAIN":
             self.core.set_drained(body["drain"])
+        elif message.verb == "HOST":
+            self.core.host_signal(bool(body["busy"]), str(body.get("reason") or ""))
         else:
             super().notification(message)
 
@@ -118,8 +124,20 @@ class WorkerProtocol(PeerProtocol):
     def send_fail(self, job: int, lease: str, error: str, retry: bool) -> defer.Deferred:
         return self.request("FAIL", {"job": job, "lease": lease, "error": error, "retry": retry})
 
-    def send_return(self, job: int, lease: str, reason: str) -> defer.Deferred:
-        return self.request("RETURN", {"job": job, "lease": lease, "reason": reason})
+    def send_return(self, job: int, lease: str, reason: str, vacate: bool = False) -> defer.Deferred:
+        body = {"job": job, "lease": lease, "reason": reason}
+        if vacate:
+            body["vacate"] = True
+        return self.request("RETURN", body)
+
+    def send_state(self, state: str, reason: str) -> defer.Deferred:
+        body = {"state": state}
+        if reason:
+            body["reason"] = reason
+        return self.request("STATE", body)
+
+    def send_check(self, holding: list[dict]) -> defer.Deferred:
+        return self.request("CHECK", {"holding": holding})
 
     def send_progress(self, job: int, lease: str, note: str) -> defer.Deferred:
         return self.request("PROGRESS", {"job": job, "lease": lease, "note": note})

@@ -129,6 +129,8 @@ class JobRunner:
         )
         self._current: defer.Deferred | None = None
         self._cancelled = False
+        #: While paused: fires on resume.
+        self._resumed: defer.Deferred | None = None
 
     def run(self) -> defer.Deferred:
         """Process every record; fires True when done, False when cancelled.
@@ -136,6 +138,16 @@ class JobRunner:
         Fails with the job type's exception when the attempt failed.
         """
         return defer.Deferred.fromCoroutine(self._run())
+
+    def pause(self) -> None:
+        """Take no further record until :meth:`resume` (a record already running finishes: threads cannot stop)."""
+        if self._resumed is None:
+            self._resumed = defer.Deferred()
+
+    def resume(self) -> None:
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.callback(None)
 
     def cancel(self) -> None:
         """Stop at the current record; its result, if it comes, is dropped.
@@ -150,6 +162,11 @@ class JobRunner:
     async def _run(self) -> bool:
         slice_start = self._clock.seconds()
         for record in self._assignment.records:
+            if self._resumed is not None:
+                try:
+                    await self._wait(self._resumed)
+                except defer.CancelledError:
+                    return False
             if self._cancelled:
                 return False
             index = record["i"]
