@@ -1107,7 +1107,9 @@ def test_sync_keeps_a_job_that_left_and_reentered_the_queue_during_its_read():
     store.answer("runnable")
     assert job_id in g.d.jobs and run(g.d.stats())["queued_runnable"] == 1
     run(g.d.set_slots(w, 1))
-    assert [j["job"] for j in w.take("JOB")] == [job_id]
+    assert w.take("JOB") == []  # kept from the worker that gave it back, for the return delay
+    other = g.worker("wb")
+    assert [j["job"] for j in other.take("JOB")] == [job_id]
     g.d.stop()
 
 
@@ -1153,8 +1155,12 @@ def test_fail_or_return_committed_though_reported_lost_answered_as_made_when_sen
     assert send() == ({"state": "queued", "retry_in": 1.0} if verb == "FAIL" else {})
     released = [e for e in g.state(job_id)["history"] if e["event"] == "released"]
     assert released == made["history"][-1:]  # not released a second time
-    g.clock.advance(1.0)
-    g.d.seen(w)
+    # FAIL: back after its backoff; RETURN: kept from the worker that gave it back for the return delay.
+    wait = 1.0 if verb == "FAIL" else g.d.return_delay
+    for _ in range(round(wait / 0.5)):
+        assert w.take("JOB") == []
+        g.clock.advance(0.5)
+        g.d.seen(w)
     [again] = w.take("JOB")
     assert (again["job"], again["attempt"]) == (job_id, 2 if verb == "FAIL" else 1)
 

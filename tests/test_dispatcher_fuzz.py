@@ -40,15 +40,32 @@ TERMINAL = ("done", "failed", "cancelled")
 
 
 class CheckedDispatcher(Dispatcher):
-    """The dispatcher, with the slot invariant asserted at the one place a new lease is made."""
+    """The dispatcher, with the slot and guest invariants asserted at the one place a new lease is made.
 
-    def _lease(self, worker, job):
+    That place is ``Leases.grant`` (every dispatch hands out a job through it).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        grant = self.leases.grant
+
+        def checked_grant(worker, job):
+            self.check_grant(worker, job)
+            grant(worker, job)
+
+        self.leases.grant = checked_grant
+        #: Grants checked so far (a check that never runs checks nothing).
+        self.grants_checked = 0
+
+    def check_grant(self, worker, job):
         assert self.dispatching, "a lease granted while dispatching is off"
         assert self.workers.get(worker.name) is worker, "a lease granted to a worker that is gone"
         assert not worker.drained, "a lease granted to a drained worker"
+        assert not worker.quiet, "a lease granted to a worker silent for more than one beat"
+        assert not job.kept_from(worker.name, self.clock.seconds()), "a job handed back to the worker that returned it"
         assert len(worker.leases) < worker.slots, "a lease granted beyond the worker's slots"
         assert job.lease is None and job.worker is None and job.state == "queued", "a job leased twice"
-        super()._lease(worker, job)
+        self.grants_checked += 1
 
 
 @dataclass

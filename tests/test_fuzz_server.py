@@ -892,6 +892,8 @@ class Request:
     at_limit: bool
     reply: wire.Message | None = None
     replied: int | None = None
+    #: The server's clock when its reply was read (at or after it was written).
+    replied_at: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -1171,6 +1173,7 @@ class HeldRun:
             req = self.awaiting[name].pop(msg.rid, None)
             assert req is not None, f"{name}: a reply for no request awaiting one (a second reply?): {body}"
             req.reply, req.replied = msg, stamp
+            req.replied_at = self.stack.clock.seconds()
             self._replied(req)
         elif verb == "JOB":
             assert is_worker, f"{name} got a JOB"
@@ -1373,7 +1376,15 @@ class HeldRun:
             i for i, j in jobs.items() if j["state"] == "queued" and (j["not_before"] is None or j["not_before"] <= now)
         ]
         free = [name for name in WORKERS if len(running[name]) < self.slots[name]]
-        assert not (runnable and free), f"jobs {runnable} wait to run while {free} have free slots"
+        # PROTOCOL.md 7.6: a job given back is kept from the worker that gave it back for the return
+        # delay, counted from the RETURN's commit (which is no later than its OK was read), and from
+        # nobody else.
+        delay = dispatcher.return_delay
+        kept = {
+            (r.body["job"], r.peer) for r in self.requests if r.verb == "RETURN" and r.ok and r.replied_at + delay > now
+        }
+        waiting = [(i, name) for i in runnable for name in free if (i, name) not in kept]
+        assert not waiting, f"jobs wait to run while workers with free slots may have them: {waiting}"
 
 
 def make_held_world(store: ControlledStore, role: str, limit: int, slots: dict[str, int], first: list[dict]) -> World:

@@ -22,7 +22,11 @@ Rules this module owns:
   its job's next state still waits for the commit.
 - Push, never poll: whenever a job becomes runnable or a slot frees up,
   runnable jobs are handed to free matching slots until either runs out
-  (``dispatch``), unless dispatching is stopped.
+  (``dispatch``), unless dispatching is stopped. So too when a job given up
+  may go back to the worker that gave it up (``return_delay`` later), and
+  when a quiet worker that a dispatch passed over is heard again.
+- A quiet worker (silent for more than one beat, ``gridd.scheduler.workers``)
+  is handed no job; the jobs it would have had stay queued for the others.
 - A job done, failed or cancelled leaves memory; the store keeps it.
 
 The job and lease states are those drawn in protocols/PROTOCOL.md,
@@ -42,7 +46,7 @@ from gridd import errors
 from gridd.scheduler.connection import IConnection, JobStatus
 from gridd.scheduler.control import Control
 from gridd.scheduler.leases import Leases
-from gridd.scheduler.model import Job, Lease, LeaseState
+from gridd.scheduler.model import Job, Lease, LeaseState, Worker
 from gridd.scheduler.queue import RunQueue
 from gridd.scheduler.rates import RateCounter
 from gridd.scheduler.results import Results
@@ -73,6 +77,7 @@ class Dispatcher:
         type_timeouts: dict[str, float] | None = None,
         backoff_base: float = 1.0,
         backoff_max: float = 300.0,
+        return_delay: float = 30.0,
         reattach_grace: float | None = None,
         sync_interval: float | None = None,
         new_lease: Callable[[], str] = lambda: secrets.token_hex(8),
@@ -86,6 +91,9 @@ class Dispatcher:
         self.type_timeouts = dict(type_timeouts or {})
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        #: Seconds a job given back (RETURN) is kept from the worker that gave
+        #: it back; any other matching worker may take it at once.
+        self.return_delay = return_delay
         # Reconnecting workers back off; give them time to find a restarted server.
         self.reattach_grace = reattach_grace if reattach_grace is not None else max(30.0, 2 * self.deadline)
         #: Seconds between looks at what other servers on the same store did
@@ -111,6 +119,8 @@ class Dispatcher:
         self.views = Views(self)
         self.shared = SharedStore(self)
         self._in_dispatch = False
+        #: Timers of dispatches due when a job given up may go back to its worker.
+        self._wakeups: set = set()
         #: When a stall of this server was last said (say_stalled).
         self._stall_said_at = -math.inf
 
@@ -151,6 +161,10 @@ class Dispatcher:
         for job in self.jobs.values():
             self.cancel_timer(job)
             self.leases.stop(job)
+        for call in self._wakeups:
+            if call.active():
+                call.cancel()
+        self._wakeups.clear()
         self.workers.stop()
 
     # ------------------------------------------------------------------
@@ -282,24 +296,50 @@ class Dispatcher:
     # ------------------------------------------------------------------
     # pushing work
 
-    def dispatch(self):
-        """Push runnable jobs to free matching slots until one of them runs out."""
+    def dispatch(self, only: Worker | None = None):
+        """Push runnable jobs to free matching slots until one of them runs out.
+
+        ``only``: fill that worker's free slots alone (it was heard again).
+        A quiet worker is passed over, and marked so (``Worker.passed_over``).
+        """
         if not self.dispatching or self._in_dispatch or not self.queue:
             return
         self._in_dispatch = True
         try:
+            now = self.clock.seconds()
             progress = True
             while progress and self.queue:
                 progress = False
-                for worker in self.workers.values():
+                for worker in self.workers.values() if only is None else [only]:
                     if worker.free <= 0 or worker.drained:
                         continue
-                    job_id = self.queue.pop_for(worker)
+                    if worker.quiet:
+                        worker.passed_over = True
+                        continue
+                    worker.passed_over = False
+                    job_id = self.queue.pop_for(worker, now)
                     if job_id is not None:
                         self.leases.grant(worker, self.jobs[job_id])
                         progress = True
         finally:
             self._in_dispatch = False
+
+    def gave_up(self, job: Job, name: str):
+        """Worker ``name`` gave ``job`` up: keep it from that worker for ``return_delay`` seconds.
+
+        Called before the job is queued again. Then a dispatch, in case only
+        that worker can take it.
+        """
+        if self.return_delay <= 0:
+            return
+        job.give_up(name, self.clock.seconds() + self.return_delay)
+
+        def wake():
+            self._wakeups.discard(call)
+            self.dispatch()
+
+        call = self.clock.callLater(self.return_delay, wake)
+        self._wakeups.add(call)
 
     # ------------------------------------------------------------------
     # a job's resting states and its end

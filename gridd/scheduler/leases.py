@@ -23,6 +23,10 @@ Rules this module owns:
 - A job that fails or loses its worker goes back to the queue while it has
   attempts left (``1 + retries`` in all), after a backoff that doubles with
   each attempt; then it fails.
+- A job its worker gives back (RETURN) is queued again at once, kept from
+  that worker for ``return_delay`` seconds from the commit
+  (``gridd.scheduler.queue``); this server knows only of the RETURNs made
+  to it.
 - The run-time limit of an attempt counts from its grant, across reattaches,
   and is judged as a heartbeat deadline is (a DONE sent in time but not yet
   read is taken).
@@ -413,13 +417,18 @@ class Leases:
 
     async def give_back(self, conn, job_id: int, token: str, reason: str | None) -> dict:
         job = self.leased(conn, job_id, token)
-        await self.close(job, "returned", error=reason, count=False)
+        await self.close(job, "returned", error=reason, count=False, given_up=True)
         return {}
 
-    async def close(self, job: Job, kind: str, *, error=None, retry=True, backoff=False, count=True):
-        """A worker ends its own lease (FAIL, RETURN): commit, then apply."""
+    async def close(self, job: Job, kind: str, *, error=None, retry=True, backoff=False, count=True, given_up=False):
+        """A worker ends its own lease (FAIL, RETURN): commit, then apply.
+
+        ``given_up``: the worker gave the job up (RETURN): once queued again it
+        is kept from that worker for a while (``Dispatcher.gave_up``).
+        """
         core = self.core
         lease = job.lease
+        name = lease.worker.name if lease.worker is not None else None
         lease.state = LeaseState.CLOSING
         state, not_before, attempts = self.next_state(job, retry=retry, backoff=backoff, count=count)
         try:
@@ -432,6 +441,8 @@ class Leases:
             raise
         self.detach(job, kind)
         job.attempts = attempts
+        if given_up and name is not None and state == "queued":
+            core.gave_up(job, name)  # before it is queued again: the queue reads it then
         core.enter(job, state, not_before)
         return state, not_before
 

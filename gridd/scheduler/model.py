@@ -15,6 +15,13 @@ Rules this module owns:
 - A job without a lease rests: in the run queue, waiting out a backoff
   (``Job.timer``), held out of the queue while operators' changes of it
   commit (``Job.changes``), or paused.
+- A job remembers the names of the workers that gave it up here (RETURN),
+  each with the time until which it is kept from that worker
+  (``Job.given_up``); at most ``GIVEN_UP_KEPT`` of them: when one more gives
+  it up, the name whose time ends first is forgotten.
+- A worker is quiet (``Worker.quiet``) from the moment it has been silent
+  for more than one beat until a line from it arrives
+  (``gridd.scheduler.workers`` judges it).
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ from typing import Any
 
 from gridd.scheduler.connection import IConnection, JobStatus
 
-__all__ = ["Bucket", "Job", "Lease", "LeaseState", "Worker", "parse_version"]
+__all__ = ["Bucket", "GIVEN_UP_KEPT", "Job", "Lease", "LeaseState", "Worker", "parse_version"]
+
+#: How many names of workers that gave it up a job remembers at most.
+GIVEN_UP_KEPT = 8
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -121,6 +131,9 @@ class Job:
     #: Operators' changes of this resting job being committed: it is held
     #: out of the run queue meanwhile, so no slot hands it out under them.
     changes: int = 0
+    #: Workers that gave it up here, by name: until when it is kept from each
+    #: (on the server's clock), oldest first; at most ``GIVEN_UP_KEPT``.
+    given_up: dict[str, float] = field(default_factory=dict)
 
     @property
     def worker(self) -> Worker | None:
@@ -148,6 +161,25 @@ class Job:
     def status(self, note: str | None = None) -> JobStatus:
         return JobStatus(self.id, self.state, self.accepted, self.total, note)
 
+    def give_up(self, name: str, until: float):
+        """Worker ``name`` gave this job up: it is kept from that worker until ``until``."""
+        self.given_up.pop(name, None)
+        self.given_up[name] = until
+        while len(self.given_up) > GIVEN_UP_KEPT:
+            # Every entry is kept for the same delay: the first ends first.
+            del self.given_up[next(iter(self.given_up))]
+
+    def kept_from(self, name: str, now: float) -> bool:
+        """Is this job still kept from worker ``name`` at ``now``? Entries whose time is over are forgotten."""
+        given_up = self.given_up
+        while given_up:
+            first = next(iter(given_up))
+            if given_up[first] > now:
+                break
+            del given_up[first]
+        until = given_up.get(name)
+        return until is not None and until > now
+
 
 @dataclass(eq=False)
 class Worker:
@@ -168,6 +200,13 @@ class Worker:
     leases: dict[str, Job] = field(default_factory=dict)
     #: Its heartbeat deadline (gridd.deadline.Deadline), from its HELLO on.
     deadline: Any = None
+    #: Silent for more than one beat: it gets no new job until it is heard.
+    quiet: bool = False
+    #: The one-beat deadline that makes it quiet (a gridd.deadline.Deadline),
+    #: while it is not quiet.
+    quiet_timer: Any = None
+    #: A dispatch passed it over, free slots and all, while it was quiet.
+    passed_over: bool = False
 
     @property
     def free(self) -> int:

@@ -7,6 +7,10 @@ Rules this module owns:
   every tag it requires (``Worker.can_run``).
 - Order: of the jobs a worker can run, the highest priority goes first, and
   within a priority the lowest id (first in, first out).
+- A job a worker gave up is kept from that worker (by name) until the time
+  its ``Job.given_up`` says, and from nobody else: the worker gets the next
+  job it may have instead, and the job stays where it is in the queue for
+  the others. What a job is kept from is read when it is pushed.
 - A job is in the queue at most once. Each stay in the queue is numbered
   (``stay``), so that a judgement made from a read that began during one
   stay is not applied to the next.
@@ -27,6 +31,13 @@ class RunQueue:
     Removal is lazy: a job leaves the member set and its heap entry is skipped
     when it reaches the top; the heaps are compacted once most of what they
     hold is stale.
+
+    A job kept from some workers is also held in ``_kept`` while it is
+    queued. Only when a heap's top is such a job, kept from the very worker
+    asking, is it lifted off (with any more such jobs under it) and put back
+    once the worker's job is chosen: a worker that gave up nothing pays one
+    lookup per bucket, and one that did pays for the jobs it gave up that lie
+    ahead of the first it may have.
     """
 
     def __init__(self):
@@ -37,6 +48,8 @@ class RunQueue:
         self._stale = 0
         #: Pushes so far: the number of the latest stay.
         self._pushes = 0
+        #: Queued jobs that are kept from some worker, by id.
+        self._kept: dict[int, Job] = {}
 
     def __len__(self):
         return len(self._members)
@@ -54,10 +67,15 @@ class RunQueue:
             heapq.heappush(self._heaps.setdefault(job.bucket, []), job.id)
         self._pushes += 1
         self._members[job.id] = self._pushes
+        if job.given_up:
+            self._kept[job.id] = job
+        else:
+            self._kept.pop(job.id, None)
 
     def discard(self, job: Job):
         if self._members.pop(job.id, None) is None:
             return
+        self._kept.pop(job.id, None)
         self._stale += 1
         if self._stale > 1000 and self._stale > len(self._members):
             # Lazy removal leaves ids in the heaps until they reach a top: a
@@ -68,22 +86,50 @@ class RunQueue:
                 heapq.heapify(heap)
             self._stale = 0
 
-    def pop_for(self, worker: Worker) -> int | None:
-        """Remove and return the best job id ``worker`` can run, or None."""
+    def pop_for(self, worker: Worker, now: float) -> int | None:
+        """Remove and return the best job id ``worker`` can run and may have at ``now``, or None."""
         best = None
-        for bucket in list(self._heaps):
-            heap = self._heaps[bucket]
-            while heap and heap[0] not in self._members:
-                heapq.heappop(heap)
-            if not heap:
-                del self._heaps[bucket]
-                continue
-            if worker.can_run(bucket):
-                rank = (-bucket.priority, heap[0])
-                if best is None or rank < best[0]:
-                    best = (rank, bucket)
-        if best is None:
-            return None
-        job_id = heapq.heappop(self._heaps[best[1]])
-        del self._members[job_id]
-        return job_id
+        #: (heap, ids lifted off it): jobs kept from this worker, put back below.
+        lifted: list[tuple[list[int], list[int]]] = []
+        try:
+            for bucket in list(self._heaps):
+                heap = self._heaps[bucket]
+                runs = worker.can_run(bucket)
+                kept: list[int] = []
+                while heap:
+                    top = heap[0]
+                    if top not in self._members:
+                        heapq.heappop(heap)
+                    elif runs and self._kept and self._kept_from(top, worker.name, now):
+                        kept.append(heapq.heappop(heap))
+                    else:
+                        break
+                if kept:
+                    lifted.append((heap, kept))
+                elif not heap:
+                    del self._heaps[bucket]
+                    continue
+                if runs and heap:
+                    rank = (-bucket.priority, heap[0])
+                    if best is None or rank < best[0]:
+                        best = (rank, bucket)
+            if best is None:
+                return None
+            job_id = heapq.heappop(self._heaps[best[1]])
+            del self._members[job_id]
+            self._kept.pop(job_id, None)
+            return job_id
+        finally:
+            for heap, kept in lifted:
+                for job_id in kept:
+                    heapq.heappush(heap, job_id)
+
+    def _kept_from(self, job_id: int, name: str, now: float) -> bool:
+        job = self._kept.get(job_id)
+        if job is None:
+            return False
+        if job.kept_from(name, now):
+            return True
+        if not job.given_up:  # every worker's time is over: an ordinary job again
+            del self._kept[job_id]
+        return False

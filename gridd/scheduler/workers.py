@@ -17,6 +17,13 @@ Rules this module owns:
 - Every line from a worker moves its heartbeat deadline on; a worker whose
   deadline passes (``gridd.deadline`` allows for stalls and unread lines)
   is dropped and every lease it held ends at once, each a failed attempt.
+- A worker silent for more than one beat is quiet: it gets no new job (it
+  keeps its leases) until a line from it arrives; then its free slots are
+  filled at once if a dispatch passed it over meanwhile. Its silence is
+  judged as a deadline is, by a one-beat ``gridd.deadline.Deadline``: lines
+  already arrived are read first, and a server that was itself stalled
+  gives it one more beat, so a stall of this server does not make every
+  worker quiet.
 - A worker that disconnects loses its leases the same way; one an operator
   disconnects gives them back without using an attempt. When the server is
   shutting down, leases outlive their connections: workers reattach them
@@ -171,6 +178,7 @@ class Workers:
         self.by_name[name] = worker
         self.by_connection[conn] = worker
         worker.deadline = Deadline(core.clock, core.deadline, core.beat, lambda: self._silent(worker), core.say_stalled)
+        worker.quiet_timer = self._quiet_timer(worker)
         log.info(
             "worker {name} connected from {addr}: {slots} slots, types {types}, kept {k}, lost {l}",
             name=name,
@@ -184,12 +192,32 @@ class Workers:
         return {"kept": kept, "lost": lost}
 
     def seen(self, conn: IConnection):
-        """A line arrived from ``conn``: its heartbeat deadline moves on."""
+        """A line arrived from ``conn``: its heartbeat deadline moves on; a quiet worker is heard again."""
         worker = self.by_connection.get(conn)
         if worker is not None:
             worker.last_seen = self.core.clock.seconds()
             if worker.deadline is not None:
                 worker.deadline.touch()
+            if not worker.quiet:
+                if worker.quiet_timer is not None:
+                    worker.quiet_timer.touch()
+                return
+            worker.quiet = False
+            worker.quiet_timer = self._quiet_timer(worker)
+            if worker.passed_over:
+                self.core.dispatch(only=worker)
+
+    def _quiet_timer(self, worker: Worker) -> Deadline:
+        """The one-beat deadline after which ``worker`` is quiet (stalls of this server allowed for)."""
+        core = self.core
+        return Deadline(core.clock, core.beat, core.beat, lambda: self._quiet(worker))
+
+    def _quiet(self, worker: Worker):
+        """Silent for more than one beat: no new job until it is heard."""
+        worker.quiet_timer = None
+        if self.holds(worker):
+            worker.quiet = True
+            log.debug("worker {name} quiet for a beat: no new job until it is heard", name=worker.name)
 
     def connection_lost(self, conn: IConnection):
         self._hellos.discard(conn)
@@ -233,6 +261,8 @@ class Workers:
             del self.by_name[worker.name]
         if worker.deadline is not None:
             worker.deadline.cancel()
+        if worker.quiet_timer is not None:
+            worker.quiet_timer.cancel()
 
     def gone(self, worker: Worker, reason: str, spare=frozenset(), count=True):
         """Forget a worker; every lease it held ends, except the (lease, job id) pairs in ``spare``."""
@@ -254,3 +284,5 @@ class Workers:
         for worker in self.by_name.values():
             if worker.deadline is not None:
                 worker.deadline.cancel()
+            if worker.quiet_timer is not None:
+                worker.quiet_timer.cancel()
