@@ -328,6 +328,17 @@ class ClientProtocol(_Pages, PeerProtocol):
         """``drain``, ``undrain`` or ``disconnect`` a connected worker."""
         return self.request("WORKER", {"worker": name, "action": action}).addCallback(lambda _: None)
 
+    def worker_host(self, name: str, busy: bool, reason: str | None = None) -> Deferred[bool]:
+        """Say that worker ``name``'s host is busy (or idle again); fire with whether it is connected there.
+
+        The server relays it to the worker (``HOST``) now if it is connected,
+        and again after its next HELLO.
+        """
+        body = {"worker": name, "action": "busy" if busy else "idle"}
+        if reason:
+            body["reason"] = reason
+        return self._ask("WORKER", body, "connected")
+
     def dispatch(self, enabled: bool) -> Deferred[bool]:
         """Turn the global stop switch; fire with whether the server now dispatches."""
         return self._ask("DISPATCH", {"enabled": enabled}, "dispatching")
@@ -774,6 +785,7 @@ class Client(_Pages):
     resume = _sent_once("resume", "RESUME")
     requeue = _sent_once("requeue", "REQUEUE")
     worker_action = _sent_once("worker_action", "WORKER")
+    worker_host = _sent_once("worker_host", "WORKER")
     dispatch = _sent_once("dispatch", "DISPATCH")
     add_credential = _sent_once("add_credential", "CREDENTIAL add")
     list_credentials = _resent("list_credentials")
@@ -1288,6 +1300,7 @@ class BlockingClient:
     resume = _blocking("resume")
     requeue = _blocking("requeue")
     worker_action = _blocking("worker_action")
+    worker_host = _blocking("worker_host")
     dispatch = _blocking("dispatch")
     add_credential = _blocking("add_credential")
     list_credentials = _blocking("list_credentials")

@@ -22,6 +22,9 @@ __all__ = [
     "PRE_HELLO_MAX_LINE",
     "CREDENTIAL_ID",
     "ROLES",
+    "WORKER_STATES",
+    "HELLO_STATES",
+    "WORKER_ACTIONS",
     "Message",
     "parse_line",
     "encode",
@@ -42,6 +45,11 @@ MAX_WATCH = 10_000
 CREDENTIAL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 #: The roles a credential may have.
 ROLES = ("worker", "submitter", "admin")
+#: What a worker says of its host (``STATE``); a HELLO may say only the first two.
+WORKER_STATES = ("idle", "busy", "vacating")
+HELLO_STATES = ("idle", "busy")
+#: What an operator may do to a worker (``WORKER``).
+WORKER_ACTIONS = ("drain", "undrain", "disconnect", "busy", "idle")
 
 _VERB = re.compile(rb"[A-Z]{1,16}\Z")
 _MAX_INT = 2**53 - 1
@@ -167,6 +175,7 @@ PEER_VERBS: dict[str, dict] = {
         "memory": (_int(), False),
         "tags": (_list_of(_str(1, 128), hi=256), False),
         "holding": (_list_of(_holding, hi=100_000), False),
+        "state": (_one_of(*HELLO_STATES), False),
     },
     "BEAT": {"load": (_num(), False)},
     "PONG": {"n": (_int(), False)},
@@ -181,8 +190,16 @@ PEER_VERBS: dict[str, dict] = {
         "error": (_str(0, 65_536), True),
         "retry": (_is_bool, False),
     },
-    "RETURN": {"rid": _RID, "job": _JOB, "lease": _LEASE, "reason": (_str(0, 4096), False)},
+    "RETURN": {
+        "rid": _RID,
+        "job": _JOB,
+        "lease": _LEASE,
+        "reason": (_str(0, 4096), False),
+        "vacate": (_is_bool, False),
+    },
     "SLOTS": {"rid": _RID, "slots": (_int(0, 100_000), True)},
+    "STATE": {"rid": _RID, "state": (_one_of(*WORKER_STATES), True), "reason": (_str(0, 4096), False)},
+    "CHECK": {"rid": _RID, "holding": (_list_of(_holding, hi=100_000), True)},
     # client
     "SUBMIT": {"rid": _RID, "jobs": (_list_of(_jobspec, lo=1), True)},
     "SHOW": {"rid": _RID, "job": _JOB},
@@ -209,7 +226,8 @@ PEER_VERBS: dict[str, dict] = {
     "WORKER": {
         "rid": _RID,
         "worker": (_str(1, 128), True),
-        "action": (_one_of("drain", "undrain", "disconnect"), True),
+        "action": (_one_of(*WORKER_ACTIONS), True),
+        "reason": (_str(0, 4096), False),
     },
     "DISPATCH": {"rid": _RID, "enabled": (_is_bool, True)},
     "CREDENTIAL": {

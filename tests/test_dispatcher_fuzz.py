@@ -62,6 +62,7 @@ class CheckedDispatcher(Dispatcher):
         assert self.workers.get(worker.name) is worker, "a lease granted to a worker that is gone"
         assert not worker.drained, "a lease granted to a drained worker"
         assert not worker.quiet, "a lease granted to a worker silent for more than one beat"
+        assert worker.state == "idle", f"a lease granted to a worker whose host is {worker.state}"
         assert not job.kept_from(worker.name, self.clock.seconds()), "a job handed back to the worker that returned it"
         assert len(worker.leases) < worker.slots, "a lease granted beyond the worker's slots"
         assert job.lease is None and job.worker is None and job.state == "queued", "a job leased twice"
@@ -334,12 +335,36 @@ class DispatcherMachine(RuleBasedStateMachine):
             worker.held.pop(lease, None)
 
     @precondition(_connected)
-    @rule(valid=valid_mostly, data=st.data())
-    def give_back(self, valid, data):
+    @rule(valid=valid_mostly, vacate=st.booleans(), data=st.data())
+    def give_back(self, valid, vacate, data):
         worker = self._connected_worker(data)
         job, lease = self._pick_lease(worker, data, valid)
-        if self._request(self.d.give_back(worker.conn, job, lease, "host busy")) is not None:
+        if self._request(self.d.give_back(worker.conn, job, lease, "host busy", vacate)) is not None:
             worker.held.pop(lease, None)
+
+    @precondition(_connected)
+    @rule(state=st.sampled_from(["idle", "busy", "vacating"]), data=st.data())
+    def host_state(self, state, data):
+        """The worker says what its host is doing (STATE); only an idle one gets jobs (CheckedDispatcher)."""
+        worker = self._connected_worker(data)
+        self._request(self.d.set_state(worker.conn, state, "fuzz"))
+
+    @precondition(_connected)
+    @rule(data=st.data())
+    def check(self, data):
+        """After a suspend the worker asks which of its leases are still its own (CHECK) and drops the lost ones."""
+        worker = self._connected_worker(data)
+        holding = [{"job": h.job, "lease": lease} for lease, h in sorted(worker.held.items())]
+        reply = self._request(self.d.check_leases(worker.conn, holding))
+        if reply is None:
+            return
+        assert {k["lease"] for k in reply["kept"]} | {k["lease"] for k in reply["lost"]} == set(worker.held)
+        for kept in reply["kept"]:
+            job = self.d.jobs[kept["job"]]
+            assert job.token == kept["lease"] and job.worker is self.d.workers[worker.name]
+            worker.held[kept["lease"]].todo = set(kept["todo"])
+        for lost in reply["lost"]:
+            worker.held.pop(lost["lease"], None)
 
     @rule(name=worker_names, slots=st.integers(0, 3))
     def set_slots(self, name, slots):
@@ -430,6 +455,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         for name, worker in self.workers.items():
             if worker.conn is not None:
                 self._request(self.d.worker_action(name, "undrain"))
+                self._request(self.d.set_state(worker.conn, "idle"))
                 self._request(self.d.set_slots(worker.conn, 3))
             else:
                 self.hello(name, 3, False)

@@ -95,7 +95,7 @@ HELLO_REFUSALS = frozenset({"unsupported_proto", "bad_request", "auth_failed", "
 LEASE_VERBS = frozenset({"RESULT", "PROGRESS", "DONE", "FAIL", "RETURN"})
 #: What each role may send once ready (section 4's table; HELLO gets already_ready).
 ROLE_MAY_SEND = {
-    "worker": frozenset(LEASE_VERBS | {"SLOTS", "BEAT", "PONG"}),
+    "worker": frozenset(LEASE_VERBS | {"SLOTS", "STATE", "CHECK", "BEAT", "PONG"}),
     "submitter": frozenset(
         {"SUBMIT", "SHOW", "LIST", "RESULTS", "WORKERS", "STATS", "WATCH"}
         | {"CANCEL", "PAUSE", "RESUME", "REQUEUE", "BEAT", "PONG"}
@@ -126,8 +126,10 @@ TEMPLATES: dict[str, dict] = {
     "PROGRESS": {"job": 2, "lease": "L2", "note": "half way"},
     "DONE": {"job": 2, "lease": "L2", "results": [{"i": 0, "out": 0}, {"i": 1, "out": 1}]},
     "FAIL": {"job": 2, "lease": "L2", "error": "boom", "retry": True},
-    "RETURN": {"job": 2, "lease": "L2", "reason": "host busy"},
+    "RETURN": {"job": 2, "lease": "L2", "reason": "host busy", "vacate": True},
     "SLOTS": {"slots": 2},
+    "STATE": {"state": "busy", "reason": "keyboard in use"},
+    "CHECK": {"holding": [{"job": 2, "lease": "L2"}, {"job": 1, "lease": "L1"}]},
     "SUBMIT": {"jobs": [{"type": "noop", "records": ["a"]}]},
     "SHOW": {"job": 1},
     "LIST": {"state": "queued", "type": "noop", "after": 0, "limit": 10},
@@ -139,7 +141,7 @@ TEMPLATES: dict[str, dict] = {
     "PAUSE": {"job": 1},
     "RESUME": {"job": 1},
     "REQUEUE": {"job": 1},
-    "WORKER": {"worker": "w1", "action": "drain"},
+    "WORKER": {"worker": "w1", "action": "drain", "reason": "desk in use"},
     "DISPATCH": {"enabled": True},
     "CREDENTIAL": {"action": "add", "id": "k1", "role": "submitter", "note": "n"},
 }
@@ -169,9 +171,9 @@ POOLS: dict[str, list] = {
     "slots": [0, 1, 2, 100_000, 100_001, -1, 1.5],
     "records": [[], [1], ["a", "b", "c"], [None], "abc", [[[]]], ["x" * 3000]],
     "type": ["noop", "other", "fz", "", "x" * 128, "x" * 129, 7],
-    "state": ["queued", "running", "done", "bogus", "", "x" * 33],
+    "state": ["queued", "running", "done", "bogus", "", "x" * 33, "idle", "busy", "vacating"],
     "worker": ["w1", "w2", "wf", "fz", "nobody", "", "x" * 129],
-    "action": ["drain", "undrain", "disconnect", "add", "list", "revoke", "frob"],
+    "action": ["drain", "undrain", "disconnect", "busy", "idle", "add", "list", "revoke", "frob"],
     "id": ["k1", "k2", "fz", "bad id", "", "x" * 65],
     "role": ["worker", "submitter", "admin", "client", "root"],
     "enabled": [True, False, 1, None],
@@ -201,8 +203,15 @@ POOLS: dict[str, list] = {
     "note": ["", "n", "x" * 1025, None],
     "error": ["e", "", 5, None],
     "retry": [True, False, 0, "yes"],
-    "reason": ["busy", "", 5],
-    "holding": [[], [{"job": 1, "lease": "L1"}], [{"job": 1}]],
+    "reason": ["busy", "", 5, "x" * 4097],
+    "vacate": [True, False, 1, None],
+    "holding": [
+        [],
+        [{"job": 1, "lease": "L1"}],
+        [{"job": 2, "lease": "L2"}],
+        [{"job": 99, "lease": "L9"}],
+        [{"job": 1}],
+    ],
     "types": [{}, {"noop": "1.0"}, {"fz": "1.0"}, {"": "1"}, {"noop": 1}],
     "tags": [[], ["gpu"], [""], "gpu"],
     "memory": [0, -1, 2**53],
@@ -255,7 +264,7 @@ _VERBS = st.one_of(
 #: The verbs each kind of connection is fuzzed with most.
 CLIENT_FOCUS = ("SUBMIT", "SHOW", "LIST", "RESULTS", "WORKERS", "STATS", "WATCH", "CANCEL", "PAUSE", "RESUME")
 CLIENT_FOCUS += ("REQUEUE", "WORKER", "DISPATCH", "CREDENTIAL")
-WORKER_FOCUS = ("RESULT", "DONE", "FAIL", "RETURN", "PROGRESS", "SLOTS")
+WORKER_FOCUS = ("RESULT", "DONE", "FAIL", "RETURN", "PROGRESS", "SLOTS", "STATE", "CHECK")
 HELLO_FOCUS = ("HELLO",)
 
 
@@ -736,6 +745,12 @@ def test_server_worker_any_lines_only_own_leases_others_undisturbed(data, chunks
             sent = by_rid.get(reply.rid, []) if reply.verb == "OK" else []
             if len(sent) == 1 and sent[0].verb in LEASE_VERBS:
                 assert (sent[0].body["job"], sent[0].body["lease"]) in held, (sent[0], reply)
+            if len(sent) == 1 and sent[0].verb == "CHECK":
+                # Kept are only leases of this connection, each of them listed; the rest listed is lost.
+                listed = {(h["job"], h["lease"]) for h in sent[0].body["holding"]}
+                kept = {(k["job"], k["lease"]) for k in reply.body["kept"]}
+                lost = {(k["job"], k["lease"]) for k in reply.body["lost"]}
+                assert kept <= held and kept | lost == listed and not kept & lost, (sent[0], reply)
         for job in run(stack.store.list_jobs(limit=1000)):
             if job["id"] != 1:
                 for result in run(stack.store.get_results(job["id"])):
@@ -894,6 +909,9 @@ class Request:
     replied: int | None = None
     #: The server's clock when its reply was read (at or after it was written).
     replied_at: float | None = None
+    #: How many store calls had been made when it was sent (a STATE is acted on at once: a grant it
+    #: leads to is made after these).
+    calls_before: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -930,7 +948,9 @@ HELD_SPECS = [
 ]
 HELD_LISTS = [{}, {"state": "queued"}, {"state": "running", "limit": 5}, {"after": 1, "limit": 2}]
 HELD_CLIENT_VERBS = ("SUBMIT", "SHOW", "LIST", "STATS", "WATCH", "CANCEL", "PAUSE", "RESUME")
-HELD_WORKER_VERBS = ("RESULT", "DONE", "FAIL", "RETURN", "PROGRESS")
+HELD_WORKER_VERBS = ("RESULT", "DONE", "FAIL", "RETURN", "PROGRESS", "STATE")
+#: What a worker says of its host in the held runs (PROTOCOL.md 7.10).
+HELD_STATES = ("idle", "busy", "vacating")
 WORKERS = ("w1", "w2")
 
 _PICK = st.integers(0, 7)
@@ -1050,6 +1070,7 @@ class HeldRun:
         waiting[rid] = req
         before = self._quiet() if req.at_limit else None
         self.store.cause = (name, rid)
+        req.calls_before = len(self.store.calls)
         try:
             self.peers[name].send(verb, {"rid": rid, **body})
         finally:
@@ -1101,6 +1122,8 @@ class HeldRun:
         holds = [lease for lease in own if self.end_of(lease) == float("inf")]
         other = [lease for lease in self.leases if lease.worker != worker]
         fake = Lease(worker, self._job_pick(0), "L99", 3, [0, 1, 2], 0)
+        if verb == "STATE":
+            return {"state": HELD_STATES[(pick + variant) % len(HELD_STATES)]}
         if holds and pick < 5:
             lease = holds[pick % len(holds)]  # mostly one it holds
         else:
@@ -1136,6 +1159,8 @@ class HeldRun:
             body.update(error="boom", retry=variant % 2 == 0)
         elif verb == "RETURN":
             body["reason"] = "busy"
+            if variant % 2:
+                body["vacate"] = True
         else:
             body["note"] = f"n{variant}"
         return body
@@ -1177,6 +1202,12 @@ class HeldRun:
             self._replied(req)
         elif verb == "JOB":
             assert is_worker, f"{name} got a JOB"
+            # PROTOCOL.md 7.10: no lease is granted to a worker whose busy or vacating STATE was taken in,
+            # until its next STATE idle (a JOB granted before may still cross the STATE on the wire).
+            granted = min(i for i, c in enumerate(self.store.calls) if c.name == "grant" and c.args[1] == body["lease"])
+            said = [r for r in self.requests if r.peer == name and r.verb == "STATE" and r.calls_before <= granted]
+            if said and not said[-1].at_limit and (said[-1].reply is None or said[-1].ok):
+                assert said[-1].body["state"] == "idle", f"{name} granted a JOB while {said[-1].body['state']}: {body}"
             assert body["lease"] not in {lease.lease for lease in self.leases}, f"lease handed out twice: {body}"
             indices = [r["i"] for r in body["records"]]
             self.leases.append(Lease(name, body["job"], body["lease"], body["total"], indices, stamp))
@@ -1228,10 +1259,17 @@ class HeldRun:
             elif req.verb != "SUBMIT":
                 if c.args[:2] != (req.body["job"], req.body["lease"]):
                     continue
-                if c.name == "release" and c.kwargs["reason"] != {"FAIL": "failed", "RETURN": "returned"}[req.verb]:
+                if c.name == "release" and c.kwargs["reason"] != self._release_reason(req):
                     continue
             found.append(c)
         return found
+
+    @staticmethod
+    def _release_reason(req: Request) -> str:
+        """The reason a FAIL or RETURN (a vacate or not) records its lease's end with."""
+        if req.verb == "FAIL":
+            return "failed"
+        return "vacated" if req.body.get("vacate") else "returned"
 
     def _watched(self, job: int, stamp: int) -> bool:
         """The client's WATCH of ``job`` (or of all jobs) was answered before ``stamp``."""
@@ -1259,6 +1297,8 @@ class HeldRun:
             self.store.let_go(0)
             self.stack.settle()
             self.read()
+        for name in WORKERS:  # every worker's host is idle again: each may take work at the end
+            self.request(name, "STATE", {"state": "idle"})
         for _ in range(12):
             self.step(("advance", 1.0))
         assert not self.store.held
@@ -1286,7 +1326,7 @@ class HeldRun:
                     f"job {job} leased to {later.worker} ({later.lease}) while {earlier.worker} held {earlier.lease}"
                 )
         for req in self.requests:
-            if req.peer not in WORKERS or req.at_limit:
+            if req.peer not in WORKERS or req.at_limit or "lease" not in req.body:
                 continue
             mine = [le for le in self.leases if le.lease == req.body["lease"] and le.worker == req.peer]
             held = mine and mine[0].start < req.sent

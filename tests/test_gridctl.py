@@ -498,6 +498,50 @@ def test_worker_actions_send_worker_request(tmp_path, action, printed):
     assert grid.server.requests("WORKER") == [{"rid": 2, "worker": "desk-7", "action": action}]
 
 
+@pytest.mark.parametrize("action, busy", [("busy", True), ("idle", False)])
+def test_worker_busy_or_idle_sends_worker_request_with_reason(tmp_path, action, busy):
+    """worker busy|idle NAME --reason sends WORKER busy|idle with the reason and confirms it."""
+    grid = Grid(WORKER=lambda body: {"connected": True})
+    outcome = Outcome(grid, ["worker", action, "vm-3", "--reason", "desk in use"], tmp_path)
+    assert outcome.code == 0
+    assert outcome.lines() == [f"vm-3 host {action}"]
+    assert grid.server.requests("WORKER") == [{"rid": 2, "worker": "vm-3", "action": action, "reason": "desk in use"}]
+
+
+def test_worker_busy_for_a_worker_not_connected_says_when_it_is_told(tmp_path):
+    """worker busy NAME for a worker not connected: the server remembers it; gridctl says it is told at its HELLO."""
+    grid = Grid(WORKER=lambda body: {"connected": False})
+    outcome = Outcome(grid, ["worker", "busy", "vm-3"], tmp_path)
+    assert outcome.code == 0
+    assert outcome.lines() == ["vm-3 host busy (not connected: it is told at its next HELLO)"]
+    assert grid.server.requests("WORKER") == [{"rid": 2, "worker": "vm-3", "action": "busy"}]
+
+
+def test_worker_with_an_unknown_action_is_a_usage_error(monkeypatch, capsys):
+    """worker asleep NAME: exit 2 naming the choices; nothing is sent."""
+    forbid_react(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        gridctl.main(["worker", "asleep", "vm-3"])
+    assert e.value.code == 2
+    assert "invalid choice: 'asleep'" in capsys.readouterr().err
+
+
+def test_workers_table_shows_each_workers_host_state_and_silence(tmp_path):
+    """workers shows the STATE column: idle, busy with its reason, vacating, and silent workers marked."""
+    base = {"address": "10.0.0.7", "slots": 1, "running": [], "types": {}, "memory": 0, "tags": [], "drained": False,
+            "agent": "", "connected": 1.7e9, "last_seen": 1.7e9, "state_since": 1.7e9}  # fmt: skip
+    workers = [
+        {**base, "name": "a", "state": "idle", "state_reason": "", "silent": False},
+        {**base, "name": "b", "state": "busy", "state_reason": "cpu 80%", "silent": False},
+        {**base, "name": "c", "state": "vacating", "state_reason": "", "silent": True},
+    ]
+    outcome = Outcome(Grid(WORKERS=lambda body: {"workers": workers}), ["workers"], tmp_path)
+    assert outcome.code == 0
+    text = outcome.out.getvalue()
+    assert "STATE" in text and "busy (cpu 80%)" in text and "vacating, silent" in text
+    assert "idle" in text
+
+
 def test_dispatch_off_sends_enabled_false(tmp_path):
     """dispatch off turns the stop switch with enabled false and prints the server's answer."""
     grid = Grid(DISPATCH=lambda body: {"dispatching": body["enabled"]})

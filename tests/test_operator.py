@@ -238,7 +238,7 @@ def test_overview_rates_age_out_after_fifteen_minutes():
 
 
 def test_workers_shows_slots_running_jobs_beat_versions_and_address():
-    """Each connected worker is a row with its load, running job ids, last heartbeat, handlers and address."""
+    """Each connected worker is a row with its host state, load, running job ids, last heartbeat, handlers, address."""
     c = Console()
     w = c.worker("w2", slots=3)
     ids = c.submit({}, {})
@@ -247,10 +247,32 @@ def test_workers_shows_slots_running_jobs_beat_versions_and_address():
     [row] = report.data
     assert row["name"] == "w2" and sorted(row["running"]) == ids
     line = repr(report).splitlines()[1]
-    assert line.split()[:4] == ["w2", "2/3", f"{ids[0]},", str(ids[1])]
+    assert line.split()[:5] == ["w2", "idle", "2/3", f"{ids[0]},", str(ids[1])]
     assert "1.5 s ago" in line and "noop 1.0, sleep 2.1" in line and w.address in line and "test/1" in line
     run(c.grid.drain("w2"))
     assert "w2 (drained)" in repr(run(c.grid.workers()))
+
+
+def test_workers_shows_a_busy_worker_and_a_silent_one():
+    """The state column says what a worker said of its host, and marks one silent for more than a beat."""
+    c = Console()
+    w = c.worker("w2")
+    run(c.dispatcher.set_state(w, "vacating", "keyboard"))
+    assert repr(run(c.grid.workers())).splitlines()[1].split()[:2] == ["w2", "vacating"]
+    c.clock.advance(2.5)  # more than a beat without a line from it
+    assert "vacating (silent)" in repr(run(c.grid.workers()))
+
+
+def test_busy_and_idle_tell_the_worker_host_and_report_it():
+    """grid.busy and grid.idle send the worker HOST and say so; for a name not connected, when it is told."""
+    c = Console()
+    w = c.worker("w2")
+    report = run(c.grid.busy("w2", "desk in use"))
+    assert repr(report) == "worker w2: host busy" and report.data == {"connected": True}
+    assert w.take("HOST") == [{"busy": True, "reason": "desk in use"}]
+    run(c.grid.idle("w2"))
+    assert w.take("HOST") == [{"busy": False, "reason": "said by an operator"}]
+    assert repr(run(c.grid.busy("vm9"))) == "worker vm9: host busy (not connected: told at its next HELLO)"
 
 
 def test_job_shows_leases_errors_and_per_record_progress():

@@ -31,6 +31,7 @@ PEER_EXAMPLES = {
         "memory": 512,
         "tags": ["gpu", "linux"],
         "holding": [{"job": 3, "lease": "L3"}],
+        "state": "busy",
     },
     "BEAT": {"load": 0.25},
     "PONG": {"n": 3},
@@ -38,8 +39,10 @@ PEER_EXAMPLES = {
     "PROGRESS": {"rid": 3, "job": 1, "lease": "L1", "note": "half way"},
     "DONE": {"rid": 4, "job": 1, "lease": "L1", "results": [{"i": 2, "out": None}]},
     "FAIL": {"rid": 5, "job": 1, "lease": "L1", "error": "handler raised", "retry": False},
-    "RETURN": {"rid": 6, "job": 1, "lease": "L1", "reason": "host busy"},
+    "RETURN": {"rid": 6, "job": 1, "lease": "L1", "reason": "host busy", "vacate": True},
     "SLOTS": {"rid": 7, "slots": 0},
+    "STATE": {"rid": 22, "state": "vacating", "reason": "keyboard in use"},
+    "CHECK": {"rid": 23, "holding": [{"job": 1, "lease": "L1"}, {"job": 2, "lease": "L2"}]},
     "SUBMIT": {
         "rid": 8,
         "jobs": [
@@ -65,7 +68,7 @@ PEER_EXAMPLES = {
     "PAUSE": {"rid": 16, "job": 1},
     "RESUME": {"rid": 17, "job": 1},
     "REQUEUE": {"rid": 18, "job": 1},
-    "WORKER": {"rid": 19, "worker": "w1", "action": "drain"},
+    "WORKER": {"rid": 19, "worker": "w1", "action": "busy", "reason": "VM host in use"},
     "DISPATCH": {"rid": 20, "enabled": False},
     "CREDENTIAL": {"rid": 21, "action": "add", "id": "desk-7", "role": "worker", "note": "Anna's desktop"},
 }
@@ -350,6 +353,22 @@ BAD_REQUESTS = {
     "retry-string": _with("FAIL", retry="yes"),
     "enabled-int": _with("DISPATCH", enabled=1),
     "action-unknown": _with("WORKER", action="explode"),
+    "worker-reason-int": _with("WORKER", reason=1),
+    "worker-reason-too-long": _with("WORKER", reason="r" * 4097),
+    # The good-guest fields: a worker's host state, a vacate, the lease check.
+    "hello-state-vacating": _with("HELLO", state="vacating"),
+    "hello-state-unknown": _with("HELLO", state="asleep"),
+    "state-unknown": _with("STATE", state="away"),
+    "state-null": _with("STATE", state=None),
+    "state-reason-int": _with("STATE", reason=5),
+    "state-reason-too-long": _with("STATE", reason="r" * 4097),
+    "vacate-int": _with("RETURN", vacate=1),
+    "vacate-string": _with("RETURN", vacate="true"),
+    "check-holding-not-list": _with("CHECK", holding={"job": 1, "lease": "L1"}),
+    "check-holding-no-lease": _with("CHECK", holding=[{"job": 1}]),
+    "check-holding-job-string": _with("CHECK", holding=[{"job": "1", "lease": "L1"}]),
+    "check-holding-empty-lease": _with("CHECK", holding=[{"job": 1, "lease": ""}]),
+    "check-holding-too-many": _with("CHECK", holding=[{"job": 1, "lease": "L"}] * 100_001),
     "records-not-list": _with("SUBMIT", jobs=[{"type": "t", "records": "abc"}]),
     "records-empty": _with("SUBMIT", jobs=[{"type": "t", "records": []}]),
     "jobs-empty": _with("SUBMIT", jobs=[]),
@@ -677,3 +696,28 @@ def test_parse_line_verb_of_the_other_direction_is_unknown_and_names_its_rid():
     with pytest.raises(errors.UnknownVerb) as refused:
         wire.parse_line(b'JOB {"rid":5}')
     assert refused.value.rid == 5
+
+
+@pytest.mark.parametrize(("verb", "field"), [("STATE", "state"), ("CHECK", "holding")])
+def test_parse_line_good_guest_verbs_name_their_required_field(verb, field):
+    """STATE without a state and CHECK without holding are bad_request naming the field."""
+    body = copy.deepcopy(PEER_EXAMPLES[verb])
+    del body[field]
+    err = refused(line(verb, body))
+    assert err.message == f"{verb}: missing field {field!r}" and err.rid == body["rid"]
+
+
+@pytest.mark.parametrize("state", ["idle", "busy", "vacating"])
+def test_parse_line_state_takes_each_host_state_reason_optional(state):
+    """STATE takes idle, busy and vacating, with or without a reason; a HELLO takes idle and busy only."""
+    assert parse(f'STATE {{"rid":1,"state":"{state}"}}').body == {"rid": 1, "state": state}
+    hello = {k: v for k, v in PEER_EXAMPLES["HELLO"].items() if k != "state"}
+    if state == "vacating":
+        assert type(refused(line("HELLO", {**hello, "state": state}))) is errors.BadRequest
+    else:
+        assert parse(line("HELLO", {**hello, "state": state}).decode()).body["state"] == state
+
+
+def test_parse_line_check_with_empty_holding_accepted():
+    """CHECK may list no lease (a worker with nothing to check still gets an answer)."""
+    assert parse('CHECK {"rid":4,"holding":[]}').body == {"rid": 4, "holding": []}

@@ -193,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         control.add_argument("worker", metavar="WORKER")
         control.set_defaults(run=cmd_worker, action=action)
 
+    worker = commands.add_parser("worker", help="say that a worker's host is busy or idle (the host-side signal)")
+    worker.add_argument("action", choices=["busy", "idle"])
+    worker.add_argument("worker", metavar="WORKER")
+    worker.add_argument("--reason", default=None, help="why, for the worker's log and operators")
+    worker.set_defaults(run=cmd_worker_host)
+
     dispatch = commands.add_parser("dispatch", help="turn the global stop switch")
     dispatch.add_argument("switch", choices=["on", "off"])
     dispatch.set_defaults(run=cmd_dispatch)
@@ -666,12 +672,13 @@ async def cmd_workers(grid: client.Client, args, out: TextIO, err: TextIO) -> in
         for worker in workers:
             _print_json(out, worker)
         return EXIT_OK
-    table = _table("NAME", "ADDRESS", "BUSY", "TYPES", "MEMORY", "TAGS", "DRAINED", "AGENT", "LAST SEEN")
+    table = _table("NAME", "ADDRESS", "STATE", "BUSY", "TYPES", "MEMORY", "TAGS", "DRAINED", "AGENT", "LAST SEEN")
     for worker in workers:
         types = worker.get("types") or {}
         table.add_row(
             _text(worker.get("name")),
             _text(worker.get("address")),
+            _worker_state(worker),
             f"{len(worker.get('running') or [])}/{_text(worker.get('slots'))}",
             " ".join(f"{name}={version}" for name, version in sorted(types.items())) or "-",
             _text(worker.get("memory")),
@@ -684,6 +691,16 @@ async def cmd_workers(grid: client.Client, args, out: TextIO, err: TextIO) -> in
     return EXIT_OK
 
 
+def _worker_state(worker: dict) -> str:
+    """A worker's state for the table: idle, busy or vacating, with its reason; "silent" when it is."""
+    state = _text(worker.get("state"))
+    if worker.get("state_reason"):
+        state += f" ({worker['state_reason']})"
+    if worker.get("silent"):
+        state += ", silent"
+    return state
+
+
 async def cmd_stats(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     stats = await grid.stats()
     if args.json:
@@ -691,7 +708,7 @@ async def cmd_stats(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
         return EXIT_OK
     by_state = sorted((stats.get("jobs") or {}).items())
     rows = [(f"jobs {state}", count) for state, count in by_state]
-    rows += [(key, stats.get(key)) for key in ("workers", "slots", "busy")]
+    rows += [(key, stats.get(key)) for key in ("workers", "slots", "busy", "vacates")]
     rows.append(("dispatching", "yes" if stats.get("dispatching") else "no"))
     _console(out).print(_details(rows))
     return EXIT_OK
@@ -741,6 +758,13 @@ _DONE = {"drain": "drained", "undrain": "undrained", "disconnect": "disconnected
 async def cmd_worker(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     await grid.worker_action(args.worker, args.action)
     print(f"{args.worker} {_DONE[args.action]}", file=out)
+    return EXIT_OK
+
+
+async def cmd_worker_host(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
+    connected = await grid.worker_host(args.worker, args.action == "busy", args.reason)
+    later = "" if connected else " (not connected: it is told at its next HELLO)"
+    print(f"{args.worker} host {args.action}{later}", file=out)
     return EXIT_OK
 
 

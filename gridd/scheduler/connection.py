@@ -5,8 +5,9 @@ the server's line protocol (``gridd.server.actions`` renders each action
 as a wire line), an in-process connection for tests and embedding
 (``gridd.scheduler.inprocess``), or a test's fake. The scheduler never
 names a verb or a field of the wire; it offers jobs, revokes leases, tells
-watchers of changes, says whether a worker is drained, asks a peer whether
-it is alive and drops it.
+watchers of changes, says whether a worker is drained, relays what an
+operator says of a worker's host, asks a peer whether it is alive and drops
+it.
 
 Requests are answered by the return values of the scheduler's request
 methods (plain dicts and lists); the connection's owner renders them.
@@ -36,6 +37,8 @@ class JobOffer:
     records: list[tuple[int, Any]]
     #: The attempt's run-time limit in seconds, counted from the grant.
     timeout: float
+    #: The memory the job requires, in MiB (0: it names none).
+    memory: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class IConnection(Protocol):
 
     def drain(self, drained: bool) -> None:
         """Tell the worker whether it is drained (it gets no new jobs while it is)."""
+
+    def host(self, busy: bool, reason: str) -> None:
+        """Relay the host-side signal an operator set: the worker's host is busy, or idle again."""
 
     def drop(self, reason: str) -> None:
         """Close the connection now; the scheduler's ``connection_lost`` follows (perhaps later)."""

@@ -18,6 +18,12 @@ Rules this module owns:
 - Drained workers keep their leases and get no new jobs; a disconnected
   worker's leases go back to the queue without using an attempt. With
   dispatching stopped, no job is handed out at all.
+- An operator's word on a worker's host (busy or idle: the host-side signal
+  of a worker in a VM, which cannot see the desk) is relayed to the worker,
+  which answers with its state; the server itself gives the word no other
+  effect. It is remembered by worker name (at most ``HOST_SETTINGS_KEPT``
+  names, the oldest forgotten) and relayed again after that worker's next
+  HELLO, so a worker that was not connected, or reconnects, still hears it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ log = Logger()
 
 #: The reason a lease ended, by the state an operator's change sends its job to.
 REASONS = {"cancelled": "cancelled", "paused": "paused", "queued": "requeued"}
+#: How many workers' host settings (WORKER busy|idle) are remembered at most.
+HOST_SETTINGS_KEPT = 10_000
+#: The reason a host setting gives when the operator gave none.
+HOST_REASON = "said by an operator"
 
 
 class Control:
@@ -45,6 +55,8 @@ class Control:
 
     def __init__(self, core: Dispatcher):
         self.core = core
+        #: What operators last said of each worker's host, by name: (busy, reason), oldest first.
+        self.host_settings: dict[str, tuple[bool, str]] = {}
 
     async def cancel(self, job_id: int) -> dict:
         return await self._change(job_id, "cancelled", allowed=("queued", "running", "paused"))
@@ -58,9 +70,11 @@ class Control:
     async def requeue(self, job_id: int) -> dict:
         return await self._change(job_id, "queued", allowed=("running", "failed", "cancelled", "paused"), reset=True)
 
-    async def worker_action(self, name: str, action: str) -> dict:
+    async def worker_action(self, name: str, action: str, reason: str | None = None) -> dict:
         core = self.core
         worker = core.workers.by_name.get(name)
+        if action in ("busy", "idle"):
+            return self._host(name, action == "busy", reason or HOST_REASON, worker)
         if worker is None:
             raise errors.UnknownWorker(f"no connected worker {name!r}")
         log.info("worker {name}: {action} by operator", name=name, action=action)
@@ -73,6 +87,24 @@ class Control:
             core.workers.gone(worker, "disconnected", count=False)
             worker.conn.drop("disconnected by an operator")
         return {}
+
+    def _host(self, name: str, busy: bool, reason: str, worker) -> dict:
+        """Remember what an operator says of ``name``'s host and relay it now if that worker is connected here."""
+        settings = self.host_settings
+        settings.pop(name, None)
+        settings[name] = (busy, reason)
+        while len(settings) > HOST_SETTINGS_KEPT:
+            del settings[next(iter(settings))]
+        log.info(
+            "worker {name}: host {state} by operator ({reason}){later}",
+            name=name,
+            state="busy" if busy else "idle",
+            reason=reason,
+            later="" if worker is not None else "; not connected here, told at its next HELLO",
+        )
+        if worker is not None:
+            worker.conn.host(busy, reason)
+        return {"connected": worker is not None}
 
     async def set_dispatching(self, enabled: bool) -> dict:
         core = self.core

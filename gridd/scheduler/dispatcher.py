@@ -5,7 +5,8 @@ Its inputs, grouped by who calls them:
 - from connections (via ``gridd.server.session``, or in-process):
   ``worker_hello``, ``client_hello``, ``seen``, ``connection_lost``; the
   worker requests ``result``, ``progress``, ``done``, ``fail``,
-  ``give_back``, ``set_slots``; the client requests ``submit``, ``show``,
+  ``give_back`` (a vacate too), ``set_slots``, ``set_state``,
+  ``check_leases``; the client requests ``submit``, ``show``,
   ``list_jobs``, ``results``, ``workers_view``, ``stats``, ``watch``,
   ``cancel``, ``pause``, ``resume``, ``requeue``, ``worker_action``,
   ``set_dispatching``;
@@ -27,6 +28,8 @@ Rules this module owns:
   when a quiet worker that a dispatch passed over is heard again.
 - A quiet worker (silent for more than one beat, ``gridd.scheduler.workers``)
   is handed no job; the jobs it would have had stay queued for the others.
+  Nor is a worker whose host is busy or vacating (``Worker.state``); one
+  that says it is idle again gets work at once.
 - A job done, failed or cancelled leaves memory; the store keeps it.
 
 The job and lease states are those drawn in protocols/PROTOCOL.md,
@@ -119,6 +122,8 @@ class Dispatcher:
         self.views = Views(self)
         self.shared = SharedStore(self)
         self._in_dispatch = False
+        #: Jobs given back with RETURN vacate since this server started, for operators.
+        self.vacates = 0
         #: Timers of dispatches due when a job given up may go back to its worker.
         self._wakeups: set = set()
         #: When a stall of this server was last said (say_stalled).
@@ -195,11 +200,17 @@ class Dispatcher:
     def fail(self, conn, job_id: int, lease: str, error: str, retry: bool):
         return self.leases.fail(conn, job_id, lease, error, retry)
 
-    def give_back(self, conn, job_id: int, lease: str, reason: str | None):
-        return self.leases.give_back(conn, job_id, lease, reason)
+    def give_back(self, conn, job_id: int, lease: str, reason: str | None, vacate: bool = False):
+        return self.leases.give_back(conn, job_id, lease, reason, vacate)
 
     def set_slots(self, conn, slots: int):
         return self.workers.set_slots(conn, slots)
+
+    def set_state(self, conn, state: str, reason: str | None = None):
+        return self.workers.set_state(conn, state, reason)
+
+    def check_leases(self, conn, holding: list[dict]):
+        return self.workers.check(conn, holding)
 
     def show(self, job_id: int):
         return self.views.show(job_id)
@@ -237,8 +248,8 @@ class Dispatcher:
     def requeue(self, job_id: int):
         return self.control.requeue(job_id)
 
-    def worker_action(self, name: str, action: str):
-        return self.control.worker_action(name, action)
+    def worker_action(self, name: str, action: str, reason: str | None = None):
+        return self.control.worker_action(name, action, reason)
 
     def set_dispatching(self, enabled: bool):
         return self.control.set_dispatching(enabled)
@@ -311,7 +322,7 @@ class Dispatcher:
             while progress and self.queue:
                 progress = False
                 for worker in self.workers.values() if only is None else [only]:
-                    if worker.free <= 0 or worker.drained:
+                    if worker.free <= 0 or worker.drained or worker.state != "idle":
                         continue
                     if worker.quiet:
                         worker.passed_over = True

@@ -31,6 +31,7 @@ class InProcessConnection:
         on_revoke: Callable[[int, str, str], Any] | None = None,
         on_status: Callable[[JobStatus], Any] | None = None,
         on_drain: Callable[[bool], Any] | None = None,
+        on_host: Callable[[bool, str], Any] | None = None,
         on_drop: Callable[[str], Any] | None = None,
         alive: bool = True,
     ):
@@ -39,11 +40,12 @@ class InProcessConnection:
         self._on_revoke = on_revoke
         self._on_status = on_status
         self._on_drain = on_drain
+        self._on_host = on_host
         self._on_drop = on_drop
         #: What ``ping`` answers.
         self.alive = alive
         #: Every action so far, in order: ("offer", JobOffer), ("revoke", (job, lease, reason)),
-        #: ("tell", JobStatus), ("drain", bool), ("drop", reason).
+        #: ("tell", JobStatus), ("drain", bool), ("host", (busy, reason)), ("drop", reason).
         self.actions: list[tuple[str, Any]] = []
         #: Why the scheduler dropped this connection, once it has.
         self.dropped: str | None = None
@@ -71,6 +73,11 @@ class InProcessConnection:
         self.actions.append(("drain", drained))
         if self._on_drain is not None:
             self._on_drain(drained)
+
+    def host(self, busy: bool, reason: str) -> None:
+        self.actions.append(("host", (busy, reason)))
+        if self._on_host is not None:
+            self._on_host(busy, reason)
 
     def drop(self, reason: str) -> None:
         self.actions.append(("drop", reason))

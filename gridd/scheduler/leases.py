@@ -26,7 +26,9 @@ Rules this module owns:
 - A job its worker gives back (RETURN) is queued again at once, kept from
   that worker for ``return_delay`` seconds from the commit
   (``gridd.scheduler.queue``); this server knows only of the RETURNs made
-  to it.
+  to it. A vacate (RETURN with ``vacate``: the worker's host stayed busy) is
+  the same, recorded in the job's history as ``vacated``; neither uses an
+  attempt.
 - The run-time limit of an attempt counts from its grant, across reattaches,
   and is judged as a heartbeat deadline is (a DONE sent in time but not yet
   read is taken).
@@ -119,6 +121,7 @@ class Leases:
                 total=job.total,
                 records=sorted(job.pending.items()),
                 timeout=float(job.timeout),
+                memory=int(job.requires.get("memory") or 0),
             )
         )
         self.core.watchers.notify(job)
@@ -415,9 +418,12 @@ class Leases:
             reply["retry_in"] = max(0.0, not_before - self.core.clock.seconds())
         return reply
 
-    async def give_back(self, conn, job_id: int, token: str, reason: str | None) -> dict:
+    async def give_back(self, conn, job_id: int, token: str, reason: str | None, vacate: bool = False) -> dict:
+        """RETURN: the job goes back to the queue without using an attempt; a vacate is recorded as one."""
         job = self.leased(conn, job_id, token)
-        await self.close(job, "returned", error=reason, count=False, given_up=True)
+        await self.close(job, "vacated" if vacate else "returned", error=reason, count=False, given_up=True)
+        if vacate:
+            self.core.vacates += 1
         return {}
 
     async def close(self, job: Job, kind: str, *, error=None, retry=True, backoff=False, count=True, given_up=False):

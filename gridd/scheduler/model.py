@@ -22,6 +22,8 @@ Rules this module owns:
 - A worker is quiet (``Worker.quiet``) from the moment it has been silent
   for more than one beat until a line from it arrives
   (``gridd.scheduler.workers`` judges it).
+- A worker is in the state it last said of its host (``Worker.state``):
+  idle, busy or vacating; busy and vacating workers get no new job.
 """
 
 from __future__ import annotations
@@ -207,6 +209,13 @@ class Worker:
     quiet_timer: Any = None
     #: A dispatch passed it over, free slots and all, while it was quiet.
     passed_over: bool = False
+    #: What it says of its host (HELLO ``state``, ``STATE``): "idle", "busy"
+    #: or "vacating"; only an idle worker gets new jobs.
+    state: str = "idle"
+    #: Why, as it said (empty when it gave no reason).
+    state_reason: str = ""
+    #: When it entered that state (on the server's clock).
+    state_since: float = 0.0
 
     @property
     def free(self) -> int:

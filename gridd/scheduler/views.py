@@ -61,6 +61,10 @@ class Views:
                     "memory": w.memory,
                     "tags": sorted(w.tags),
                     "drained": w.drained,
+                    "state": w.state,
+                    "state_reason": w.state_reason,
+                    "state_since": w.state_since,
+                    "silent": w.quiet,
                     "agent": w.agent,
                     "connected": w.connected_at,
                     "last_seen": w.last_seen,
@@ -85,4 +89,5 @@ class Views:
             "busy": sum(len(w.leases) for w in workers),
             "queued_runnable": len(core.queue),
             "dispatching": core.dispatching,
+            "vacates": core.vacates,
         }

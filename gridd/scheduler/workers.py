@@ -123,10 +123,69 @@ class Workers:
                 old.conn.drop("superseded by a new connection")
         if core.stopped:
             raise errors.ShuttingDown()
-        kept, lost, taken = [], [], []
+        held, lost, taken = await self._sort_holding(name, holding, None)
+        assert not held
+        if core.stopped:
+            raise errors.ShuttingDown()
+        now = core.clock.seconds()
+        types = hello.get("types", {})
+        worker = Worker(
+            name=name,
+            conn=conn,
+            slots=hello.get("slots", 0),
+            types={t: parse_version(v) for t, v in types.items()},
+            type_versions=dict(types),
+            memory=hello.get("memory", 0),
+            tags=frozenset(hello.get("tags", ())),
+            agent=hello.get("agent", ""),
+            connected_at=now,
+            last_seen=now,
+            state=hello.get("state", "idle"),
+            state_since=now,
+        )
+        kept = self._take(worker, taken, lost)
+        self.by_name[name] = worker
+        self.by_connection[conn] = worker
+        worker.deadline = Deadline(core.clock, core.deadline, core.beat, lambda: self._silent(worker), core.say_stalled)
+        worker.quiet_timer = self._quiet_timer(worker)
+        log.info(
+            "worker {name} connected from {addr}: {slots} slots, types {types}, {state}, kept {k}, lost {l}",
+            name=name,
+            addr=conn.address,
+            slots=worker.slots,
+            types=sorted(types),
+            state=worker.state,
+            k=len(kept),
+            l=len(lost),
+        )
+        setting = core.control.host_settings.get(name)
+        if setting is not None:
+            # What an operator last said of this worker's host, after the HELLO reply and before any JOB.
+            core.clock.callLater(0, self._tell_host, worker, *setting)
+        core.clock.callLater(0, core.dispatch)
+        return {"kept": kept, "lost": lost}
+
+    def _tell_host(self, worker: Worker, busy: bool, reason: str):
+        if self.holds(worker):
+            worker.conn.host(busy, reason)
+
+    async def _sort_holding(self, name: str, holding: dict[str, int], worker: Worker | None):
+        """Sort the leases a worker says it holds (token -> job id): (held, lost, taken).
+
+        ``held``: (token, job) of the jobs whose current lease it is and that ``worker`` (the
+        connected worker asking, or None in a HELLO) holds here; ``lost``:
+        entries of the reply for the leases no longer its own, with their
+        reason; ``taken``: jobs whose current lease it is and that nobody
+        holds here (the store let this server take those over), to be bound
+        by :meth:`_take`.
+        """
+        core = self.core
+        held, lost, taken = [], [], []
         for token, job_id in holding.items():
             job = core.jobs.get(job_id)
-            if job is not None and job.token == token and job.worker is None:
+            if job is not None and job.token == token and worker is not None and job.worker is worker:
+                held.append((token, job))
+            elif job is not None and job.token == token and job.worker is None:
                 taken.append(job)
             elif job is not None and job.lease is not None:
                 lost.append({"job": job_id, "lease": token, "reason": core.leases.ended.get(token, "superseded")})
@@ -147,22 +206,13 @@ class Workers:
                 job = core.job_from_store(active)
                 core.jobs[job_id] = job
                 taken.append(job)
-        if core.stopped:
-            raise errors.ShuttingDown()
+        return held, lost, taken
+
+    def _take(self, worker: Worker, taken: list, lost: list) -> list[dict]:
+        """Bind the ``taken`` jobs to ``worker``; returns the reply's ``kept`` entries (and adds to ``lost``)."""
+        core = self.core
         now = core.clock.seconds()
-        types = hello.get("types", {})
-        worker = Worker(
-            name=name,
-            conn=conn,
-            slots=hello.get("slots", 0),
-            types={t: parse_version(v) for t, v in types.items()},
-            type_versions=dict(types),
-            memory=hello.get("memory", 0),
-            tags=frozenset(hello.get("tags", ())),
-            agent=hello.get("agent", ""),
-            connected_at=now,
-            last_seen=now,
-        )
+        kept = []
         for job in taken:
             core.leases.stop(job)
             if job.lease.granted_at + job.timeout <= now:
@@ -175,21 +225,58 @@ class Workers:
                 continue
             core.leases.bind(worker, job)
             kept.append({"job": job.id, "lease": job.token, "todo": sorted(job.pending)})
-        self.by_name[name] = worker
-        self.by_connection[conn] = worker
-        worker.deadline = Deadline(core.clock, core.deadline, core.beat, lambda: self._silent(worker), core.say_stalled)
-        worker.quiet_timer = self._quiet_timer(worker)
+        return kept
+
+    async def check(self, conn: IConnection, holding: list[dict]) -> dict:
+        """``CHECK``: which of the leases a connected worker lists are still its own, as a HELLO's reply says.
+
+        A lease it holds here is kept, with the records still without an
+        accepted result; one that ended (expired, superseded, timed out) is
+        lost, with the reason it ended. Leases it does not list are untouched.
+        """
+        core = self.core
+        worker = self.by_connection.get(conn)
+        if worker is None:
+            raise errors.ShuttingDown("the connection is closing")
+        name = worker.name
+        listed = {h["lease"]: h["job"] for h in holding}
+        held, lost, taken = await self._sort_holding(name, listed, worker)
+        if not self.holds(worker):
+            # It left while the store was asked: what it took over ends as its other leases did.
+            for job in taken:
+                core.leases.end_soon(job, "disconnected", error=f"worker {name} lost (disconnected)")
+            raise errors.ShuttingDown("connection closed during the lease check")
+        kept = []
+        for token, job in held:
+            if job.token == token and job.worker is worker:
+                kept.append({"job": job.id, "lease": token, "todo": sorted(job.pending)})
+            else:  # it ended while the store was asked about another
+                lost.append({"job": job.id, "lease": token, "reason": core.leases.ended.get(token, "superseded")})
+        kept += self._take(worker, taken, lost)
         log.info(
-            "worker {name} connected from {addr}: {slots} slots, types {types}, kept {k}, lost {l}",
+            "worker {name} checked its leases (after a suspend): kept {k}, lost {l}",
             name=name,
-            addr=conn.address,
-            slots=worker.slots,
-            types=sorted(types),
             k=len(kept),
             l=len(lost),
         )
-        core.clock.callLater(0, core.dispatch)
         return {"kept": kept, "lost": lost}
+
+    async def set_state(self, conn: IConnection, state: str, reason: str | None) -> dict:
+        """``STATE``: the worker's host is idle, busy or vacating; only an idle worker gets new jobs."""
+        worker = self.by_connection.get(conn)
+        if worker is None:
+            return {}
+        reason = reason or ""
+        if (state, reason) != (worker.state, worker.state_reason):
+            log.info(
+                "worker {name} is {state}{why}", name=worker.name, state=state, why=f" ({reason})" if reason else ""
+            )
+        if state != worker.state:
+            worker.state_since = self.core.clock.seconds()
+        worker.state, worker.state_reason = state, reason
+        if state == "idle":
+            self.core.dispatch()
+        return {}
 
     def seen(self, conn: IConnection):
         """A line arrived from ``conn``: its heartbeat deadline moves on; a quiet worker is heard again."""

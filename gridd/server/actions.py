@@ -2,9 +2,10 @@
 
 The scheduler acts on a connection in its own words
 (``gridd.scheduler.connection.IConnection``): offer a job, revoke a lease,
-tell a watcher, say whether a worker is drained. :class:`WireActions` renders
-each as the line protocols/PROTOCOL.md defines (``JOB``, ``REVOKE``,
-``EVENT``, ``DRAIN``) through the connection's ``send(verb, body)``; the
+tell a watcher, say whether a worker is drained, relay what an operator says
+of a worker's host. :class:`WireActions` renders each as the line
+protocols/PROTOCOL.md defines (``JOB``, ``REVOKE``, ``EVENT``, ``DRAIN``,
+``HOST``) through the connection's ``send(verb, body)``; the
 server's line protocol and the tests' fake connections mix it in.
 """
 
@@ -17,7 +18,7 @@ __all__ = ["WireActions", "job_body"]
 
 def job_body(offer: JobOffer) -> dict:
     """The body of the ``JOB`` line that hands ``offer`` to a worker."""
-    return {
+    body = {
         "job": offer.job,
         "lease": offer.lease,
         "type": offer.type,
@@ -27,6 +28,9 @@ def job_body(offer: JobOffer) -> dict:
         "records": [{"i": i, "data": data} for i, data in offer.records],
         "timeout": float(offer.timeout),
     }
+    if offer.memory:
+        body["memory"] = offer.memory
+    return body
 
 
 class WireActions:
@@ -46,3 +50,9 @@ class WireActions:
 
     def drain(self, drained: bool) -> None:
         self.send("DRAIN", {"drain": drained})
+
+    def host(self, busy: bool, reason: str) -> None:
+        body = {"busy": busy}
+        if reason:
+            body["reason"] = reason
+        self.send("HOST", body)

@@ -85,6 +85,10 @@ class Operator:
       grid.undrain("w1")         worker w1 gets work again
       grid.disconnect("w1")      drop w1's connection; its jobs are re-queued
                                  without using up an attempt
+      grid.busy("w1")            tell w1 its host is busy (the host-side signal
+                                 of a worker in a VM); it is told again after
+                                 its next HELLO
+      grid.idle("w1")            tell w1 its host is idle again
       grid.stop_dispatching()    the global stop switch: no worker gets a new job
                                  (running jobs go on)
       grid.start_dispatching()   dispatch again
@@ -180,6 +184,7 @@ class Operator:
             rows.append(
                 (
                     w["name"] + (" (drained)" if w["drained"] else ""),
+                    w["state"] + (" (silent)" if w["silent"] else ""),
                     f"{len(w['running'])}/{w['slots']}",
                     _ids(w["running"]),
                     f"{max(0.0, now - w['last_seen']):.1f} s ago",
@@ -190,7 +195,7 @@ class Operator:
             )
         if not rows:
             return Report("no workers connected", [])
-        headers = ("name", "busy", "running jobs", "last beat", "handlers", "address", "agent")
+        headers = ("name", "state", "busy", "running jobs", "last beat", "handlers", "address", "agent")
         return Report("\n".join(_table(headers, rows)), workers)
 
     def jobs(self, state: str | None = None, type: str | None = None, after: int = 0, limit: int = 20):
@@ -350,6 +355,14 @@ class Operator:
         """Drop worker ``name``'s connection; its jobs go back to the queue without using an attempt."""
         return self._act("disconnect", f"worker {name}", self.dispatcher.worker_action, name, "disconnect")
 
+    def busy(self, name: str, reason: str | None = None) -> defer.Deferred:
+        """Tell worker ``name`` that its host is busy (HOST); remembered, and told again after its next HELLO."""
+        return self._act("busy", f"worker {name}", self.dispatcher.worker_action, name, "busy", reason)
+
+    def idle(self, name: str, reason: str | None = None) -> defer.Deferred:
+        """Tell worker ``name`` that its host is idle again (HOST)."""
+        return self._act("idle", f"worker {name}", self.dispatcher.worker_action, name, "idle", reason)
+
     def stop_dispatching(self) -> defer.Deferred:
         """The global stop switch: no worker is given a new job until start_dispatching()."""
         return self._act("stop dispatching", "all workers", self.dispatcher.set_dispatching, False)
@@ -420,6 +433,9 @@ def _outcome(action: str, target: str, reply: dict) -> str:
         return "dispatching is " + ("on" if reply["dispatching"] else "OFF")
     if "state" in reply:
         return f"{target} is {reply['state']}"
+    if "connected" in reply:
+        later = "" if reply["connected"] else " (not connected: told at its next HELLO)"
+        return f"{target}: host {action}{later}"
     return f"{target} {_DONE[action]}"
 
 

@@ -37,8 +37,10 @@ WORKER_REQUESTS = {
     "PROGRESS": lambda d, c, b: d.progress(c, *_job_lease(b), b.get("note")),
     "DONE": lambda d, c, b: d.done(c, *_job_lease(b), b.get("results", [])),
     "FAIL": lambda d, c, b: d.fail(c, *_job_lease(b), b["error"], b.get("retry", True)),
-    "RETURN": lambda d, c, b: d.give_back(c, *_job_lease(b), b.get("reason")),
+    "RETURN": lambda d, c, b: d.give_back(c, *_job_lease(b), b.get("reason"), b.get("vacate", False)),
     "SLOTS": lambda d, c, b: d.set_slots(c, b["slots"]),
+    "STATE": lambda d, c, b: d.set_state(c, b["state"], b.get("reason")),
+    "CHECK": lambda d, c, b: d.check_leases(c, b["holding"]),
 }
 
 #: Client verbs.
@@ -54,7 +56,7 @@ CLIENT_REQUESTS = {
     "PAUSE": lambda d, c, b: d.pause(b["job"]),
     "RESUME": lambda d, c, b: d.resume(b["job"]),
     "REQUEUE": lambda d, c, b: d.requeue(b["job"]),
-    "WORKER": lambda d, c, b: d.worker_action(b["worker"], b["action"]),
+    "WORKER": lambda d, c, b: d.worker_action(b["worker"], b["action"], b.get("reason")),
     "DISPATCH": lambda d, c, b: d.set_dispatching(b["enabled"]),
 }
 
@@ -154,6 +156,7 @@ class Session:
             total=len(records),
             records=list(enumerate(records)),
             timeout=float(timeout),
+            memory=int(spec.get("requires", {}).get("memory", 0)),
         )
         size = len(wire.encode("JOB", job_body(largest))) - 1
         if size > self.max_line:

@@ -60,6 +60,7 @@ class Options(usage.Options):
         ["default-timeout", None, 3600.0, "Run-time limit of one attempt for jobs that name none (seconds).", float],
         ["backoff-base", None, 1.0, "Retry backoff after a failed attempt: base x 2^(attempt-1) seconds...", float],
         ["backoff-max", None, 300.0, "... capped at this many seconds.", float],
+        ["return-delay", None, 30.0, "Seconds a job given back (RETURN) is kept from the worker that gave it.", float],
         ["reattach-grace", None, None, "Seconds leases await workers after a restart [max(30, 2 x deadline)].", float],
         ["handshake-timeout", None, 10.0, "Seconds a new connection has to complete its HELLO.", float],
         ["max-line", None, wire.DEFAULT_MAX_LINE, "Maximum line length in bytes.", int],
@@ -129,6 +130,8 @@ class Options(usage.Options):
             raise usage.UsageError("--max-outstanding, --max-rate, --rate-burst and --max-output must be positive")
         if self["sync-interval"] <= 0:
             raise usage.UsageError("--sync-interval must be positive")
+        if not 0 <= self["return-delay"] < float("inf"):
+            raise usage.UsageError("--return-delay must be 0 or more seconds")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for spec in self["listen"]:
@@ -167,6 +170,7 @@ def makeService(options, reactor=None) -> service.MultiService:
         type_timeouts=options["type-timeout"],
         backoff_base=options["backoff-base"],
         backoff_max=options["backoff-max"],
+        return_delay=options["return-delay"],
         reattach_grace=options["reattach-grace"],
         sync_interval=options["sync-interval"] if shared else None,
     )
