@@ -71,3 +71,51 @@ async def test_live_worker_busy_gets_no_job_then_idle_gets_it_and_hears_host(rea
             await client.close()
         await worker.stopService()
         await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_worker_checks_its_leases_after_a_suspend_and_goes_on_with_the_kept_one(reactor, tmp_path):
+    """After a suspend the worker's core asks CHECK over TCP: its lease is kept, it resumes and finishes the job."""
+    server = await LiveServer(reactor, tmp_path, "tcp:0:interface=127.0.0.1").start()
+    worker = make_worker_service(
+        reactor,
+        [f"tcp:127.0.0.1:{server.port}"],
+        name="w1",
+        token=server.secret,
+        job_types=load_job_types(["sleep"]),
+        slots=1,
+        handlers="threads",
+        threads=InlineThreads(),
+    )
+    answers = []
+    check = server.dispatcher.check_leases
+
+    async def recorded(conn, holding):
+        reply = await check(conn, holding)
+        answers.append(reply)
+        return reply
+
+    server.dispatcher.check_leases = recorded
+    worker.startService()
+    client = None
+    try:
+        await bounded(worker.when_connected(), reactor)
+        client = await bounded(connect(reactor, f"tcp:127.0.0.1:{server.port}", server.secret), reactor)
+        [job] = await bounded(
+            client.submit([{"type": "sleep", "records": [0, 1, 2], "params": {"seconds": 0.05}}]), reactor
+        )
+        await turns(reactor, lambda: worker.core.holdings, what="the worker holding the job")
+        worker.core.check_leases("resumed after a test suspend")
+        assert worker.core.checking
+        await turns(reactor, lambda: not worker.core.checking, what="the server answering CHECK")
+        [answer] = answers
+        assert [k["job"] for k in answer["kept"]] == [job] and answer["lost"] == []
+        final = await bounded(client.wait([job]), reactor)
+        assert final[job]["state"] == "done"
+        view = await bounded(client.show(job), reactor)
+        assert [e["event"] for e in view["history"]] == ["submitted", "leased", "completed"]
+    finally:
+        if client is not None:
+            await client.close()
+        await worker.stopService()
+        await server.stop()
