@@ -24,6 +24,12 @@ Rules this module owns:
   already arrived are read first, and a server that was itself stalled
   gives it one more beat, so a stall of this server does not make every
   worker quiet.
+- A worker is in the host state it says (HELLO ``state``, ``STATE``): idle,
+  busy or vacating. Only an idle one gets new jobs; busy and vacating ones
+  keep their leases; ``STATE idle`` fills free slots at once.
+- ``CHECK`` (after a suspend) answers as a HELLO's reattach does, for the
+  leases listed: kept, with the records still to do, while the lease is the
+  job's and this connection's; otherwise lost with the reason it ended.
 - A worker that disconnects loses its leases the same way; one an operator
   disconnects gives them back without using an attempt. When the server is
   shutting down, leases outlive their connections: workers reattach them
@@ -123,8 +129,7 @@ class Workers:
                 old.conn.drop("superseded by a new connection")
         if core.stopped:
             raise errors.ShuttingDown()
-        held, lost, taken = await self._sort_holding(name, holding, None)
-        assert not held
+        _, lost, taken = await self._sort_holding(name, holding, None)  # no worker yet: nothing is held by it
         if core.stopped:
             raise errors.ShuttingDown()
         now = core.clock.seconds()
