@@ -639,7 +639,7 @@ def test_make_worker_service_builds_tree_without_connecting():
     clock = task.Clock()
     service = make_worker_service(clock, ["tcp:127.0.0.1:7700"], name="w1", token="t", job_types=TYPES, slots=2)
     assert isinstance(service, WorkerService) and not service.running
-    assert [child.name for child in service] == ["handlers", "connection"]
+    assert [child.name for child in service] == ["handlers", "guest", "connection"]
     assert isinstance(service.getServiceNamed("connection"), ClientService)
     assert clock.getDelayedCalls() == []
 
@@ -649,7 +649,7 @@ def test_make_worker_service_in_thread_mode_runs_handlers_in_a_thread_pool():
     service = make_worker_service(
         task.Clock(), ["tcp:127.0.0.1:7700"], name="w1", token="t", job_types=TYPES, slots=2, handlers="threads"
     )
-    assert [child.name for child in service] == ["threads", "connection"]
+    assert [child.name for child in service] == ["threads", "guest", "connection"]
 
 
 def test_make_worker_service_refuses_an_unknown_handler_mode():
@@ -743,10 +743,10 @@ def test_tap_handlers_and_limits_reach_the_service(tmp_path):
     assert options["handlers"] == "processes"
     assert options["limits"].for_attempt("noop") == {"cpu": 60, "memory": 100, "files": 32}
     assert options["limits"].for_attempt("other") == {"cpu": 60, "memory": 800}
-    assert [child.name for child in tap.makeService(options, reactor=task.Clock())] == ["handlers", "connection"]
+    assert [child.name for child in tap.makeService(options, reactor=task.Clock())] == ["handlers", "guest", "connection"]
     threaded = tap.Options()
     threaded.parseOptions(["--secret-file", str(secret), "--handlers", "threads"])
-    assert [child.name for child in tap.makeService(threaded, reactor=task.Clock())] == ["threads", "connection"]
+    assert [child.name for child in tap.makeService(threaded, reactor=task.Clock())] == ["threads", "guest", "connection"]
 
 
 @pytest.mark.parametrize(
