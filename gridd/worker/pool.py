@@ -323,10 +323,7 @@ class ProcessRunner:
         job = {"job": a.job, "lease": a.lease, "attempt": a.attempt, "total": a.total, "params": a.params}
         if "cpu" in process.limits:
             job["cpu"] = process.limits["cpu"]
-        process.send(job=job)
-        for record in a.records:
-            process.send(record=record)
-        process.send(end=True)
+        process.send(job=job, records=list(a.records))
         self.started.callback(process)
         try:
             completed = await outcome
