@@ -356,3 +356,17 @@ def test_guest_options_refuse_bad_values(tmp_path):
     ):
         with pytest.raises(usage.UsageError, match=words):
             worker_options(tmp_path, *argv)
+
+
+def test_the_suspend_threshold_stays_below_half_the_servers_heartbeat_deadline():
+    """With a 2 s deadline, a turn 1.5 s late is a suspend (the default 3 s would let the leases go unchecked)."""
+    w = Worker().welcome(beat=0.5, deadline=2.0)
+    service = guest_service(w)
+    service.startService()
+    assert service.suspend.threshold == 1.0
+    w.receive(job_line(records=["a", "b"], params={"seconds": 100}))
+    w.clock.advance(1)
+    w.sent()
+    w.clock.advance(2.5)  # one turn, 1.5 s late
+    assert any(line.startswith("CHECK ") for line in w.sent())
+    service.stopService()

@@ -17,6 +17,7 @@ are sent, and leases it lists in ``lost`` are stopped and dropped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -136,6 +137,8 @@ class WorkerCore:
         self._pauses: set[str] = set()
         #: After a suspend, until the server has said which leases are still ours: nothing is reported.
         self.checking = False
+        #: The heartbeat deadline the server last said (its HELLO reply): silent longer, the worker loses its leases.
+        self.server_deadline = math.inf
         #: Called with (busy, reason) when the server relays the host-side signal (HOST).
         self.on_host_signal: Callable[[bool, str], None] | None = None
 
@@ -163,6 +166,7 @@ class WorkerCore:
         """A handshake succeeded: settle held leases by the reply, then report."""
         self._connection = connection
         self._max_line = connection.max_line
+        self.server_deadline = float(welcome.get("deadline") or math.inf)
         self._settle(welcome, set(self._holdings))
         if self.host_state == "vacating":  # the HELLO could only say busy
             self._send_state(connection)

@@ -58,7 +58,8 @@ class GuestOptions:
     poll: float = 5.0
     #: Seconds running jobs stay paused on a busy host before they are vacated.
     grace: float = GRACE
-    #: A turn of the reactor this many seconds late, or a clock gap as large, is a suspend.
+    #: A turn of the reactor this many seconds late, or a clock gap as large, is a suspend
+    #: (or half the server's heartbeat deadline, when that is less).
     suspend_threshold: float = 3.0
 
 
@@ -181,7 +182,10 @@ class GuestService(MultiService):
         )  # fmt: skip
         self.host.setName("host")
         self.host.setServiceParent(self)
-        self.suspend = SuspendWatch(clock, self.guest.resumed, threshold=options.suspend_threshold)
+        # A worker away for its server's deadline has lost its leases: notice well before that.
+        self.suspend = SuspendWatch(
+            clock, self.guest.resumed, threshold=lambda: min(options.suspend_threshold, core.server_deadline / 2)
+        )
         self.suspend.setName("suspend")
         self.suspend.setServiceParent(self)
 

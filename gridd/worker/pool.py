@@ -288,6 +288,9 @@ class ProcessRunner:
             self._pool.release(process)
             return False
         self._process = process
+        log.info(
+            "job {job} attempt {attempt} runs in handler process {pid}", job=a.job, attempt=a.attempt, pid=process.pid
+        )
         if self._paused:
             process.pause()
         pending = deque(record["i"] for record in a.records)

@@ -27,9 +27,10 @@ Each event calls ``on_resume(gap_seconds, how)`` once, on the first turn
 after it, with the causes seen in that turn in words (most often one) and
 ``gap_seconds`` the time they account for: what this process missed, or by
 how far its timers were thrown. Turns after it compare with that turn, so
-one event is never reported twice. ``threshold`` (default 3 s) should stay
-below the server's heartbeat deadline (6 s by default): a worker away for
-longer than the deadline has lost its leases.
+one event is never reported twice. ``threshold`` (default 3 s; a callable
+is asked at each turn) should stay below the server's heartbeat deadline
+(6 s by default): a worker away for longer than the deadline has lost its
+leases.
 
 :func:`duration_in_words` writes a duration the way these messages do.
 """
@@ -83,7 +84,7 @@ class SuspendWatch(service.Service):
         on_resume: Callable[[float, str], object],
         *,
         interval: float = 1.0,
-        threshold: float = 3.0,
+        threshold: float | Callable[[], float] = 3.0,
         monotonic: Callable[[], float] = time.monotonic,
         boottime: Callable[[], float] = boottime,
         wall: Callable[[], float] | None = None,
@@ -91,13 +92,17 @@ class SuspendWatch(service.Service):
         self.clock = clock
         self.on_resume = on_resume
         self.interval = interval
-        self.threshold = threshold
+        self._threshold = threshold
         self._monotonic = monotonic
         self._boottime = boottime
         self._wall = wall if wall is not None else clock.seconds
         self._last: tuple[float, float, float] | None = None
         self._loop: task.LoopingCall | None = None
         self.events = 0
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold() if callable(self._threshold) else self._threshold
 
     def start(self) -> None:
         if self._loop is not None:
@@ -137,24 +142,25 @@ class SuspendWatch(service.Service):
 
     def judge(self, monotonic: float, boottime: float, wall: float) -> tuple[float, str | None]:
         """What the clocks' steps since the last turn say: (seconds accounted for, causes in words, or None)."""
+        threshold = self.threshold
         slept = boottime - monotonic
         stepped = wall - boottime
         late = monotonic - self.interval
         causes, gap = [], 0.0
-        if slept > self.threshold:
+        if slept > threshold:
             causes.append(f"the host was suspended for {duration_in_words(slept)}")
             gap += slept
-        if stepped < -self.threshold:
+        if stepped < -threshold:
             # The reactor's timers waited for the wall clock: so much of the lateness is the step's.
             causes.append(
                 f"the wall clock was set back by {duration_in_words(stepped)}: the reactor's timers waited for it"
             )
             gap += -stepped
             late += stepped
-        elif stepped > self.threshold:
+        elif stepped > threshold:
             causes.append(f"the wall clock jumped forward by {duration_in_words(stepped)}")
             gap += stepped
-        if late > self.threshold:
+        if late > threshold:
             causes.append(f"this process did not run for {duration_in_words(late)} (stopped, paused or starved)")
             gap += late
         return gap, ("; ".join(causes) if causes else None)
