@@ -74,6 +74,7 @@ class HandlerProcess(protocol.ProcessProtocol):
         self.ended = defer.Deferred()
         self.pid: int | None = None
         self.alive = True
+        self.paused = False
         self.grouped = False  # it has left our process group (setsid): kill its group
         self._buffer = b""
         self._stderr = KeptOutput(STDERR_KEPT)
@@ -129,10 +130,12 @@ class HandlerProcess(protocol.ProcessProtocol):
     def pause(self) -> None:
         """Stop the process and everything it started (SIGSTOP to its group); nothing runs until resumed."""
         if self.alive and self.pid is not None:
+            self.paused = True
             pause(self.pid, group=self.grouped)
 
     def resume(self) -> None:
         if self.alive and self.pid is not None:
+            self.paused = False
             resume(self.pid, group=self.grouped)
 
 
@@ -175,6 +178,8 @@ class HandlerPool:
     def release(self, process: HandlerProcess) -> None:
         """The attempt is over and went well: keep the process for the next one, if there is room."""
         process.on_line = process.on_end = None
+        if process.paused:  # the attempt ended while paused (its last results were already read): not the next one's
+            process.resume()
         idle = self._idle[process.key]
         if process.alive and len(idle) < self.size:
             idle.append(process)
