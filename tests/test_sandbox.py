@@ -326,14 +326,17 @@ def test_argv_hides_the_data_dir_and_credentials_under_a_bound_path_and_binds_th
     assert (data + "/secret") not in argv  # inside the hidden directory already
 
 
-def test_argv_leaves_out_what_is_not_bound_anyway(tmp_path):
-    """A data directory and a credential file outside every bound path are simply absent: nothing to mask."""
+def test_argv_leaves_out_what_is_not_bound_anyway_but_always_covers_the_data_dir(tmp_path):
+    """A credential file outside every bound path is simply absent; the data dir (on the way to the work dir) is not."""
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "data").mkdir(parents=True)
     (elsewhere / "token").write_text("t")
-    sandbox = sample(tmp_path / "bound", data_dir=str(elsewhere / "data"), hidden=(str(elsewhere / "token"),))
-    argv = sandbox.argv(["prog"], work_dir=str(elsewhere / "data" / "work" / "w"))
-    assert str(elsewhere / "data") not in argv and str(elsewhere / "token") not in argv
+    data = str(elsewhere / "data")
+    sandbox = sample(tmp_path / "bound", data_dir=data, hidden=(str(elsewhere / "token"),))
+    work = str(elsewhere / "data" / "work" / "w")
+    argv = sandbox.argv(["prog"], work_dir=work)
+    assert str(elsewhere / "token") not in argv
+    assert after(argv, "--tmpfs", data) < after(argv, "--bind", work, work) < after(argv, "--remount-ro", data)
 
 
 def test_argv_skips_a_read_only_path_inside_a_hidden_one(tmp_path):
@@ -496,3 +499,53 @@ def test_sandbox_option_reaches_the_handler_pool_and_the_command_type(tmp_path, 
     plain.parseOptions(["--secret-file", secret])
     assert plain["sandbox"] is None
     assert tap.makeService(plain, reactor=task.Clock()).getServiceNamed("handlers").pool.sandbox is None
+
+
+# -- end to end: twistd gridworker --sandbox ----------------------------------------
+
+
+@pytest.mark.e2e
+@pytest_twisted.ensureDeferred
+async def test_e2e_sandboxed_worker_runs_jobs_and_its_command_cannot_reach_token_server_or_data(
+    reactor, tmp_path, probe_command
+):
+    """A real ``twistd gridworker --sandbox``: a built-in type's job completes in the sandbox, and a probing
+    command cannot read the worker's secret file, connect to the gridd server, write to the worker's data
+    directory or ptrace."""
+    from gridd.client import connect
+    from gridd.launch import LocalGrid
+
+    grid = LocalGrid(reactor, tmp_path / "grid")
+    data_dir = tmp_path / "worker-data"
+    try:
+        await grid.start_server()
+        options = ["--sandbox", "--data-dir", str(data_dir), "--types", "command,textstats"]
+        worker = await grid.start_worker("sandboxed", 2, *options, "--command", f"probe={probe_command}")
+        assert worker.matching(r"sandbox: bubblewrap .*seccomp filter, Landlock ABI \d+")
+        client = await connect(reactor, grid.endpoint, grid.secret, name="e2e")
+        try:
+            records = [
+                {"probe": "read", "arg": str(grid.data / "secret")},
+                {"probe": "connect", "arg": grid.port},
+                {"probe": "write", "arg": str(data_dir / "planted")},
+                {"probe": "ptrace"},
+                {"probe": "cwd"},
+            ]
+            ids = await client.submit([
+                {"type": "textstats", "records": ["one two two"]},
+                {"type": "command", "records": records, "params": {"command": "probe"}},
+            ])  # fmt: skip
+            states = await bounded(client.wait(ids), reactor, 60)
+            assert {s["state"] for s in states.values()} == {"done"}, states
+            (stats,) = await client.results(ids[0])
+            probed = [r["out"] for r in await client.results(ids[1])]
+        finally:
+            await client.close()
+    finally:
+        await grid.stop_all()
+    assert stats["out"]["words"] == 3
+    secret, connected, planted, ptrace, cwd = probed
+    assert secret["refused"] == "ENOENT" and connected["refused"] in ("EACCES", "ECONNREFUSED")
+    assert planted["refused"] in ("EACCES", "EROFS") and ptrace["refused"] == "EPERM"
+    assert cwd["ok"].startswith(str(data_dir / "work") + "/")
+    assert not (data_dir / "planted").exists() and os.listdir(data_dir / "work") == []

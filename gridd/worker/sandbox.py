@@ -14,10 +14,10 @@ Rules this module owns:
   made the process's current directory and ``HOME``. Work directories are
   made under the worker's data directory (``DATADIR/work``, mode 0700) and
   removed with their attempt.
-- The worker's data directory and its credential files are not there: when
-  one lies under a bound path it is hidden, a directory by an empty
-  read-only tmpfs (the work directory is then bound inside it), a file by
-  ``/dev/null``.
+- The worker's data directory and its credential files are not there: the
+  data directory is covered by an empty read-only tmpfs (the work directory
+  is then bound inside it), and any other of them that lies under a bound
+  path is covered too, a directory the same way, a file by ``/dev/null``.
 - Every namespace is new (``--unshare-all``: user where the host allows it,
   mount, PID, network, IPC, UTS, cgroup); the network is shared only with a
   job type that declares that it needs it. No capabilities are kept, even
@@ -179,8 +179,11 @@ class Sandbox:
             args += ["--ro-bind", path, path]
             bound.append(path)
         masked: list[str] = []
+        data_dir = os.path.abspath(self.data_dir)
         for path in hidden:
-            if not any(_under(path, b) for b in bound) or any(_under(path, m) for m in masked):
+            # The data directory is always covered: the way to the work directory passes through it.
+            there = path == data_dir or any(_under(path, b) for b in bound)
+            if not there or any(_under(path, m) for m in masked):
                 continue  # not there anyway
             if os.path.isdir(path):
                 args += ["--perms", "0555", "--tmpfs", path]
