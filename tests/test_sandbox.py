@@ -327,7 +327,7 @@ def test_argv_hides_the_data_dir_and_credentials_under_a_bound_path_and_binds_th
 
 
 def test_argv_leaves_out_what_is_not_bound_anyway_but_always_covers_the_data_dir(tmp_path):
-    """A credential file outside every bound path is simply absent; the data dir (on the way to the work dir) is not."""
+    """A token file outside every bound path is absent anyway; the data dir, on the way to the work dir, is covered."""
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "data").mkdir(parents=True)
     (elsewhere / "token").write_text("t")
@@ -432,6 +432,15 @@ def test_confine_alone_keeps_writes_to_the_work_dir_and_denies_tcp_and_ptrace_bu
     assert said["confined"].startswith("seccomp filter, Landlock ABI")
     assert said["write inside"] == "done" and said["write outside"] == errno.EACCES
     assert said["connect"] == errno.EACCES and said["ptrace"] == errno.EPERM and said["fork"] == 0
+
+
+def test_start_up_line_says_when_there_is_no_landlock(tmp_path, monkeypatch):
+    def unavailable():
+        raise LandlockUnavailable("the kernel has no Landlock")
+
+    monkeypatch.setattr("gridd.worker.confine.landlock_abi", unavailable)
+    said = sample(tmp_path).describe()
+    assert "seccomp filter, no Landlock (the kernel has no Landlock: writes are kept to the work directory" in said
 
 
 def test_seccomp_deny_list_names_what_a_batch_handler_never_needs():
