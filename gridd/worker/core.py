@@ -33,7 +33,10 @@ from gridd.worker.runner import Assignment, AttemptFailed, InlineThreads, JobRun
 __all__ = ["ServerConnection", "WorkerCore"]
 
 #: RESULT requests one lease may have awaiting a reply; later results wait
-#: and go out together, so a slow store means fewer, larger messages.
+#: and go out together, so a slow store means fewer, larger messages. Past
+#: the first, a request goes only with a full share of the line's budget
+#: (budget / RESULT_WINDOW): results that trickle in (a handler process's,
+#: one pipe read at a time) wait for the reply in flight and go together.
 RESULT_WINDOW = 4
 #: Room for the verb, rid, job id and lease around a message's results.
 ENVELOPE_BYTES = 512
@@ -451,6 +454,8 @@ class WorkerCore:
         while holding.unsent and holding.in_flight < RESULT_WINDOW:
             if done and holding.unsent_fit(budget):
                 break  # the last results ride in DONE
+            if holding.in_flight and holding.unsent_fit(budget // RESULT_WINDOW):
+                break  # a few small results: they wait for the reply in flight
             self._send_results(connection, holding, holding.pop_batch(budget))
         if holding.outcome is None or holding.in_flight or (holding.unsent and not done):
             return

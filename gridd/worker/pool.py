@@ -350,10 +350,7 @@ class ProcessRunner:
         if process.work_dir is not None and process.alive:
             job["cwd"] = os.path.join(process.work_dir, f"job-{a.job}.{a.attempt}")
             os.makedirs(job["cwd"], 0o700, exist_ok=True)
-        process.send(job=job)
-        for record in a.records:
-            process.send(record=record)
-        process.send(end=True)
+        process.send(job=job, records=list(a.records))
         self.started.callback(process)
         try:
             completed = await outcome

@@ -5,6 +5,7 @@
     WorkerService "gridworker"      returns running jobs on stop, then stops its children
      ├── HandlerPoolService "handlers"  handler processes (the default); started first, stopped last
      │   or ThreadPoolService "threads" runs threaded job types in threads (``handlers="threads"``)
+     ├── GuestService "guest"           watches the host (idle or busy) and notices suspends
      └── ClientService "connection"     connects, waits for the handshake, reconnects with backoff
 
 :func:`make_worker_service` builds the tree without starting it; starting it
@@ -36,6 +37,7 @@ from gridd import tls
 from gridd.worker.cgroups import Cgroups
 from gridd.worker.command import CommandType
 from gridd.worker.core import WorkerCore
+from gridd.worker.guest import GuestOptions, GuestService
 from gridd.worker.limits import AttemptLimits
 from gridd.worker.pool import HandlerPool, ProcessRunner
 from gridd.worker.protocol import WorkerFactory
@@ -202,6 +204,7 @@ def make_worker_service(
     sandbox: Sandbox | None = None,
     command_network: Iterable[str] = (),
     threads: PoolThreads | InlineThreads | None = None,
+    guest: GuestOptions | None = GuestOptions(),
     stop_timeout: float = STOP_TIMEOUT,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> WorkerService:
@@ -215,9 +218,11 @@ def make_worker_service(
     ``handlers`` is where records are processed: ``"processes"`` (a pool of
     handler processes, each attempt under ``limits``, the operator's
     ``--limits`` and the job's memory) or ``"threads"`` (in this process, for
-    tests and embedding; limits do not apply). ``sandbox`` (processes only)
-    starts handler processes and command programs in it, the commands named
-    in ``command_network`` with the network.
+    tests and embedding; limits do not apply). ``guest`` says how the worker
+    watches its host (``--when-idle`` and its options); None leaves the host
+    unwatched and suspends unnoticed (tests on a fake clock). ``sandbox``
+    (processes only) starts handler processes and command programs in it,
+    the commands named in ``command_network`` with the network.
     """
     if handlers not in HANDLER_MODES:
         raise ValueError(f"handlers must be one of {', '.join(HANDLER_MODES)}, not {handlers!r}")
@@ -275,9 +280,12 @@ def make_worker_service(
 
     worker = WorkerService(reactor, core, connection, stop_timeout)
     # Children start in this order and stop in the reverse one: the pool
-    # outlives the connection, so no running record loses its process or thread.
+    # outlives the connection, so no running record loses its process or
+    # thread; the host is watched before the first HELLO says its state.
     if pool_service is not None:
         pool_service.setServiceParent(worker)
+    if guest is not None:
+        GuestService(reactor, core, guest).setServiceParent(worker)
     connection.setServiceParent(worker)
     return worker
 

@@ -14,6 +14,7 @@ from twisted.python import usage
 from gridd import config, tls
 from gridd.jobtypes import load_job_types
 from gridd.worker.command import parse_command
+from gridd.worker.guest import GuestOptions
 from gridd.worker.limits import LIMIT_NAMES, AttemptLimits
 from gridd.worker.sandbox import SandboxUnavailable, find_sandbox
 from gridd.worker.service import HANDLER_MODES, make_worker_service
@@ -76,6 +77,46 @@ class Options(usage.Options):
             "(in the worker's own process: for trusted types and debugging; --limits do not apply).",
         ],
         [
+            "cpu-threshold",
+            None,
+            25.0,
+            "With --when-idle: the host is busy while processes other than this worker's own use more "
+            "than this percentage of its CPU; 100 does not measure it.",
+            float,
+        ],
+        [
+            "user-idle",
+            None,
+            300.0,
+            "With --when-idle: the host is busy while a person used the desk within this many seconds "
+            "(logind, the X screensaver, the terminals); 0 does not measure it.",
+            float,
+        ],
+        [
+            "host-signal-file",
+            None,
+            None,
+            "With --when-idle: a file the host writes for a worker in a VM, its first word 'busy' or "
+            "'idle' (a missing file is idle) [default: none].",
+        ],
+        [
+            "idle-after",
+            None,
+            60.0,
+            "With --when-idle: seconds every measured source must read idle, without a break, before "
+            "the host counts as idle again.",
+            float,
+        ],
+        ["idle-poll", None, 5.0, "Seconds between two readings of the host's state.", float],
+        [
+            "grace",
+            None,
+            600.0,
+            "Seconds running jobs stay paused (SIGSTOP) on a busy host before they are vacated: given back "
+            "to the server, which re-queues them for another worker at once. Idle again within it, they resume.",
+            float,
+        ],
+        [
             "data-dir",
             None,
             "~/.gridd",
@@ -84,6 +125,12 @@ class Options(usage.Options):
         ],
     ]
     optFlags = [
+        [
+            "when-idle",
+            None,
+            "Work only while the host is idle (no person at the desk, little CPU used by others, or the "
+            "host's signal file says idle); the worker starts busy until its host has been watched.",
+        ],
         [
             "exit-when-drained",
             None,
@@ -172,6 +219,7 @@ class Options(usage.Options):
             self["limits"] = AttemptLimits.from_specs(self["limits"], offered_memory=self["memory"])
         except ValueError as e:
             raise usage.UsageError(f"--limits: {e}") from None
+        self["guest"] = self._guest_options()
         types = None if self["types"] is None else _comma_list(self["types"])
         if types is not None and "command" in types:
             if not commands:
@@ -202,6 +250,28 @@ class Options(usage.Options):
         except SandboxUnavailable as e:
             raise usage.UsageError(f"--sandbox: {e}") from None
 
+    def _guest_options(self) -> GuestOptions:
+        if not 0 < self["cpu-threshold"] <= 100:
+            raise usage.UsageError("--cpu-threshold must be a percentage above 0 and at most 100")
+        for name in ("user-idle", "idle-after", "grace"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must be 0 or more")
+        if self["idle-poll"] <= 0:
+            raise usage.UsageError("--idle-poll must be above 0")
+        if not self["when-idle"]:
+            given = [f"--{name}" for name in ("host-signal-file",) if self[name] is not None]
+            if given:
+                raise usage.UsageError(f"{', '.join(given)} needs --when-idle")
+        return GuestOptions(
+            when_idle=bool(self["when-idle"]),
+            cpu_threshold=self["cpu-threshold"] / 100,
+            user_idle=self["user-idle"],
+            signal_file=self["host-signal-file"],
+            idle_after=self["idle-after"],
+            poll=self["idle-poll"],
+            grace=self["grace"],
+        )
+
 
 def makeService(options, reactor=None):
     if reactor is None:
@@ -220,5 +290,6 @@ def makeService(options, reactor=None):
         limits=options["limits"],
         sandbox=options["sandbox"],
         command_network=options["command-network"],
+        guest=options["guest"],
         exit_when_drained=bool(options["exit-when-drained"]),
     )
