@@ -4,22 +4,31 @@ Started by ``gridd.worker.pool`` as ``python -m gridd.worker.child SPEC``,
 where SPEC is a JSON object::
 
     {"type": "module:Class", "limits": {...}, "cgroups": [PROCS_FILE, ...],
-     "explain": {...}, "parent": PID}
+     "explain": {...}, "parent": PID, "confine": {"work": DIR, "network": BOOL}}
 
 (``limits``: the rlimits to set; ``explain``: every limit of the process,
-to name the one a failure passed; ``parent``: the worker's pid). The
-process first joins its control groups (by writing its pid to each
-``cgroup.procs`` file), leaves the worker's process group (``setsid``), so
-that the worker can kill it with everything it started, asks to be killed
-when the worker dies, then applies its limits, loads the job type and says
-``{"ready": {"pid": PID}}``.
+to name the one a failure passed; ``parent``: the worker's pid; ``confine``,
+only in the sandbox: see below). The process first joins its control groups
+(by writing its pid to each ``cgroup.procs`` file), leaves the worker's
+process group (``setsid``), so that the worker can kill it with everything
+it started, asks to be killed when the worker dies, then applies its
+limits, loads the job type and says ``{"ready": {"pid": PID, ...}}``.
+
+In the sandbox (``gridd.worker.sandbox``) the control groups were joined and
+the session made before bubblewrap started, and the worker is not this
+process's parent: the process skips those steps, and confines itself
+(``gridd.worker.confine``: seccomp, Landlock) after its limits and before it
+imports the job type's module, and its ready message says how
+(``"confined": "seccomp filter, Landlock ABI 7"``). Each attempt then runs in the work
+directory its ``job`` message names (``cwd``).
 
 It then serves attempts, one at a time, one JSON line on standard input each:
 
-- ``{"job": {"job": ID, "lease": L, "attempt": N, "total": T, "params": {...}, "cpu": S},
+- ``{"job": {"job": ID, "lease": L, "attempt": N, "total": T, "params": {...}, "cpu": S, "cwd": DIR},
   "records": [{"i": INDEX, "data": VALUE}, ...]}`` runs an attempt on its
   records, in order (``cpu``, optional: the attempt may use S more seconds
-  of CPU time from now on, whatever earlier attempts used);
+  of CPU time from now on, whatever earlier attempts used; ``cwd``,
+  optional: the attempt's work directory);
 
 and answers on standard output, one JSON line each:
 
@@ -137,10 +146,17 @@ def load_type(path: str):
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[1])
     join_cgroups(spec.get("cgroups") or [])
-    os.setsid()
+    confined = spec.get("confine")
+    if not confined:
+        os.setsid()
     die_with_parent(spec.get("parent"))
     limits = spec.get("limits") or {}
     apply_limits(limits)
+    ready = {"pid": os.getpid()}
+    if confined:
+        from gridd.worker.confine import confine
+
+        ready["confined"] = confine(confined["work"], network=bool(confined.get("network")))
     out = Answers(os.dup(1))
     os.dup2(2, 1)  # the handler's own prints go to the log, not into the protocol
     sys.stdout = sys.stderr
@@ -200,10 +216,12 @@ def main(argv: list[str]) -> int:
             job = message["job"]
             if job.get("cpu"):
                 allow_cpu(int(job["cpu"]))
+            if job.get("cwd"):
+                os.chdir(job["cwd"])
             yield defer.Deferred.fromCoroutine(attempt(job, message["records"])).addErrback(failed)
         done.callback(None)
 
-    say(ready={"pid": os.getpid(), "type": job_type.name, "version": job_type.version}, now=True)
+    say(ready={**ready, "type": job_type.name, "version": job_type.version}, now=True)
 
     def run(_reactor):
         done = defer.Deferred()

@@ -16,6 +16,7 @@ from gridd.jobtypes import load_job_types
 from gridd.worker.command import parse_command
 from gridd.worker.guest import GuestOptions
 from gridd.worker.limits import LIMIT_NAMES, AttemptLimits
+from gridd.worker.sandbox import SandboxUnavailable, find_sandbox
 from gridd.worker.service import HANDLER_MODES, make_worker_service
 
 __all__ = ["Options", "makeService"]
@@ -115,6 +116,13 @@ class Options(usage.Options):
             "to the server, which re-queues them for another worker at once. Idle again within it, they resume.",
             float,
         ],
+        [
+            "data-dir",
+            None,
+            "~/.gridd",
+            "The worker's own directory: with --sandbox, each attempt's work directory is made in DATADIR/work "
+            "and removed after it; sandboxed code never sees the rest of it.",
+        ],
     ]
     optFlags = [
         [
@@ -128,6 +136,15 @@ class Options(usage.Options):
             None,
             "Exit once an operator has drained this worker and its running jobs are finished.",
         ],
+        [
+            "sandbox",
+            None,
+            "Run handler processes and command programs under bubblewrap (bwrap must be installed): a "
+            "read-only system, a private /tmp, only the attempt's work directory writable, no network unless "
+            "the job type needs it (needs_network = True; for commands --command-network), the secret file and "
+            "DATADIR invisible, a seccomp filter and Landlock where the kernel has it (docs/security.md). "
+            "Needs --handlers processes.",
+        ],
     ]
 
     def __init__(self):
@@ -135,6 +152,7 @@ class Options(usage.Options):
         self["servers"] = []
         self["commands"] = []
         self["limits"] = []
+        self["command-network"] = []
 
     def opt_server(self, spec):
         """Endpoint of a gridd server, e.g. tls:gridd.example:7701:trustRoots=certs
@@ -163,6 +181,10 @@ class Options(usage.Options):
         '{"out": VALUE} or {"error": TEXT} line per record from its standard output. Repeatable; '
         "giving it offers the job type 'command'. Jobs name programs, never paths."
     )
+
+    def opt_command_network(self, name):
+        """With --sandbox, let the command NAME (of a --command) use the network; others have none. Repeatable."""
+        self["command-network"].append(name)
 
     def postOptions(self):
         if not self["servers"]:
@@ -213,6 +235,20 @@ class Options(usage.Options):
             self["token"] = config.read_secret(self["secret-file"])
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"cannot read the shared secret: {e}") from None
+        unknown = sorted(set(self["command-network"]) - set(commands))
+        if unknown:
+            raise usage.UsageError(f"--command-network {', '.join(unknown)}: no such --command")
+        self["sandbox"] = self._sandbox() if self["sandbox"] else None
+
+    def _sandbox(self):
+        if self["handlers"] != "processes":
+            raise usage.UsageError("--sandbox needs --handlers processes: a thread cannot be sandboxed")
+        data_dir = os.path.expanduser(self["data-dir"])
+        hidden = [self["secret-file"], os.path.expanduser("~/.gridd"), str(config.default_data_dir())]
+        try:
+            return find_sandbox(data_dir, hidden)
+        except SandboxUnavailable as e:
+            raise usage.UsageError(f"--sandbox: {e}") from None
 
     def _guest_options(self) -> GuestOptions:
         if not 0 < self["cpu-threshold"] <= 100:
@@ -252,6 +288,8 @@ def makeService(options, reactor=None):
         commands=options["commands"],
         handlers=options["handlers"],
         limits=options["limits"],
+        sandbox=options["sandbox"],
+        command_network=options["command-network"],
         guest=options["guest"],
         exit_when_drained=bool(options["exit-when-drained"]),
     )
