@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 #: States a job does not leave on its own (only an operator's REQUEUE does).
-TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})
+TERMINAL_STATES = frozenset({"done", "failed", "cancelled", "poison"})
 #: The most jobs one SUBMIT may carry (PROTOCOL.md 9.1).
 MAX_JOBS_PER_SUBMIT = 10_000
 

@@ -145,6 +145,7 @@ def test_overview_figures_add_up_to_what_happened():
         "done": 1,
         "failed": 1,
         "cancelled": 0,
+        "poison": 0,
     }
     assert report.data["queue"] == [
         {"type": "sleep", "priority": 3, "queued": 1},
@@ -191,7 +192,7 @@ def test_overview_text_shows_exact_figures_of_a_known_grid():
     # 11 submitted; 2 records accepted (the done job's); 11/5 = 2.2, 11/15 = 0.73, 2/15 = 0.13, 1/15 = 0.07.
     assert repr(report).splitlines() == [
         "dispatching  OFF (grid.start_dispatching() turns it on)",
-        "jobs         queued 5  running 2  paused 1  done 1  failed 1  cancelled 1",
+        "jobs         queued 5  running 2  paused 1  done 1  failed 1  cancelled 1  poison 0",
         "workers      2 connected  5 slots  2 busy  1 drained",
         "",
         "queued by type and priority",
@@ -217,7 +218,7 @@ def test_overview_of_an_empty_grid_says_no_queue_and_zeros():
     report = run(Console().grid.overview())
     assert repr(report).splitlines()[:5] == [
         "dispatching  on",
-        "jobs         queued 0  running 0  paused 0  done 0  failed 0  cancelled 0",
+        "jobs         queued 0  running 0  paused 0  done 0  failed 0  cancelled 0  poison 0",
         "workers      0 connected  0 slots  0 busy  0 drained",
         "",
         "queued by type and priority: none",
