@@ -30,7 +30,7 @@ def test_fail_on_three_workers_makes_poison_with_every_worker_named():
             g.clock.advance(reply["retry_in"])
     assert reply == {"state": "poison"}
     view = g.state(job_id)
-    assert view["state"] == "poison"
+    assert (view["state"], view["not_before"]) == ("poison", None)
     assert view["error"] == "poison: failed on 3 workers: w1: boom 1, w2: boom 2, w3: boom 3"
     assert [(a["worker"], a["outcome"], a["error"]) for a in view["attempt_history"]] == [
         ("w1", "failed", "boom 1"),
@@ -108,6 +108,7 @@ def test_run_time_limit_counts_towards_poison():
     view = g.state(job_id)
     assert view["state"] == "poison"
     assert view["error"] == "poison: failed on 2 workers: w1: boom, w2: run-time limit of 5 s exceeded"
+    assert view["not_before"] is None
     assert [r["job"] for r in w2.take("REVOKE")] == [job_id]
 
 

@@ -311,6 +311,7 @@ class Leases:
             state, not_before, attempts = self.next_state(job, count=plan["count"], backoff=plan["backoff"])
             if reason == "timeout":
                 state = core.poison.next_state(job, worker, state)
+                not_before = None if state == "poison" else not_before
         else:
             state, not_before = plan["to"], None
             attempts = 0 if plan["reset"] else job.attempts - 1
