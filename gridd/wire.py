@@ -209,7 +209,7 @@ PEER_VERBS: dict[str, dict] = {
     "WORKER": {
         "rid": _RID,
         "worker": (_str(1, 128), True),
-        "action": (_one_of("drain", "undrain", "disconnect"), True),
+        "action": (_one_of("drain", "undrain", "disconnect", "clear"), True),
     },
     "DISPATCH": {"rid": _RID, "enabled": (_is_bool, True)},
     "CREDENTIAL": {

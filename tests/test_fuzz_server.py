@@ -1356,7 +1356,7 @@ class HeldRun:
         running = {name: set() for name in WORKERS}
         for job_id, stored in jobs.items():
             held = dispatcher.jobs.get(job_id)
-            if stored["state"] in ("done", "failed", "cancelled"):
+            if stored["state"] in ("done", "failed", "cancelled", "poison"):
                 assert held is None, f"job {job_id} is {stored['state']} in the store, {held.state} in memory"
                 continue
             assert held is not None, f"job {job_id} is {stored['state']} in the store, unknown in memory"
@@ -1372,8 +1372,12 @@ class HeldRun:
         runnable = [
             i for i, j in jobs.items() if j["state"] == "queued" and (j["not_before"] is None or j["not_before"] <= now)
         ]
-        free = [name for name in WORKERS if len(running[name]) < self.slots[name]]
-        assert not (runnable and free), f"jobs {runnable} wait to run while {free} have free slots"
+        for name in WORKERS:
+            # A worker flagged for a type (gridd.scheduler.poison) is given none of it.
+            barred = dispatcher.poison.barred(name)
+            waiting = [i for i in runnable if jobs[i]["type"] not in barred]
+            free = len(running[name]) < self.slots[name]
+            assert not (waiting and free), f"jobs {waiting} wait to run while {name} has free slots"
 
 
 def make_held_world(store: ControlledStore, role: str, limit: int, slots: dict[str, int], first: list[dict]) -> World:

@@ -23,7 +23,7 @@ Rules this module owns:
 - Push, never poll: whenever a job becomes runnable or a slot frees up,
   runnable jobs are handed to free matching slots until either runs out
   (``dispatch``), unless dispatching is stopped.
-- A job done, failed or cancelled leaves memory; the store keeps it.
+- A job done, failed, cancelled or poison leaves memory; the store keeps it.
 
 The job and lease states are those drawn in protocols/PROTOCOL.md,
 section 8.
@@ -43,6 +43,7 @@ from gridd.scheduler.connection import IConnection, JobStatus
 from gridd.scheduler.control import Control
 from gridd.scheduler.leases import Leases
 from gridd.scheduler.model import Job, Lease, LeaseState
+from gridd.scheduler.poison import Poison
 from gridd.scheduler.queue import RunQueue
 from gridd.scheduler.rates import RateCounter
 from gridd.scheduler.results import Results
@@ -76,6 +77,8 @@ class Dispatcher:
         reattach_grace: float | None = None,
         sync_interval: float | None = None,
         new_lease: Callable[[], str] = lambda: secrets.token_hex(8),
+        poison_after: int = 3,
+        bad_worker_after: int = 3,
     ):
         self.store = store
         self.clock = clock
@@ -110,6 +113,7 @@ class Dispatcher:
         self.watchers = Watchers(self)
         self.views = Views(self)
         self.shared = SharedStore(self)
+        self.poison = Poison(self, poison_after, bad_worker_after)
         self._in_dispatch = False
         #: When a stall of this server was last said (say_stalled).
         self._stall_said_at = -math.inf
@@ -294,7 +298,7 @@ class Dispatcher:
                 for worker in self.workers.values():
                     if worker.free <= 0 or worker.drained:
                         continue
-                    job_id = self.queue.pop_for(worker)
+                    job_id = self.queue.pop_for(worker, self.poison.barred(worker.name))
                     if job_id is not None:
                         self.leases.grant(worker, self.jobs[job_id])
                         progress = True
@@ -307,7 +311,7 @@ class Dispatcher:
     def enter(self, job: Job, state: str, not_before: float | None):
         """Apply a committed state to the in-memory job (which holds no lease now)."""
         job.state = state
-        if state in ("done", "failed", "cancelled"):
+        if state in ("done", "failed", "cancelled", "poison"):
             self.finish(job, state)
             return
         if state == "queued":
@@ -403,6 +407,7 @@ class Dispatcher:
             pending=dict(a.pending),
             name=a.name,
             not_before=a.not_before,
+            failures=list(a.failures),
         )
         if a.state == "running":
             granted_at = a.leased_at if a.leased_at is not None else self.clock.seconds()

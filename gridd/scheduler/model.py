@@ -3,7 +3,7 @@
 Rules this module owns:
 
 - A job's ``state`` is the state the store has committed (queued, running,
-  paused, done, failed, cancelled; protocols/PROTOCOL.md, "Job lifecycle"),
+  paused, done, failed, cancelled, poison; protocols/PROTOCOL.md, "Job lifecycle"),
   except between a grant being sent to the store and its answer, when the
   job already counts as running here.
 - A job runs under at most one lease at a time (``Job.lease``). A lease is
@@ -121,6 +121,9 @@ class Job:
     #: Operators' changes of this resting job being committed: it is held
     #: out of the run queue meanwhile, so no slot hands it out under them.
     changes: int = 0
+    #: (worker, error) of its failed attempts since its last requeue, as the
+    #: store gave them with its latest grant (``gridd.scheduler.poison``).
+    failures: list = field(default_factory=list)
 
     @property
     def worker(self) -> Worker | None:

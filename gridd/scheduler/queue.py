@@ -68,8 +68,8 @@ class RunQueue:
                 heapq.heapify(heap)
             self._stale = 0
 
-    def pop_for(self, worker: Worker) -> int | None:
-        """Remove and return the best job id ``worker`` can run, or None."""
+    def pop_for(self, worker: Worker, barred=()) -> int | None:
+        """Remove and return the best job id ``worker`` can run, or None; none of a type in ``barred``."""
         best = None
         for bucket in list(self._heaps):
             heap = self._heaps[bucket]
@@ -78,7 +78,7 @@ class RunQueue:
             if not heap:
                 del self._heaps[bucket]
                 continue
-            if worker.can_run(bucket):
+            if worker.can_run(bucket) and bucket.type not in barred:
                 rank = (-bucket.priority, heap[0])
                 if best is None or rank < best[0]:
                     best = (rank, bucket)

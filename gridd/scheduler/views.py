@@ -61,6 +61,7 @@ class Views:
                     "memory": w.memory,
                     "tags": sorted(w.tags),
                     "drained": w.drained,
+                    "flags": self.core.poison.flags_of(w.name),
                     "agent": w.agent,
                     "connected": w.connected_at,
                     "last_seen": w.last_seen,
