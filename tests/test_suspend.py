@@ -163,3 +163,27 @@ def test_a_real_process_stopped_and_continued_notices_on_its_first_turn():
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+@pytest.mark.parametrize("phase", [0.0, 0.1, 0.2, 0.3, 0.37])
+def test_a_stop_as_long_as_the_servers_deadline_is_noticed_whenever_it_starts(phase):
+    """With a 1.5 s deadline the watch turns every 0.375 s and reports 0.75 s late: a 1.5 s stop never slips by."""
+    reactor, now, resumes = task.Clock(), [0.0], []
+    watch = SuspendWatch(
+        reactor, lambda gap, how: resumes.append(how), monotonic=lambda: now[0], boottime=lambda: now[0],
+        deadline=lambda: 1.5,
+    )  # fmt: skip
+    watch.startService()
+    assert (watch.turn_interval, watch.threshold) == (0.375, 0.75)
+
+    def run(seconds, step=0.01):
+        for _ in range(round(seconds / step)):
+            now[0] += step
+            reactor.advance(step)
+
+    run(1.0)
+    run(phase)
+    now[0] += 1.5  # stopped: the clocks go on, the watch does not turn
+    reactor.advance(1.5)
+    assert len(resumes) == 1 and resumes[0].startswith("this process did not run for"), resumes
+    watch.stopService()

@@ -59,7 +59,7 @@ class GuestOptions:
     #: Seconds running jobs stay paused on a busy host before they are vacated.
     grace: float = GRACE
     #: A turn of the reactor this many seconds late, or a clock gap as large, is a suspend
-    #: (or half the server's heartbeat deadline, when that is less).
+    #: (or half the server's heartbeat deadline, when that is less: ``SuspendWatch``).
     suspend_threshold: float = 3.0
 
 
@@ -184,7 +184,7 @@ class GuestService(MultiService):
         self.host.setServiceParent(self)
         # A worker away for its server's deadline has lost its leases: notice well before that.
         self.suspend = SuspendWatch(
-            clock, self.guest.resumed, threshold=lambda: min(options.suspend_threshold, core.server_deadline / 2)
+            clock, self.guest.resumed, threshold=options.suspend_threshold, deadline=lambda: core.server_deadline
         )
         self.suspend.setName("suspend")
         self.suspend.setServiceParent(self)

@@ -27,10 +27,12 @@ Each event calls ``on_resume(gap_seconds, how)`` once, on the first turn
 after it, with the causes seen in that turn in words (most often one) and
 ``gap_seconds`` the time they account for: what this process missed, or by
 how far its timers were thrown. Turns after it compare with that turn, so
-one event is never reported twice. ``threshold`` (default 3 s; a callable
-is asked at each turn) should stay below the server's heartbeat deadline
-(6 s by default): a worker away for longer than the deadline has lost its
-leases.
+one event is never reported twice. A worker away for longer than its
+server's heartbeat deadline has lost its leases, so given ``deadline`` (the
+deadline now, asked at each turn) the watch keeps ``threshold`` (default
+3 s) below half of it and its turns (``interval``, default 1 s) at most a
+quarter of it apart: a stop as long as the deadline is late by at least
+three quarters of it, and always noticed.
 
 :func:`duration_in_words` writes a duration the way these messages do.
 """
@@ -84,7 +86,8 @@ class SuspendWatch(service.Service):
         on_resume: Callable[[float, str], object],
         *,
         interval: float = 1.0,
-        threshold: float | Callable[[], float] = 3.0,
+        threshold: float = 3.0,
+        deadline: Callable[[], float] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         boottime: Callable[[], float] = boottime,
         wall: Callable[[], float] | None = None,
@@ -93,6 +96,7 @@ class SuspendWatch(service.Service):
         self.on_resume = on_resume
         self.interval = interval
         self._threshold = threshold
+        self._deadline = deadline
         self._monotonic = monotonic
         self._boottime = boottime
         self._wall = wall if wall is not None else clock.seconds
@@ -102,7 +106,17 @@ class SuspendWatch(service.Service):
 
     @property
     def threshold(self) -> float:
-        return self._threshold() if callable(self._threshold) else self._threshold
+        """Seconds of lateness or of a clock gap that make an event."""
+        if self._deadline is None:
+            return self._threshold
+        return min(self._threshold, self._deadline() / 2)
+
+    @property
+    def turn_interval(self) -> float:
+        """Seconds between two turns."""
+        if self._deadline is None:
+            return self.interval
+        return min(self.interval, self._deadline() / 4)
 
     def start(self) -> None:
         if self._loop is not None:
@@ -110,7 +124,7 @@ class SuspendWatch(service.Service):
         self._last = None
         self._loop = task.LoopingCall(self._turn)
         self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True)
+        self._loop.start(self.turn_interval, now=True)
 
     def stop(self) -> None:
         if self._loop is not None:
@@ -131,7 +145,8 @@ class SuspendWatch(service.Service):
         last, self._last = self._last, now
         if last is None:
             return
-        gap, how = self.judge(now[0] - last[0], now[1] - last[1], now[2] - last[2])
+        interval, self._loop.interval = self._loop.interval, self.turn_interval  # this turn's; the next one's
+        gap, how = self.judge(now[0] - last[0], now[1] - last[1], now[2] - last[2], interval)
         if how is None:
             return
         self.events += 1
@@ -140,12 +155,14 @@ class SuspendWatch(service.Service):
         except Exception:
             log.failure("on_resume failed after: {how}", how=how)
 
-    def judge(self, monotonic: float, boottime: float, wall: float) -> tuple[float, str | None]:
-        """What the clocks' steps since the last turn say: (seconds accounted for, causes in words, or None)."""
+    def judge(
+        self, monotonic: float, boottime: float, wall: float, interval: float | None = None
+    ) -> tuple[float, str | None]:
+        """What the clocks' steps since the last turn ``interval`` seconds ago say: (seconds accounted for, causes)."""
         threshold = self.threshold
         slept = boottime - monotonic
         stepped = wall - boottime
-        late = monotonic - self.interval
+        late = monotonic - (self.interval if interval is None else interval)
         causes, gap = [], 0.0
         if slept > threshold:
             causes.append(f"the host was suspended for {duration_in_words(slept)}")
