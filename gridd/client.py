@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 #: States a job does not leave on its own (only an operator's REQUEUE does).
-TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})
+TERMINAL_STATES = frozenset({"done", "failed", "cancelled", "poison"})
 #: The most jobs one SUBMIT may carry (PROTOCOL.md 9.1).
 MAX_JOBS_PER_SUBMIT = 10_000
 
@@ -321,7 +321,7 @@ class ClientProtocol(_Pages, PeerProtocol):
         return self._ask("RESUME", {"job": job}, "state")
 
     def requeue(self, job: int) -> Deferred[str]:
-        """Queue a running, failed or cancelled job afresh; fire with its new state."""
+        """Queue a running, failed, cancelled or poison job afresh; fire with its new state."""
         return self._ask("REQUEUE", {"job": job}, "state")
 
     def worker_action(self, name: str, action: str) -> Deferred[None]:
@@ -338,6 +338,10 @@ class ClientProtocol(_Pages, PeerProtocol):
         if reason:
             body["reason"] = reason
         return self._ask("WORKER", body, "connected")
+
+    def clear_worker(self, name: str) -> Deferred[list[str]]:
+        """Lift a worker's flags (the job types it is given none of); fire with the types cleared."""
+        return self._ask("WORKER", {"worker": name, "action": "clear"}, "cleared")
 
     def dispatch(self, enabled: bool) -> Deferred[bool]:
         """Turn the global stop switch; fire with whether the server now dispatches."""
@@ -659,7 +663,7 @@ class Client(_Pages):
       the new connection; ``iter_jobs``, ``all_jobs``, ``iter_results`` and
       ``results`` go on from the page that was lost.
     - ``submit``, ``cancel``, ``pause``, ``resume``, ``requeue``,
-      ``worker_action``, ``dispatch``, ``add_credential`` and
+      ``worker_action``, ``clear_worker``, ``dispatch``, ``add_credential`` and
       ``revoke_credential`` change state, and are never written twice. A
       connection lost after the request was written and before its reply
       fails the call with :class:`OutcomeUnknown`, and the request is not
@@ -786,6 +790,7 @@ class Client(_Pages):
     requeue = _sent_once("requeue", "REQUEUE")
     worker_action = _sent_once("worker_action", "WORKER")
     worker_host = _sent_once("worker_host", "WORKER")
+    clear_worker = _sent_once("clear_worker", "WORKER clear")
     dispatch = _sent_once("dispatch", "DISPATCH")
     add_credential = _sent_once("add_credential", "CREDENTIAL add")
     list_credentials = _resent("list_credentials")
@@ -1301,6 +1306,7 @@ class BlockingClient:
     requeue = _blocking("requeue")
     worker_action = _blocking("worker_action")
     worker_host = _blocking("worker_host")
+    clear_worker = _blocking("clear_worker")
     dispatch = _blocking("dispatch")
     add_credential = _blocking("add_credential")
     list_credentials = _blocking("list_credentials")

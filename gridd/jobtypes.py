@@ -1,6 +1,6 @@
 """Job types: the handlers a worker runs on a job's records.
 
-A job type is a class with four attributes, found through the entry point
+A job type is a class with these attributes, found through the entry point
 group ``gridd.jobtypes`` (name = ``module:Class``) and instantiated once per
 worker:
 
@@ -13,6 +13,9 @@ worker:
     (CPU work, file or network I/O through blocking libraries). False:
     ``process`` runs on the reactor and must not block; it may return a
     Deferred or be ``async def``.
+``needs_network`` (optional, default False)
+    True: the type's handler processes need the network, and get it in the
+    sandbox (``twistd gridworker --sandbox``), which gives no other type any.
 ``process(record, params, context)``
     called once per record, in index order; returns the record's output (a
     JSON value). Raising :class:`RecordError` gives the record an error
@@ -99,6 +102,7 @@ class JobType:
     name: str = ""
     version: str = "1.0"
     threaded: bool = False
+    needs_network: bool = False
 
     def process(self, record: Any, params: dict, context: JobContext) -> Any:
         raise NotImplementedError

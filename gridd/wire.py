@@ -49,7 +49,7 @@ ROLES = ("worker", "submitter", "admin")
 WORKER_STATES = ("idle", "busy", "vacating")
 HELLO_STATES = ("idle", "busy")
 #: What an operator may do to a worker (``WORKER``).
-WORKER_ACTIONS = ("drain", "undrain", "disconnect", "busy", "idle")
+WORKER_ACTIONS = ("drain", "undrain", "disconnect", "busy", "idle", "clear")
 
 _VERB = re.compile(rb"[A-Z]{1,16}\Z")
 _MAX_INT = 2**53 - 1

@@ -122,3 +122,20 @@ class Counts(JobType):
     async def process(self, record, params, context):
         await task.deferLater(context.clock, 0.02)
         return record
+
+
+class Probes(JobType):
+    """Tries what a record names from inside its process (tests/sandbox_probe.py) and says how it went."""
+
+    name, version, threaded = "probes", "1.0", True
+
+    def process(self, record, params, context):
+        from tests.sandbox_probe import probe
+
+        return probe(record)
+
+
+class NetworkProbes(Probes):
+    """The same, for a type that declares that it needs the network."""
+
+    name, needs_network = "netprobes", True

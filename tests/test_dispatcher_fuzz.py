@@ -36,7 +36,7 @@ from tests.test_dispatcher import FakeConnection, run
 
 WORKER_TYPES = {"w0": ("noop",), "w1": ("noop", "other"), "w2": ("other",)}
 BEAT = 2.0
-TERMINAL = ("done", "failed", "cancelled")
+TERMINAL = ("done", "failed", "cancelled", "poison")
 
 
 class CheckedDispatcher(Dispatcher):

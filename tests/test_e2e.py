@@ -5,7 +5,9 @@ Each test waits on events (log lines, the client's EVENTs), never on time.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
 from collections import Counter
@@ -16,6 +18,7 @@ from twisted.internet import defer, task
 
 from gridd.client import connect
 from gridd.launch import WAIT, LocalGrid
+from tests.live import turns
 
 pytestmark = pytest.mark.e2e
 
@@ -136,6 +139,29 @@ async def mid_run(watcher: Watcher, reactor):
     await watcher.first(lambda s: s["state"] == "running" and 1 <= s["accepted"] <= EARLY, reactor)
 
 
+def children(pid: int) -> list[int]:
+    """The pids of process ``pid``'s children."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def refusals(grid: LocalGrid, job: int) -> list[str]:
     """Lines in which a worker reports the server refused one of its requests about ``job``."""
     pattern = rf"\] (job {job}: server refused|lease \w+ of job {job} refused by server)"
@@ -209,7 +235,14 @@ async def test_e2e_suspended_worker_is_replaced_and_its_late_results_refused(rea
     status = await watcher.first(lambda s: s["job"] in held and 1 <= s["accepted"] <= EARLY, reactor)
     suspended_job = status["job"]
     since = len(grid.server.lines)
-    grid.workers["w2"].send_signal(signal.SIGSTOP)
+    # Its VM is paused: the worker and its handler processes stop together.
+    w2 = grid.workers["w2"]
+    [handler_line] = w2.matching(rf"\] job {suspended_job} attempt \d+ runs in handler process")
+    handler = int(handler_line.rsplit(" ", 1)[1])
+    frozen = [w2.pid, *children(w2.pid)]
+    assert handler in frozen
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
     await grid.server.wait_for(r"worker w2 silent", since)
     count_w2 = "SELECT job_id, COUNT(*) FROM records WHERE worker = 'w2' GROUP BY job_id"
     before = dict(grid.db_rows(count_w2))
@@ -223,7 +256,11 @@ async def test_e2e_suspended_worker_is_replaced_and_its_late_results_refused(rea
 
     server_since = len(grid.server.lines)
     worker_since = len(grid.workers["w2"].lines)
-    grid.workers["w2"].send_signal(signal.SIGCONT)
+    # The worker runs first: the handlers stay stopped, so the dropped job's
+    # cannot finish behind the worker's back before it is judged.
+    w2.send_signal(signal.SIGCONT)
+    # On its first turn it notices it did not run, and pauses every job until the leases are settled.
+    await grid.workers["w2"].wait_for(r"\] this process did not run for .*: \d+ jobs paused", worker_since)
     # Back from suspension, w2 learns its lease is gone, and drops the job
     # (WorkerCore stops the runner and its unsent results with that line):
     # either its reconnect HELLO is answered with the lease in ``lost``, or
@@ -231,6 +268,11 @@ async def test_e2e_suspended_worker_is_replaced_and_its_late_results_refused(rea
     await grid.workers["w2"].wait_for(
         rf"\] lease {lease} of job {suspended_job} (lost: expired|refused by server: stale_lease)$", worker_since
     )
+    # The dropped job's handler process is killed, never continued: no CPU goes to work no longer w2's.
+    await turns(reactor, lambda: not alive(handler), what=f"handler process {handler} of the dropped job to end")
+    for pid in children(w2.pid):  # the rest of the VM (idle handlers) goes on
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
     # Every lease it held ended when it went silent: none is kept on its return.
     await grid.server.wait_for(r"worker w2 connected from .*, kept 0, lost [1-9]\d*$", server_since)
     await client.wait(ids)

@@ -1399,7 +1399,7 @@ class HeldRun:
         running = {name: set() for name in WORKERS}
         for job_id, stored in jobs.items():
             held = dispatcher.jobs.get(job_id)
-            if stored["state"] in ("done", "failed", "cancelled"):
+            if stored["state"] in ("done", "failed", "cancelled", "poison"):
                 assert held is None, f"job {job_id} is {stored['state']} in the store, {held.state} in memory"
                 continue
             assert held is not None, f"job {job_id} is {stored['state']} in the store, unknown in memory"
@@ -1418,12 +1418,17 @@ class HeldRun:
         free = [name for name in WORKERS if len(running[name]) < self.slots[name]]
         # PROTOCOL.md 7.6: a job given back is kept from the worker that gave it back for the return
         # delay, counted from the RETURN's commit (which is no later than its OK was read), and from
-        # nobody else.
+        # nobody else. A worker flagged for a type (gridd.scheduler.poison) is given none of it.
         delay = dispatcher.return_delay
         kept = {
             (r.body["job"], r.peer) for r in self.requests if r.verb == "RETURN" and r.ok and r.replied_at + delay > now
         }
-        waiting = [(i, name) for i in runnable for name in free if (i, name) not in kept]
+        waiting = [
+            (i, name)
+            for i in runnable
+            for name in free
+            if (i, name) not in kept and jobs[i]["type"] not in dispatcher.poison.barred(name)
+        ]
         assert not waiting, f"jobs wait to run while workers with free slots may have them: {waiting}"
 
 

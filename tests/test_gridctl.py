@@ -427,6 +427,39 @@ def test_workers_table_shows_busy_slots_and_types(tmp_path):
     assert "desk-7" in text and "2/4" in text and "noop=1.0" in text
 
 
+def test_show_poison_job_prints_error_and_each_attempt(tmp_path):
+    """show prints a poison job's error and a row per attempt: its worker, outcome and error."""
+    attempts = [
+        {"attempt": i, "lease": f"L{i}", "worker": f"w{i}", "start": 1.7e9 + i, "end": 1.7e9 + i + 1,
+         "outcome": "failed", "error": f"crash {i}"}
+        for i in (1, 2, 3)
+    ]  # fmt: skip
+    job = dict(JOBS[0], state="poison", attempt_history=attempts, error="poison: failed on 3 workers: w1: crash 1")
+    outcome = Outcome(Grid(SHOW=lambda body: {"job": job}), ["show", "1"], tmp_path)
+    assert outcome.code == 0
+    text = outcome.out.getvalue()
+    assert "poison: failed on 3 workers" in text
+    for i in (1, 2, 3):
+        assert f"w{i}" in text and f"crash {i}" in text
+    assert text.count("failed") >= 3
+
+
+def test_workers_table_shows_flags_and_their_reasons(tmp_path):
+    """workers shows a flagged worker's types, and a table of why, with a hint to clear it."""
+    flag = {"type": "resize", "reason": "its last 3 attempts of resize failed while resize succeeded on desk-2",
+            "since": 1.7e9}  # fmt: skip
+    worker = {"name": "desk-7", "address": "10.0.0.7", "slots": 4, "running": [], "types": {"resize": "1.0"},
+              "memory": 2048, "tags": [], "drained": False, "flags": [flag], "agent": "gridd/0.1.0",
+              "connected": 1.7e9, "last_seen": 1.7e9}  # fmt: skip
+    outcome = Outcome(Grid(WORKERS=lambda body: {"workers": [worker]}), ["workers"], tmp_path)
+    assert outcome.code == 0
+    text = outcome.out.getvalue()
+    assert "FLAGGED" in text and "succeeded on desk-2" in text
+    assert "gridctl worker clear" in outcome.err.getvalue()
+    outcome = Outcome(Grid(WORKERS=lambda body: {"workers": [dict(worker, flags=[])]}), ["workers"], tmp_path)
+    assert "WHY" not in outcome.out.getvalue() and outcome.err.getvalue() == ""
+
+
 def test_stats_json_prints_one_line_without_rid(tmp_path):
     """stats --json prints the STATS reply, minus its rid, as one JSON line."""
     stats = {"jobs": {"queued": 3, "done": 9}, "workers": 2, "slots": 8, "busy": 3, "dispatching": True}
@@ -540,6 +573,28 @@ def test_workers_table_shows_each_workers_host_state_and_silence(tmp_path):
     text = outcome.out.getvalue()
     assert "STATE" in text and "busy (cpu 80%)" in text and "vacating, silent" in text
     assert "idle" in text
+
+
+def test_worker_clear_sends_clear_and_prints_types_cleared(tmp_path):
+    """worker clear NAME sends WORKER clear and prints the types the worker gets again."""
+    grid = Grid(WORKER=lambda body: {"cleared": ["noop", "resize"]})
+    outcome = Outcome(grid, ["worker", "clear", "desk-7"], tmp_path)
+    assert outcome.code == 0
+    assert outcome.lines() == ["desk-7 cleared: noop resize"]
+    assert grid.server.requests("WORKER") == [{"rid": 2, "worker": "desk-7", "action": "clear"}]
+    outcome = Outcome(Grid(WORKER=lambda body: {"cleared": []}), ["worker", "clear", "desk-7"], tmp_path)
+    assert outcome.lines() == ["desk-7 had no flags"]
+
+
+def test_worker_clear_unknown_worker_exits_1(tmp_path):
+    """worker clear of a worker neither connected nor flagged prints the server's refusal and exits 1."""
+
+    def unknown(body):
+        raise errors.UnknownWorker("no connected or flagged worker 'desk-9'")
+
+    outcome = Outcome(Grid(WORKER=unknown), ["worker", "clear", "desk-9"], tmp_path)
+    assert outcome.code == 1
+    assert outcome.err.getvalue() == "gridctl: error: unknown_worker: no connected or flagged worker 'desk-9'\n"
 
 
 def test_dispatch_off_sends_enabled_false(tmp_path):

@@ -236,3 +236,137 @@ def test_a_job_started_during_a_check_waits_for_the_answer():
     assert w.sent() == []
     w.receive('OK {"rid":2,"kept":[{"job":1,"lease":"L1","todo":[0]}],"lost":[]}')
     assert sorted(verbs(w.sent())) == ["DONE", "RESULT"]
+
+
+# -- the guest service: host watch, operator's signal and suspend watch together -----------------
+
+
+def guest_service(w, **options):
+    from gridd.worker.guest import GuestOptions, GuestService
+
+    service = GuestService(w.clock, w.core, GuestOptions(**options))
+    service.suspend._monotonic = service.suspend._boottime = w.clock.seconds  # the test's clock is every clock
+    return service
+
+
+def test_a_when_idle_worker_says_busy_in_its_first_hello_and_follows_its_signal_file(tmp_path):
+    """--when-idle: the HELLO already says busy; the file's idle is heard at the next poll, its busy too."""
+    signal_file = tmp_path / "state"
+    signal_file.write_text("busy the host's user is at the desk")
+    w = Worker()
+    service = guest_service(w, when_idle=True, cpu_threshold=1.0, user_idle=0, signal_file=str(signal_file), poll=5)
+    service.startService()
+    assert w.core.host_state == "busy"
+    w.connect()
+    (hello,) = w.sent()
+    assert body(hello)["state"] == "busy"
+    w.welcome()
+    w.sent()
+    signal_file.write_text("idle")
+    w.clock.advance(5)
+    assert w.sent() == ['STATE {"state":"idle","rid":2}'], "a said source's idle needs no wait"
+    w.receive('OK {"rid":2}')
+    signal_file.write_text("busy back")
+    w.clock.advance(5)
+    assert w.sent() == ['STATE {"state":"busy","reason":"the host says busy (back)","rid":3}']
+    service.stopService()
+
+
+def test_without_when_idle_the_host_is_idle_but_the_operators_signal_still_works():
+    w = Worker()
+    service = guest_service(w)
+    service.startService()
+    w.welcome()
+    assert w.core.host_state == "idle"
+    w.receive('HOST {"busy":true,"reason":"gridctl worker busy w1"}')
+    assert w.sent() == [
+        'STATE {"state":"busy","reason":"an operator asked for the desk (gridctl worker busy w1)","rid":2}'
+    ]
+    w.receive('OK {"rid":2}', 'HOST {"busy":false}')
+    assert w.sent() == ['STATE {"state":"idle","rid":3}']
+    service.stopService()
+
+
+def test_a_late_turn_of_the_suspend_watch_makes_the_worker_check_its_leases():
+    w = Worker().welcome()
+    service = guest_service(w)
+    service.startService()
+    w.receive(job_line(records=["a", "b"], params={"seconds": 100}))
+    w.clock.advance(1)
+    assert w.sent() == []
+    w.clock.advance(40)  # one turn, 39 s late: the process was stopped
+    (line,) = w.sent()
+    assert line.startswith("CHECK ") and body(line)["holding"][0]["lease"] == "L1"
+    service.stopService()
+
+
+# -- twistd gridworker's options ---------------------------------------------------
+
+
+def worker_options(tmp_path, *argv):
+    from gridd.worker import tap
+
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    options = tap.Options()
+    options.parseOptions(["--secret-file", str(secret), "--handlers", "threads", *argv])
+    return options
+
+
+def test_when_idle_options_build_a_guest_service_with_each_source_and_their_defaults(tmp_path):
+    from twisted.internet import task
+
+    from gridd.worker import tap
+    from gridd.worker.idle import OtherProcessesCPU, Signal, SignalFile, UserIdleTime
+
+    options = worker_options(tmp_path, "--when-idle", "--host-signal-file", str(tmp_path / "state"))
+    guest = tap.makeService(options, reactor=task.Clock()).getServiceNamed("guest")
+    kinds = [type(source) for source in guest.host.sources]
+    assert kinds == [OtherProcessesCPU, UserIdleTime, SignalFile, Signal]
+    cpu, person = guest.host.sources[:2]
+    assert (cpu.threshold, person.min_idle) == (0.25, 300.0)
+    assert (guest.host.idle_after, guest.host.interval, guest.guest.grace) == (60.0, 5.0, 600.0)
+    assert guest.host.busy, "a --when-idle worker starts busy"
+
+
+def test_measured_sources_can_be_turned_off_and_without_when_idle_only_the_operators_signal_is_heard(tmp_path):
+    from twisted.internet import task
+
+    from gridd.worker import tap
+    from gridd.worker.idle import Signal, UserIdleTime
+
+    options = worker_options(tmp_path, "--when-idle", "--cpu-threshold", "100", "--grace", "30", "--idle-after", "5")
+    guest = tap.makeService(options, reactor=task.Clock()).getServiceNamed("guest")
+    assert [type(source) for source in guest.host.sources] == [UserIdleTime, Signal]
+    assert (guest.host.idle_after, guest.guest.grace) == (5.0, 30.0)
+    guest = tap.makeService(worker_options(tmp_path), reactor=task.Clock()).getServiceNamed("guest")
+    assert [type(source) for source in guest.host.sources] == [Signal] and not guest.host.busy
+
+
+def test_guest_options_refuse_bad_values(tmp_path):
+    import pytest
+    from twisted.python import usage
+
+    for argv, words in (
+        (["--cpu-threshold", "0"], "--cpu-threshold"),
+        (["--cpu-threshold", "101"], "--cpu-threshold"),
+        (["--grace", "-1"], "--grace"),
+        (["--idle-poll", "0"], "--idle-poll"),
+        (["--host-signal-file", "x"], "--host-signal-file needs --when-idle"),
+    ):
+        with pytest.raises(usage.UsageError, match=words):
+            worker_options(tmp_path, *argv)
+
+
+def test_the_suspend_threshold_stays_below_half_the_servers_heartbeat_deadline():
+    """With a 2 s deadline, a turn 1.5 s late is a suspend (the default 3 s would let the leases go unchecked)."""
+    w = Worker().welcome(beat=0.5, deadline=2.0)
+    service = guest_service(w)
+    service.startService()
+    assert service.suspend.threshold == 1.0
+    w.receive(job_line(records=["a", "b"], params={"seconds": 100}))
+    w.clock.advance(1)
+    w.sent()
+    w.clock.advance(2.5)  # one turn, 1.5 s late
+    assert any(line.startswith("CHECK ") for line in w.sent())
+    service.stopService()

@@ -649,7 +649,7 @@ async def test_manhole_drained_worker_gets_no_new_job(manhole_grid, client):
 
 
 #: The job states, as the schema's CHECK constraint lists them.
-STATES = ("queued", "running", "paused", "done", "failed", "cancelled")
+STATES = ("queued", "running", "paused", "done", "failed", "cancelled", "poison")
 
 
 def parse_overview(shown: str) -> dict:

@@ -145,6 +145,7 @@ def test_overview_figures_add_up_to_what_happened():
         "done": 1,
         "failed": 1,
         "cancelled": 0,
+        "poison": 0,
     }
     assert report.data["queue"] == [
         {"type": "sleep", "priority": 3, "queued": 1},
@@ -191,7 +192,7 @@ def test_overview_text_shows_exact_figures_of_a_known_grid():
     # 11 submitted; 2 records accepted (the done job's); 11/5 = 2.2, 11/15 = 0.73, 2/15 = 0.13, 1/15 = 0.07.
     assert repr(report).splitlines() == [
         "dispatching  OFF (grid.start_dispatching() turns it on)",
-        "jobs         queued 5  running 2  paused 1  done 1  failed 1  cancelled 1",
+        "jobs         queued 5  running 2  paused 1  done 1  failed 1  cancelled 1  poison 0",
         "workers      2 connected  5 slots  2 busy  1 drained",
         "",
         "queued by type and priority",
@@ -217,7 +218,7 @@ def test_overview_of_an_empty_grid_says_no_queue_and_zeros():
     report = run(Console().grid.overview())
     assert repr(report).splitlines()[:5] == [
         "dispatching  on",
-        "jobs         queued 0  running 0  paused 0  done 0  failed 0  cancelled 0",
+        "jobs         queued 0  running 0  paused 0  done 0  failed 0  cancelled 0  poison 0",
         "workers      0 connected  0 slots  0 busy  0 drained",
         "",
         "queued by type and priority: none",
@@ -449,3 +450,48 @@ def test_repr_and_doc_explain_every_method():
         assert f"grid.{name}(" in doc, name
         assert f"grid.{name}(" in guide, name
     assert "dispatcher, store, server, reactor" in doc
+
+
+def test_workers_shows_flags_with_why_and_clear_lifts_them():
+    """A flagged worker's types show in its row and, below the table, why; grid.clear lifts them and is logged."""
+    c = Console()
+    bad = c.worker("w-bad")
+    ids = c.submit(*[{"retries": 5} for _ in range(3)])
+    for job_id in ids:
+        [job] = bad.take("JOB")
+        run(c.dispatcher.fail(bad, job_id, job["lease"], "ImportError", True))
+    run(c.grid.drain("w-bad"))
+    good = c.worker("w-good")
+    c.submit({})
+    c.finish(good, good.take("JOB")[0])
+    text = repr(run(c.grid.workers()))
+    row = [line for line in text.splitlines() if line.startswith("w-bad")][0]
+    assert " noop " in row
+    assert "w-bad flagged for noop since " in text and "noop succeeded on w-good" in text
+    assert 'grid.clear("NAME")' in text
+    with capturedLogs() as events:
+        assert repr(run(c.grid.clear("w-bad"))) == "worker w-bad cleared: noop"
+        assert repr(run(c.grid.clear("w-good"))) == "worker w-good had no flags"
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "gridd.server.operator"]
+    assert lines[0].endswith("clear worker w-bad: worker w-bad cleared: noop")
+    assert "flagged for" not in repr(run(c.grid.workers()))
+    with pytest.raises(errors.UnknownWorker):
+        run(c.grid.clear("nobody"))
+
+
+def test_job_shows_poison_error_and_each_attempt():
+    """A poison job's view says why, and has a row per attempt with its worker, outcome and error."""
+    c = Console()
+    [job_id] = c.submit({"retries": 5})
+    for name in ("w1", "w2", "w3"):
+        w = c.worker(name)
+        [job] = w.take("JOB")
+        run(c.dispatcher.fail(w, job_id, job["lease"], f"crash on {name}", True))
+        run(c.dispatcher.set_slots(w, 0))
+        c.clock.advance(10)
+    text = repr(run(c.grid.job(job_id)))
+    assert "  poison  " in text.splitlines()[0]
+    assert "error    poison: failed on 3 workers: w1: crash on w1, w2: crash on w2, w3: crash on w3" in text
+    attempts = text.split("\nattempts\n", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    assert [line.split()[:2] for line in attempts] == [["1", "w1"], ["2", "w2"], ["3", "w3"]]
+    assert all("failed" in line for line in attempts) and attempts[2].endswith("crash on w3")

@@ -217,6 +217,19 @@ async def test_pause_stops_the_handler_process_and_resume_lets_it_finish(pool, r
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_process_released_while_paused_is_continued_for_the_next_attempt(pool, reactor):
+    """An attempt can end paused (its last lines were read after SIGSTOP): its process must not serve the next stopped."""
+    process = await bounded(pool.acquire(handlers.Counts()), reactor)
+    process.pause()
+    await turns(reactor, lambda: process_state(process.pid) == "T", what="the process stopped")
+    pool.release(process)
+    await turns(reactor, lambda: process_state(process.pid) != "T", what="the released process continued")
+    again = Attempt(pool, reactor, handlers.Counts(), [1, 2])
+    assert await again.done is True
+    assert (await bounded(again.runner.started, reactor)) is process
+
+
+@pytest_twisted.ensureDeferred
 async def test_cancel_after_the_attempt_completed_leaves_the_reused_process_alone(pool, reactor):
     """The worker cancels a runner when its lease is dropped after DONE; the process, reused meanwhile, lives on."""
     first = Attempt(pool, reactor, handlers.Counts(), [1])

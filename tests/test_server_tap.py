@@ -105,6 +105,9 @@ def test_options_explicit_paths_and_numbers(tmp_path):
         ["--handshake-timeout", "0"],
         ["--default-timeout", "0"],
         ["--max-line", "1000"],
+        ["--poison-after", "-1"],
+        ["--bad-worker-after", "-1"],
+        ["--poison-after", "two"],
         ["--no-such-option"],
     ],
 )
@@ -172,6 +175,16 @@ def test_make_service_passes_settings_through(tmp_path):
     d = server.dispatcher
     assert (d.beat, d.deadline, d.default_timeout, d.reattach_grace) == (0.5, 2.0, 60.0, 9.0)
     assert (server.factory.max_line, server.factory.handshake_timeout) == (70000, 3.0)
+
+
+def test_poison_options_default_three_and_reach_the_dispatcher(tmp_path):
+    """--poison-after and --bad-worker-after default to 3; set (0 turns them off), they reach the dispatcher."""
+    _, server, _ = build(tmp_path, "--db", "memory:")
+    poison = server.dispatcher.poison
+    assert (poison.poison_after, poison.bad_worker_after) == (3, 3)
+    _, server, _ = build(tmp_path, "--db", "memory:", "--poison-after", "0", "--bad-worker-after", "5")
+    poison = server.dispatcher.poison
+    assert (poison.poison_after, poison.bad_worker_after) == (0, 5)
 
 
 def test_gridd_service_listens_only_after_store_and_dispatcher_started(tmp_path, monkeypatch):
@@ -462,8 +475,17 @@ def _check(server, name, role, token):
 
 def test_options_type_timeout_repeatable_and_reaches_the_dispatcher(tmp_path):
     """--type-timeout TYPE=SECONDS sets one type's run-time limit; the last one given for a type wins."""
-    top, server, _ = build(tmp_path, "--type-timeout", "sleep=30", "--type-timeout", "render=7200",
-                           "--type-timeout", "sleep=45", "--default-timeout", "600")
+    top, server, _ = build(
+        tmp_path,
+        "--type-timeout",
+        "sleep=30",
+        "--type-timeout",
+        "render=7200",
+        "--type-timeout",
+        "sleep=45",
+        "--default-timeout",
+        "600",
+    )
     assert server.dispatcher.type_timeouts == {"sleep": 45.0, "render": 7200.0}
     assert server.dispatcher.timeout_for("sleep", None) == 45.0
     assert server.dispatcher.timeout_for("noop", None) == 600.0

@@ -28,7 +28,16 @@ from gridd.errors import (
     UnknownJob,
     UnknownRecord,
 )
-from gridd.store.base import ACTIVE_STATES, JOB_STATES, SETTABLE_STATES, JobSpec, RecordResult, open_store
+from gridd.store.base import (
+    ACTIVE_STATES,
+    JOB_STATES,
+    SETTABLE_STATES,
+    JobSpec,
+    RecordResult,
+    attempts_from_history,
+    job_error,
+    open_store,
+)
 from gridd.store.memory import MemoryStore
 from gridd.store.mysql import MySQLStore
 from gridd.store.sql import known_version
@@ -99,6 +108,13 @@ async def leased_job(store, records=3, lease="L1", worker="w1") -> int:
     return job_id
 
 
+def plain(job: dict) -> dict:
+    """``job`` without the keys read from its history, once they are checked to be read from it."""
+    assert job["attempt_history"] == attempts_from_history(job["history"])
+    assert job["error"] == job_error(job["state"], job["history"])
+    return {key: value for key, value in job.items() if key not in ("attempt_history", "error")}
+
+
 async def snapshot(store, job_id):
     """Everything the store shows about a job, to prove a refused write changed nothing."""
     return await store.get_job(job_id), await store.get_results(job_id), await store.load_active()
@@ -139,6 +155,8 @@ async def test_submit_ids_ordered(store):
         "created": T0,
         "updated": T0,
         "history": [event(T0, "submitted")],
+        "attempt_history": [],
+        "error": None,
     }
     second = await store.get_job(ids[1])
     assert (second["type"], second["retries"], second["submitter"], second["total"]) == ("resize", 0, "cron", 1)
@@ -191,7 +209,7 @@ async def test_grant_queued_job_runs(store):
     [job_id] = await store.submit([spec()], T0)
     queued = await store.get_job(job_id)
     await store.grant(job_id, "L1", "w1", T0 + 1)
-    assert await store.get_job(job_id) == queued | {
+    assert plain(await store.get_job(job_id)) == plain(queued) | {
         "state": "running",
         "lease": "L1",
         "worker": "w1",
@@ -475,7 +493,7 @@ async def test_complete_full_count_done(store):
     await store.add_results(job_id, "L1", ok(0, 1), T0 + 2)
     running = await store.get_job(job_id)
     await store.complete(job_id, "L1", ok(2), T0 + 3)
-    assert await store.get_job(job_id) == running | {
+    assert plain(await store.get_job(job_id)) == plain(running) | {
         "state": "done",
         "accepted": 3,
         "lease": None,
@@ -571,7 +589,7 @@ async def test_release_moves_job_with_history(store, state):
     running = await store.get_job(job_id)
     await store.release(job_id, "L1", state, T0 + 2, reason="handler error", error="Traceback ...")
     detail = {"to": state, "reason": "handler error", "error": "Traceback ..."}
-    assert await store.get_job(job_id) == running | {
+    assert plain(await store.get_job(job_id)) == plain(running) | {
         "state": state,
         "lease": None,
         "worker": None,
@@ -676,7 +694,7 @@ async def test_set_state_allowed_moves_job(store):
     queued = await store.get_job(job_id)
     await store.set_state(job_id, ("queued", "running"), "paused", T0 + 1, reason="operator pause")
     detail = {"from": "queued", "to": "paused", "reason": "operator pause"}
-    assert await store.get_job(job_id) == queued | {
+    assert plain(await store.get_job(job_id)) == plain(queued) | {
         "state": "paused",
         "updated": T0 + 1,
         "history": queued["history"] + [event(T0 + 1, "state", detail=detail)],
@@ -947,7 +965,7 @@ async def test_take_lease_moves_owner(two):
     active = await b.take_lease(job_id, "L1", "w2", T0 + 3)
     assert (active.id, active.state, active.lease, active.worker, active.attempts) == (job_id, "running", "L1", "w2", 1)
     assert active.pending == {1: {"n": 1}, 2: {"n": 2}}
-    assert await b.get_job(job_id) == running | {
+    assert plain(await b.get_job(job_id)) == plain(running) | {
         "worker": "w2",
         "updated": T0 + 3,
         "history": running["history"] + [event(T0 + 3, "reattached", 1, "L1", "w2", {"from": "A"})],
@@ -1050,7 +1068,7 @@ async def test_expire_servers_after_deadline_and_grace(two):
     assert await b.expire_servers(T0 + 36, 5) == [retried, exhausted]
     for job_id, to in ((retried, "queued"), (exhausted, "failed")):
         detail = {"to": to, "reason": "server lost", "error": "server A lost"}
-        assert await a.get_job(job_id) == before[job_id] | {
+        assert plain(await a.get_job(job_id)) == plain(before[job_id]) | {
             "state": to,
             "lease": None,
             "worker": None,
@@ -1202,7 +1220,7 @@ async def test_end_lease_any_owner(two, state, attempts):
     running = await a.get_job(job_id)
     reason = {"queued": "requeued", "paused": "paused", "cancelled": "cancelled"}[state]
     await b.end_lease(job_id, "L2", state, T0 + 5, reason=reason)
-    assert await a.get_job(job_id) == running | {
+    assert plain(await a.get_job(job_id)) == plain(running) | {
         "state": state,
         "attempts": attempts,
         "lease": None,
@@ -1459,3 +1477,94 @@ async def test_credential_returned_dict_is_a_copy(store):
     got["role"] = "admin"
     (await store.list_credentials())[0]["role"] = "admin"
     assert (await store.get_credential("cron"))["role"] == "submitter"
+
+
+# -- attempts and poison -------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_job_attempt_history_names_each_attempt(store):
+    """SHOW's attempt history has one entry per lease: worker, start, end, outcome and error, oldest first."""
+    job_id = await leased_job(store, records=1, lease="L1", worker="w1")
+    await store.release(job_id, "L1", "queued", T0 + 2, reason="failed", error="disk full")
+    await store.grant(job_id, "L2", "w2", T0 + 3)
+    await store.release(job_id, "L2", "queued", T0 + 4, reason="returned", error="host busy", attempts=1)
+    await store.grant(job_id, "L3", "w3", T0 + 5)
+    await store.release(job_id, "L3", "queued", T0 + 6, reason="expired", error="worker w3 lost (expired)")
+    await store.grant(job_id, "L4", "w1", T0 + 7)
+    await store.take_lease(job_id, "L4", "w4", T0 + 8)
+    running = await store.get_job(job_id)
+    assert running["attempt_history"][-1] == {
+        "attempt": 3,
+        "lease": "L4",
+        "worker": "w4",
+        "start": T0 + 7,
+        "end": None,
+        "outcome": "running",
+        "error": None,
+    }
+    await store.complete(job_id, "L4", ok(0), T0 + 9)
+    job = await store.get_job(job_id)
+    assert job["attempts"] == 3
+    assert job["attempt_history"] == [
+        {"attempt": 1, "lease": "L1", "worker": "w1", "start": T0 + 1, "end": T0 + 2, "outcome": "failed",
+         "error": "disk full"},
+        {"attempt": 2, "lease": "L2", "worker": "w2", "start": T0 + 3, "end": T0 + 4, "outcome": "returned",
+         "error": "host busy"},
+        {"attempt": 2, "lease": "L3", "worker": "w3", "start": T0 + 5, "end": T0 + 6, "outcome": "expired",
+         "error": "worker w3 lost (expired)"},
+        {"attempt": 3, "lease": "L4", "worker": "w4", "start": T0 + 7, "end": T0 + 9, "outcome": "done",
+         "error": None},
+    ]  # fmt: skip
+    assert job["error"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_active_job_failures_since_last_requeue(store):
+    """grant and load_active give the workers and errors of the job's failed attempts since its last requeue."""
+    job_id = await leased_job(store, records=1, lease="L1", worker="w1")
+    await store.release(job_id, "L1", "queued", T0 + 2, reason="failed", error="e1")
+    await store.grant(job_id, "L2", "w2", T0 + 3)
+    await store.release(job_id, "L2", "queued", T0 + 4, reason="timeout", error="run-time limit of 5 s exceeded")
+    granted = await store.grant(job_id, "L3", "w3", T0 + 5)
+    assert granted.failures == [("w1", "e1"), ("w2", "run-time limit of 5 s exceeded")]
+    await store.release(job_id, "L3", "queued", T0 + 6, reason="returned", error="host busy")
+    [active] = await store.load_active([job_id])
+    assert active.failures == granted.failures  # a returned attempt is not the job's failure
+    await store.set_state(job_id, ("queued",), "paused", T0 + 7, reason="paused")
+    await store.set_state(job_id, ("paused",), "queued", T0 + 8, reason="requeued", reset_attempts=True)
+    [active] = await store.load_active([job_id])
+    assert active.failures == []
+    granted = await store.grant(job_id, "L4", "w1", T0 + 9)
+    assert granted.failures == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_poison_job_error_names_every_worker(store):
+    """A job released to poison is terminal: counted, listed by state, and its error names each worker's failure."""
+    job_id = await leased_job(store, records=1, lease="L1", worker="w1")
+    await store.release(job_id, "L1", "queued", T0 + 2, reason="failed", error="e1")
+    await store.grant(job_id, "L2", "w1", T0 + 3)
+    await store.release(job_id, "L2", "queued", T0 + 4, reason="failed", error="e1 again")
+    await store.grant(job_id, "L3", "w2", T0 + 5)
+    await store.release(job_id, "L3", "poison", T0 + 6, reason="failed", error="e2")
+    other = (await store.submit([spec(1)], T0 + 7))[0]
+    job = await store.get_job(job_id)
+    assert job["state"] == "poison"
+    assert job["error"] == "poison: failed on 2 workers: w1: e1 again, w2: e2"
+    assert [a["outcome"] for a in job["attempt_history"]] == ["failed", "failed", "failed"]
+    assert (await store.counts())["poison"] == 1
+    assert [j["id"] for j in await store.list_jobs(state="poison")] == [job_id]
+    assert [j.id for j in await store.load_active()] == [other]
+    await store.set_state(job_id, ("poison",), "queued", T0 + 8, reason="requeued", reset_attempts=True)
+    job = await store.get_job(job_id)
+    assert (job["state"], job["attempts"], job["error"]) == ("queued", 0, None)
+    assert (await store.grant(job_id, "L4", "w3", T0 + 9)).failures == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_job_error_is_last_release_error(store):
+    """A failed job's error is its last attempt's."""
+    job_id = await leased_job(store, records=1)
+    await store.release(job_id, "L1", "failed", T0 + 2, reason="failed", error="bad input")
+    assert (await store.get_job(job_id))["error"] == "bad input"

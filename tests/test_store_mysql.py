@@ -911,3 +911,33 @@ async def test_grant_passes_over_a_job_another_server_is_claiming(mariadb, param
         other.rollback()
     await store.grant(job_id, "L1", "w1", 3.0)
     assert (await store.get_job(job_id))["lease"] == "L1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_4_upgrade_allows_poison(mariadb, params):
+    """A database of schema 3 with jobs keeps them on upgrade, then takes the state poison and no unknown one."""
+    from gridd.store.sql import _statements
+
+    for version, script in load_migrations("mysql"):
+        if version <= 3:
+            for statement in _statements(script):
+                mariadb.query(params.database, statement)
+    mariadb.query(params.database, "CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY)")
+    mariadb.query(params.database, "INSERT INTO schema_version VALUES (1), (2), (3)")
+    mariadb.query(
+        params.database,
+        "INSERT INTO jobs (type, priority, requires, params, total, retries, state, created, updated)"
+        " VALUES ('noop', 0, '{}', '{}', 1, 3, 'failed', 1, 1)",
+    )
+    store = MySQLStore(params)
+    await store.start()
+    try:
+        assert (await store.get_job(1))["state"] == "failed"
+        [new] = await store.submit([spec(1)], 1000.0)
+        await store.grant(new, "L1", "w1", 1001.0)
+        await store.release(new, "L1", "poison", 1002.0, reason="failed", error="e")
+        assert (await store.counts())["poison"] == 1
+        with pytest.raises(Exception, match="4025|CONSTRAINT"):
+            mariadb.query(params.database, "UPDATE jobs SET state = 'lost' WHERE id = 1")
+    finally:
+        await store.stop()

@@ -249,3 +249,40 @@ def test_runnable_query_uses_descending_index(tmp_path):
         " ORDER BY priority DESC, id LIMIT 10"
     ).fetchall()
     assert [row[-1] for row in plan] == ["SEARCH jobs USING INDEX jobs_runnable (state=?)"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_4_upgrade_allows_poison(tmp_path):
+    """A database of schema 3 with jobs keeps them on upgrade, and then takes the state poison, on every connection."""
+    path = str(tmp_path / "gridd.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    for version, script in load_migrations("sqlite"):
+        if version <= 3:
+            for statement in _statements(script):
+                conn.execute(statement)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY)")
+    conn.executemany("INSERT INTO schema_version VALUES (?)", [(1,), (2,), (3,)])
+    conn.execute(
+        "INSERT INTO jobs (type, priority, requires, params, total, retries, state, created, updated)"
+        " VALUES ('noop', 0, '{}', '{}', 1, 3, 'failed', 1, 1)"
+    )
+    conn.execute("INSERT INTO records (job_id, idx, data) VALUES (1, 0, '1')")
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("UPDATE jobs SET state = 'poison'")
+    store = SQLiteStore(path)
+    await store.start()
+    try:
+        assert (await store.get_job(1))["state"] == "failed"
+        [new] = await store.submit([spec(1)], T0)
+        await store.grant(new, "L1", "w1", T0 + 1)
+        await store.release(new, "L1", "poison", T0 + 2, reason="failed", error="e")
+        assert (await store.counts())["poison"] == 1
+        conn.execute("UPDATE jobs SET state = 'poison' WHERE id = 1")  # the connection open since before
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("UPDATE jobs SET state = 'lost' WHERE id = 1")
+        assert query(path, "PRAGMA integrity_check") == [("ok",)]
+        assert query(path, "PRAGMA foreign_key_check") == []
+        assert query(path, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,)]
+    finally:
+        await store.stop()
+        conn.close()

@@ -57,7 +57,10 @@ LIVE_OPTIONS = {
     "backoff_base": "--backoff-base",
 }
 #: Fields holding a time on the server's clock.
-TIME_FIELDS = {"at", "created", "updated", "connected", "last_seen", "not_before", "revoked", "state_since"}
+TIME_FIELDS = {
+    "at", "created", "updated", "connected", "last_seen", "not_before", "revoked", "state_since", "start", "end",
+    "since",
+}  # fmt: skip
 #: Fields holding a random token the live server drew.
 TOKEN_FIELDS = {"lease", "token"}
 _ADDRESS = re.compile(r"127\.0\.0\.1:\d+")

@@ -80,7 +80,7 @@ class Harness:
         self.protocol.makeConnection(self.transport)
         return self
 
-    def welcome(self, beat=30.0, deadline=90.0, kept=(), lost=()):
+    def welcome(self, beat=30.0, deadline=90.0, kept=(), lost=(), max_line=1048576):
         """Connect, and answer the HELLO (rid 1) as the server does."""
         self.connect()
         self.receive(
@@ -92,7 +92,7 @@ class Harness:
                     "server": "gridd/0.1.0",
                     "beat": beat,
                     "deadline": deadline,
-                    "max_line": 1048576,
+                    "max_line": max_line,
                     "kept": list(kept),
                     "lost": list(lost),
                 },
@@ -279,30 +279,46 @@ def test_job_done_waits_for_results_in_flight():
     w.receive(job_line(params={"seconds": 1}))
     w.clock.advance(1)
     w.clock.advance(1)
-    assert w.sent() == [
-        'RESULT {"job":1,"lease":"L1","results":[{"i":0,"out":null}],"rid":2}',
-        'RESULT {"job":1,"lease":"L1","results":[{"i":1,"out":null}],"rid":3}',
-    ]
+    assert w.sent() == ['RESULT {"job":1,"lease":"L1","results":[{"i":0,"out":null}],"rid":2}']
     w.clock.advance(1)
-    w.receive('OK {"rid":2,"accepted":1}')
     assert w.sent() == []
-    w.receive('OK {"rid":3,"accepted":2}')
-    assert w.sent() == ['DONE {"job":1,"lease":"L1","results":[{"i":2,"out":null}],"rid":4}']
+    w.receive('OK {"rid":2,"accepted":1}')
+    assert w.sent() == ['DONE {"job":1,"lease":"L1","results":[{"i":1,"out":null},{"i":2,"out":null}],"rid":3}']
 
 
-def test_job_results_beyond_the_window_wait_and_go_together():
-    """With RESULT_WINDOW requests unanswered, later results wait and then go in one RESULT."""
+def test_job_results_that_trickle_in_wait_for_the_reply_in_flight_and_go_together():
+    """A few small results do not each make a request: they wait for the RESULT in flight, then go in one."""
     w = Harness().welcome()
-    records = ["r"] * (RESULT_WINDOW + 3)
-    w.receive(job_line(records=records, params={"seconds": 1}))
-    for _ in range(RESULT_WINDOW + 2):
+    w.receive(job_line(records=["r"] * 6, params={"seconds": 1}))
+    for _ in range(4):
         w.clock.advance(1)
-    assert len(w.sent()) == RESULT_WINDOW
+    assert w.sent() == ['RESULT {"job":1,"lease":"L1","results":[{"i":0,"out":null}],"rid":2}']
     w.receive('OK {"rid":2,"accepted":1}')
     assert w.sent() == [
-        'RESULT {"job":1,"lease":"L1","results":'
-        f'[{{"i":{RESULT_WINDOW},"out":null}},{{"i":{RESULT_WINDOW + 1},"out":null}}],"rid":{RESULT_WINDOW + 2}}}'
+        'RESULT {"job":1,"lease":"L1","results":[{"i":1,"out":null},{"i":2,"out":null},{"i":3,"out":null}],"rid":3}'
     ]
+
+
+def test_job_results_fill_the_window_once_each_request_would_carry_a_share_of_the_line():
+    """Past the first request, one goes for each budget / RESULT_WINDOW bytes waiting, up to RESULT_WINDOW."""
+    from gridd.worker.core import ENVELOPE_BYTES
+
+    share = 400
+    w = Harness().welcome(max_line=ENVELOPE_BYTES + share * RESULT_WINDOW)
+    w.receive(job_line(records=["r"] * 80, params={"seconds": 1}))
+    sent = []
+    for _ in range(79):
+        w.clock.advance(1)
+        sent += [line for line in w.sent() if line != "BEAT"]
+    assert len(sent) == RESULT_WINDOW, "never more than RESULT_WINDOW unanswered"
+    sizes = [len(json.loads(line.split(" ", 1)[1])["results"]) for line in sent]
+    assert sizes[0] == 1, "the first goes at once"
+    each = len('{"i":10,"out":null}') + 1
+    assert all(n * each > share for n in sizes[1:]), sizes
+    for n in range(RESULT_WINDOW):
+        w.receive(f'OK {{"rid":{2 + n},"accepted":1}}')
+    lines = [line for line in w.sent() if line != "BEAT"]
+    assert lines and json.loads(lines[0].split(" ", 1)[1])["results"][0]["i"] == sum(sizes), "the rest follow"
 
 
 def test_job_record_error_is_an_error_result():
@@ -639,7 +655,7 @@ def test_make_worker_service_builds_tree_without_connecting():
     clock = task.Clock()
     service = make_worker_service(clock, ["tcp:127.0.0.1:7700"], name="w1", token="t", job_types=TYPES, slots=2)
     assert isinstance(service, WorkerService) and not service.running
-    assert [child.name for child in service] == ["handlers", "connection"]
+    assert [child.name for child in service] == ["handlers", "guest", "connection"]
     assert isinstance(service.getServiceNamed("connection"), ClientService)
     assert clock.getDelayedCalls() == []
 
@@ -649,7 +665,7 @@ def test_make_worker_service_in_thread_mode_runs_handlers_in_a_thread_pool():
     service = make_worker_service(
         task.Clock(), ["tcp:127.0.0.1:7700"], name="w1", token="t", job_types=TYPES, slots=2, handlers="threads"
     )
-    assert [child.name for child in service] == ["threads", "connection"]
+    assert [child.name for child in service] == ["threads", "guest", "connection"]
 
 
 def test_make_worker_service_refuses_an_unknown_handler_mode():
@@ -743,10 +759,10 @@ def test_tap_handlers_and_limits_reach_the_service(tmp_path):
     assert options["handlers"] == "processes"
     assert options["limits"].for_attempt("noop") == {"cpu": 60, "memory": 100, "files": 32}
     assert options["limits"].for_attempt("other") == {"cpu": 60, "memory": 800}
-    assert [child.name for child in tap.makeService(options, reactor=task.Clock())] == ["handlers", "connection"]
+    assert [child.name for child in tap.makeService(options, reactor=task.Clock())] == ["handlers", "guest", "connection"]
     threaded = tap.Options()
     threaded.parseOptions(["--secret-file", str(secret), "--handlers", "threads"])
-    assert [child.name for child in tap.makeService(threaded, reactor=task.Clock())] == ["threads", "connection"]
+    assert [child.name for child in tap.makeService(threaded, reactor=task.Clock())] == ["threads", "guest", "connection"]
 
 
 @pytest.mark.parametrize(

@@ -193,11 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
         control.add_argument("worker", metavar="WORKER")
         control.set_defaults(run=cmd_worker, action=action)
 
-    worker = commands.add_parser("worker", help="say that a worker's host is busy or idle (the host-side signal)")
-    worker.add_argument("action", choices=["busy", "idle"])
-    worker.add_argument("worker", metavar="WORKER")
-    worker.add_argument("--reason", default=None, help="why, for the worker's log and operators")
-    worker.set_defaults(run=cmd_worker_host)
+    worker = commands.add_parser("worker", help="act on a worker by name")
+    worker_actions = worker.add_subparsers(dest="worker_action", required=True, metavar="ACTION")
+    for action, words in (
+        ("busy", "say that a worker's host is busy (the host-side signal): it takes no work and pauses its jobs"),
+        ("idle", "say that a worker's host is idle again"),
+    ):
+        host = worker_actions.add_parser(action, help=words)
+        host.add_argument("worker", metavar="WORKER")
+        host.add_argument("--reason", default=None, help="why, for the worker's log and operators")
+        host.set_defaults(run=cmd_worker_host, action=action)
+    clear = worker_actions.add_parser(
+        "clear", help="lift a worker's flags: give it again the job types it kept failing (see gridctl workers)"
+    )
+    clear.add_argument("worker", metavar="WORKER")
+    clear.set_defaults(run=cmd_worker_clear)
 
     dispatch = commands.add_parser("dispatch", help="turn the global stop switch")
     dispatch.add_argument("switch", choices=["on", "off"])
@@ -643,6 +653,7 @@ async def cmd_show(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
             ("params", job.get("params")),
             ("worker", job.get("worker")),
             ("lease", job.get("lease")),
+            ("error", job.get("error")),
             ("not before", _when(job.get("not_before"))),
             ("created", _when(job.get("created"))),
             ("updated", _when(job.get("updated"))),
@@ -650,6 +661,19 @@ async def cmd_show(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
     )
     console = _console(out)
     console.print(details)
+    if job.get("attempt_history"):
+        attempts = _table("ATTEMPT", "WORKER", "START", "END", "OUTCOME", "ERROR")
+        for attempt in job["attempt_history"]:
+            attempts.add_row(
+                _text(attempt.get("attempt")),
+                _text(attempt.get("worker")),
+                _when(attempt.get("start")),
+                _when(attempt.get("end")),
+                _text(attempt.get("outcome")),
+                _text(attempt.get("error")),
+            )
+        console.print()
+        console.print(attempts)
     if not job.get("history"):
         return EXIT_OK
     history = _table("AT", "EVENT", "ATTEMPT", "WORKER", "DETAIL")
@@ -672,7 +696,9 @@ async def cmd_workers(grid: client.Client, args, out: TextIO, err: TextIO) -> in
         for worker in workers:
             _print_json(out, worker)
         return EXIT_OK
-    table = _table("NAME", "ADDRESS", "STATE", "BUSY", "TYPES", "MEMORY", "TAGS", "DRAINED", "AGENT", "LAST SEEN")
+    table = _table(
+        "NAME", "ADDRESS", "STATE", "BUSY", "TYPES", "MEMORY", "TAGS", "DRAINED", "FLAGGED", "AGENT", "LAST SEEN"
+    )
     for worker in workers:
         types = worker.get("types") or {}
         table.add_row(
@@ -684,10 +710,20 @@ async def cmd_workers(grid: client.Client, args, out: TextIO, err: TextIO) -> in
             _text(worker.get("memory")),
             " ".join(worker.get("tags") or []) or "-",
             "yes" if worker.get("drained") else "no",
+            " ".join(flag.get("type", "?") for flag in worker.get("flags") or []) or "-",
             _text(worker.get("agent")),
             _when(worker.get("last_seen")),
         )
-    _console(out).print(table)
+    console = _console(out)
+    console.print(table)
+    flags = [(worker.get("name"), flag) for worker in workers for flag in worker.get("flags") or []]
+    if flags:
+        reasons = _table("WORKER", "TYPE", "SINCE", "WHY")
+        for name, flag in flags:
+            reasons.add_row(_text(name), _text(flag.get("type")), _when(flag.get("since")), _text(flag.get("reason")))
+        console.print()
+        console.print(reasons)
+        print("gridctl worker clear WORKER gives a flagged worker those types again.", file=err)
     return EXIT_OK
 
 
@@ -765,6 +801,12 @@ async def cmd_worker_host(grid: client.Client, args, out: TextIO, err: TextIO) -
     connected = await grid.worker_host(args.worker, args.action == "busy", args.reason)
     later = "" if connected else " (not connected: it is told at its next HELLO)"
     print(f"{args.worker} host {args.action}{later}", file=out)
+    return EXIT_OK
+
+
+async def cmd_worker_clear(grid: client.Client, args, out: TextIO, err: TextIO) -> int:
+    cleared = await grid.clear_worker(args.worker)
+    print(f"{args.worker} cleared: {' '.join(cleared)}" if cleared else f"{args.worker} had no flags", file=out)
     return EXIT_OK
 
 

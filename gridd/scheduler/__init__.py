@@ -14,6 +14,7 @@ One module per noun, each stating the rules it owns at its top:
 - ``results``: checking and committing per-record results;
 - ``workers``: connected workers, their handshake and heartbeat deadlines;
 - ``control``: operators' changes of jobs and workers;
+- ``poison``: poison jobs, and workers flagged for the types they fail;
 - ``watchers``: who is told of which job's changes;
 - ``shared``: this server's beat and its look at what other servers on the
   same store did;

@@ -15,7 +15,8 @@ Rules this module owns:
 - A change answered "commit unknown" may or may not have been made: this
   server's copy of the job is dropped, and the store's view comes back at
   the next sync or with the next change.
-- Drained workers keep their leases and get no new jobs; a disconnected
+- A worker's flags (``gridd.scheduler.poison``) are cleared by name, connected
+  or not. Drained workers keep their leases and get no new jobs; a disconnected
   worker's leases go back to the queue without using an attempt. With
   dispatching stopped, no job is handed out at all.
 - An operator's word on a worker's host (busy or idle: the host-side signal
@@ -68,15 +69,20 @@ class Control:
         return await self._change(job_id, "queued", allowed=("paused",))
 
     async def requeue(self, job_id: int) -> dict:
-        return await self._change(job_id, "queued", allowed=("running", "failed", "cancelled", "paused"), reset=True)
+        return await self._change(
+            job_id, "queued", allowed=("running", "failed", "cancelled", "poison", "paused"), reset=True
+        )
 
     async def worker_action(self, name: str, action: str, reason: str | None = None) -> dict:
         core = self.core
         worker = core.workers.by_name.get(name)
         if action in ("busy", "idle"):
             return self._host(name, action == "busy", reason or HOST_REASON, worker)
+        if action == "clear" and (worker is not None or core.poison.barred(name)):
+            return {"cleared": core.poison.clear(name)}  # flags outlive connections
         if worker is None:
-            raise errors.UnknownWorker(f"no connected worker {name!r}")
+            flagged = " or flagged" if action == "clear" else ""
+            raise errors.UnknownWorker(f"no connected{flagged} worker {name!r}")
         log.info("worker {name}: {action} by operator", name=name, action=action)
         if action in ("drain", "undrain"):
             worker.drained = action == "drain"

@@ -30,7 +30,7 @@ Rules this module owns:
   is handed no job; the jobs it would have had stay queued for the others.
   Nor is a worker whose host is busy or vacating (``Worker.state``); one
   that says it is idle again gets work at once.
-- A job done, failed or cancelled leaves memory; the store keeps it.
+- A job done, failed, cancelled or poison leaves memory; the store keeps it.
 
 The job and lease states are those drawn in protocols/PROTOCOL.md,
 section 8.
@@ -50,6 +50,7 @@ from gridd.scheduler.connection import IConnection, JobStatus
 from gridd.scheduler.control import Control
 from gridd.scheduler.leases import Leases
 from gridd.scheduler.model import Job, Lease, LeaseState, Worker
+from gridd.scheduler.poison import Poison
 from gridd.scheduler.queue import RunQueue
 from gridd.scheduler.rates import RateCounter
 from gridd.scheduler.results import Results
@@ -84,6 +85,8 @@ class Dispatcher:
         reattach_grace: float | None = None,
         sync_interval: float | None = None,
         new_lease: Callable[[], str] = lambda: secrets.token_hex(8),
+        poison_after: int = 3,
+        bad_worker_after: int = 3,
     ):
         self.store = store
         self.clock = clock
@@ -121,6 +124,7 @@ class Dispatcher:
         self.watchers = Watchers(self)
         self.views = Views(self)
         self.shared = SharedStore(self)
+        self.poison = Poison(self, poison_after, bad_worker_after)
         self._in_dispatch = False
         #: Jobs given back with RETURN vacate since this server started, for operators.
         self.vacates = 0
@@ -328,7 +332,7 @@ class Dispatcher:
                         worker.passed_over = True
                         continue
                     worker.passed_over = False
-                    job_id = self.queue.pop_for(worker, now)
+                    job_id = self.queue.pop_for(worker, now, self.poison.barred(worker.name))
                     if job_id is not None:
                         self.leases.grant(worker, self.jobs[job_id])
                         progress = True
@@ -358,7 +362,7 @@ class Dispatcher:
     def enter(self, job: Job, state: str, not_before: float | None):
         """Apply a committed state to the in-memory job (which holds no lease now)."""
         job.state = state
-        if state in ("done", "failed", "cancelled"):
+        if state in ("done", "failed", "cancelled", "poison"):
             self.finish(job, state)
             return
         if state == "queued":
@@ -454,6 +458,7 @@ class Dispatcher:
             pending=dict(a.pending),
             name=a.name,
             not_before=a.not_before,
+            failures=list(a.failures),
         )
         if a.state == "running":
             granted_at = a.leased_at if a.leased_at is not None else self.clock.seconds()

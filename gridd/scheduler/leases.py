@@ -22,7 +22,8 @@ Rules this module owns:
   attempt count it writes is the store's.
 - A job that fails or loses its worker goes back to the queue while it has
   attempts left (``1 + retries`` in all), after a backoff that doubles with
-  each attempt; then it fails.
+  each attempt; then it fails. A failure (FAIL, run-time limit) that makes
+  it poison ends it so at once (``gridd.scheduler.poison`` judges).
 - A job its worker gives back (RETURN) is queued again at once, kept from
   that worker for ``return_delay`` seconds from the commit
   (``gridd.scheduler.queue``); this server knows only of the RETURNs made
@@ -108,6 +109,7 @@ class Leases:
             lease.claim.callback(True)
             return
         job.pending = dict(active.pending)
+        job.failures = list(active.failures)
         lease.state = LeaseState.HELD
         left = max(0.0, lease.granted_at + job.timeout - self.core.clock.seconds())
         lease.timer = self._run_time_limit(job, lease, left)
@@ -152,7 +154,7 @@ class Leases:
         self.ended.pop(lease.token, None)
         job.attempts -= 1
         state = failure.value.extra.get("state") if failure.check(errors.InvalidState) else None
-        if state in ("done", "failed", "cancelled", "paused"):
+        if state in ("done", "failed", "cancelled", "poison", "paused"):
             # An operator's change committed before the claim: take it in.
             log.info("job {job}: not claimed, it is {state}", job=job.id, state=state)
             if state == "paused":
@@ -311,14 +313,20 @@ class Leases:
             if plan["to"] is not None:
                 raise errors.InvalidState(f"job {job.id} was being handed out; nothing was changed", state="queued")
             return
+        worker = lease.worker.name if lease.worker is not None else None
         if plan["to"] is None:
             state, not_before, attempts = self.next_state(job, count=plan["count"], backoff=plan["backoff"])
+            if reason == "timeout":
+                state = core.poison.next_state(job, worker, state)
+                not_before = None if state == "poison" else not_before
         else:
             state, not_before = plan["to"], None
             attempts = 0 if plan["reset"] else job.attempts - 1
         await self._release(job, lease, state, reason, plan["error"], not_before, attempts)
         self._ends_trouble.ok()
         job.attempts = attempts
+        if reason == "timeout":
+            core.poison.attempt_ended(job, worker, succeeded=False)
         core.enter(job, state, not_before)
 
     def _release(self, job: Job, lease: Lease, state: str, reason: str, error, not_before, attempts):
@@ -437,6 +445,9 @@ class Leases:
         name = lease.worker.name if lease.worker is not None else None
         lease.state = LeaseState.CLOSING
         state, not_before, attempts = self.next_state(job, retry=retry, backoff=backoff, count=count)
+        if kind == "failed":
+            state = core.poison.next_state(job, lease.worker.name, state)
+            not_before = None if state == "poison" else not_before
         try:
             await self._release(job, lease, state, kind, error, not_before, attempts)
         except errors.StaleLease:
@@ -449,6 +460,8 @@ class Leases:
         job.attempts = attempts
         if given_up and name is not None and state == "queued":
             core.gave_up(job, name)  # before it is queued again: the queue reads it then
+        if kind == "failed":
+            core.poison.attempt_ended(job, lease.worker.name, succeeded=False)
         core.enter(job, state, not_before)
         return state, not_before
 

@@ -3,7 +3,7 @@
 Rules this module owns:
 
 - A job's ``state`` is the state the store has committed (queued, running,
-  paused, done, failed, cancelled; protocols/PROTOCOL.md, "Job lifecycle"),
+  paused, done, failed, cancelled, poison; protocols/PROTOCOL.md, "Job lifecycle"),
   except between a grant being sent to the store and its answer, when the
   job already counts as running here.
 - A job runs under at most one lease at a time (``Job.lease``). A lease is
@@ -136,6 +136,9 @@ class Job:
     #: Workers that gave it up here, by name: until when it is kept from each
     #: (on the server's clock), oldest first; at most ``GIVEN_UP_KEPT``.
     given_up: dict[str, float] = field(default_factory=dict)
+    #: (worker, error) of its failed attempts since its last requeue, as the
+    #: store gave them with its latest grant (``gridd.scheduler.poison``).
+    failures: list = field(default_factory=list)
 
     @property
     def worker(self) -> Worker | None:

@@ -86,15 +86,18 @@ class RunQueue:
                 heapq.heapify(heap)
             self._stale = 0
 
-    def pop_for(self, worker: Worker, now: float) -> int | None:
-        """Remove and return the best job id ``worker`` can run and may have at ``now``, or None."""
+    def pop_for(self, worker: Worker, now: float, barred=()) -> int | None:
+        """Remove and return the best job id ``worker`` can run and may have at ``now``, or None.
+
+        None of a type in ``barred`` (the worker is flagged for it: ``gridd.scheduler.poison``).
+        """
         best = None
         #: (heap, ids lifted off it): jobs kept from this worker, put back below.
         lifted: list[tuple[list[int], list[int]]] = []
         try:
             for bucket in list(self._heaps):
                 heap = self._heaps[bucket]
-                runs = worker.can_run(bucket)
+                runs = worker.can_run(bucket) and bucket.type not in barred
                 kept: list[int] = []
                 while heap:
                     top = heap[0]

@@ -62,6 +62,7 @@ class Results:
         except BaseException as e:
             leases.closing_failed(job, lease, e)
             raise
+        self.core.poison.attempt_ended(job, lease.worker.name if lease.worker is not None else None, succeeded=True)
         self.core.finish(job, "done")
         return {}
 

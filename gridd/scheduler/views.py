@@ -65,6 +65,7 @@ class Views:
                     "state_reason": w.state_reason,
                     "state_since": w.state_since,
                     "silent": w.quiet,
+                    "flags": self.core.poison.flags_of(w.name),
                     "agent": w.agent,
                     "connected": w.connected_at,
                     "last_seen": w.last_seen,

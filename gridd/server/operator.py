@@ -65,11 +65,12 @@ class Operator:
       grid.overview()            jobs by state, queue depth by type and priority,
                                  workers, and rates over the last 1, 5, 15 minutes
       grid.workers()             connected workers: slots, running jobs, last
-                                 heartbeat, handler versions, address
+                                 heartbeat, handler versions, address, and the
+                                 job types each is flagged for (and why)
       grid.jobs(state=None, type=None, after=0, limit=20)
                                  jobs by id, e.g. grid.jobs("failed")
-      grid.job(17, records=20)   one job: attempts, leases, errors, and the state
-                                 of its first ``records`` records
+      grid.job(17, records=20)   one job: each attempt's worker, outcome and error,
+                                 its history, and its first ``records`` records
       grid.wait(17)              wait until job 17 is done, failed or cancelled
       grid.sessions()            who is logged in to this manhole
 
@@ -78,9 +79,9 @@ class Operator:
                                  job's worker is told to stop)
       grid.resume(17)            let a paused job be dispatched again
       grid.cancel(17)            end job 17 for good
-      grid.requeue(17)           queue job 17 again (running, paused, failed or
-                                 cancelled) with its attempts reset; accepted
-                                 records are kept, the rest run again
+      grid.requeue(17)           queue job 17 again (running, paused, failed,
+                                 cancelled or poison) with its attempts reset;
+                                 accepted records are kept, the rest run again
       grid.drain("w1")           worker w1 finishes what it runs, gets nothing new
       grid.undrain("w1")         worker w1 gets work again
       grid.disconnect("w1")      drop w1's connection; its jobs are re-queued
@@ -89,6 +90,8 @@ class Operator:
                                  of a worker in a VM); it is told again after
                                  its next HELLO
       grid.idle("w1")            tell w1 its host is idle again
+      grid.clear("w1")           lift w1's flags: it gets the job types it kept
+                                 failing again (connected or not)
       grid.stop_dispatching()    the global stop switch: no worker gets a new job
                                  (running jobs go on)
       grid.start_dispatching()   dispatch again
@@ -180,6 +183,7 @@ class Operator:
         workers = (await self.dispatcher.workers_view())["workers"]
         now = self.clock.seconds()
         rows = []
+        flagged = []
         for w in sorted(workers, key=lambda w: w["name"]):
             rows.append(
                 (
@@ -189,14 +193,22 @@ class Operator:
                     _ids(w["running"]),
                     f"{max(0.0, now - w['last_seen']):.1f} s ago",
                     ", ".join(f"{t} {v}" for t, v in sorted(w["types"].items())),
+                    ", ".join(f["type"] for f in w["flags"]) or "-",
                     w["address"],
                     w["agent"],
                 )
             )
+            flagged += [
+                f"{w['name']} flagged for {f['type']} since {_clock_time(f['since'])}: {f['reason']}"
+                for f in w["flags"]
+            ]
         if not rows:
             return Report("no workers connected", [])
-        headers = ("name", "state", "busy", "running jobs", "last beat", "handlers", "address", "agent")
-        return Report("\n".join(_table(headers, rows)), workers)
+        headers = ("name", "state", "busy", "running jobs", "last beat", "handlers", "flagged", "address", "agent")
+        lines = _table(headers, rows)
+        if flagged:
+            lines += ["", *flagged, 'grid.clear("NAME") gives a flagged worker those types again']
+        return Report("\n".join(lines), workers)
 
     def jobs(self, state: str | None = None, type: str | None = None, after: int = 0, limit: int = 20):
         """Jobs with id > ``after``, by id, optionally only of one ``state`` and ``type``."""
@@ -254,7 +266,23 @@ class Operator:
             lines.append(f"retry    not before {_clock_time(view['not_before'])}")
         if view["requires"]:
             lines.append(f"requires {_short(view['requires'], 100)}")
+        if view.get("error"):
+            lines.append(f"error    {view['error']}")
         lines.append(f"created  {_clock_time(view['created'])}, updated {_clock_time(view['updated'])}")
+        if view.get("attempt_history"):
+            lines += ["", "attempts"]
+            rows = [
+                (
+                    a["attempt"],
+                    a["worker"] or "",
+                    _clock_time(a["start"], ms=True),
+                    _clock_time(a["end"], ms=True) if a["end"] is not None else "",
+                    a["outcome"] or "",
+                    _short(a["error"], 60) if a["error"] is not None else "",
+                )
+                for a in view["attempt_history"]
+            ]
+            lines += _table(("attempt", "worker", "start", "end", "outcome", "error"), rows, indent="  ")
         lines += ["", "history"]
         rows = [
             (
@@ -362,6 +390,9 @@ class Operator:
     def idle(self, name: str, reason: str | None = None) -> defer.Deferred:
         """Tell worker ``name`` that its host is idle again (HOST)."""
         return self._act("idle", f"worker {name}", self.dispatcher.worker_action, name, "idle", reason)
+    def clear(self, name: str) -> defer.Deferred:
+        """Lift worker ``name``'s flags: it is given the job types it kept failing again."""
+        return self._act("clear", f"worker {name}", self.dispatcher.worker_action, name, "clear")
 
     def stop_dispatching(self) -> defer.Deferred:
         """The global stop switch: no worker is given a new job until start_dispatching()."""
@@ -436,6 +467,8 @@ def _outcome(action: str, target: str, reply: dict) -> str:
     if "connected" in reply:
         later = "" if reply["connected"] else " (not connected: told at its next HELLO)"
         return f"{target}: host {action}{later}"
+    if "cleared" in reply:
+        return f"{target} cleared: {', '.join(reply['cleared'])}" if reply["cleared"] else f"{target} had no flags"
     return f"{target} {_DONE[action]}"
 
 

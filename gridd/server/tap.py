@@ -62,6 +62,22 @@ class Options(usage.Options):
         ["backoff-max", None, 300.0, "... capped at this many seconds.", float],
         ["return-delay", None, 30.0, "Seconds a job given back (RETURN) is kept from the worker that gave it.", float],
         ["reattach-grace", None, None, "Seconds leases await workers after a restart [max(30, 2 x deadline)].", float],
+        # Poison jobs and bad workers (gridd.scheduler.poison, PROTOCOL.md section 8.1).
+        [
+            "poison-after",
+            None,
+            3,
+            "A job whose attempts fail on this many different workers is poison (0: never).",
+            int,
+        ],
+        [
+            "bad-worker-after",
+            None,
+            3,
+            "A worker whose last N attempts of a type failed while the type succeeded on another worker gets no "
+            "more of that type until `gridctl worker clear` (0: never).",
+            int,
+        ],
         ["handshake-timeout", None, 10.0, "Seconds a new connection has to complete its HELLO.", float],
         ["max-line", None, wire.DEFAULT_MAX_LINE, "Maximum line length in bytes.", int],
         # Per-connection limits (protocols/PROTOCOL.md section 12).
@@ -132,6 +148,8 @@ class Options(usage.Options):
             raise usage.UsageError("--sync-interval must be positive")
         if not 0 <= self["return-delay"] < float("inf"):
             raise usage.UsageError("--return-delay must be 0 or more seconds")
+        if self["poison-after"] < 0 or self["bad-worker-after"] < 0:
+            raise usage.UsageError("--poison-after and --bad-worker-after must be 0 (off) or more")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for spec in self["listen"]:
@@ -173,6 +191,8 @@ def makeService(options, reactor=None) -> service.MultiService:
         return_delay=options["return-delay"],
         reattach_grace=options["reattach-grace"],
         sync_interval=options["sync-interval"] if shared else None,
+        poison_after=options["poison-after"],
+        bad_worker_after=options["bad-worker-after"],
     )
     # 2. Who may connect (credentials in the store, and the shared secret unless
     #    turned off), and the wire adapter.

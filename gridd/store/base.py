@@ -52,6 +52,7 @@ __all__ = [
     "TERMINAL_STATES",
     "SETTABLE_STATES",
     "END_LEASE_STATES",
+    "FAILURE_REASONS",
     "JobSpec",
     "RecordResult",
     "ActiveJob",
@@ -59,18 +60,24 @@ __all__ = [
     "SchemaTooNew",
     "StoreUnavailable",
     "CommitOutcomeUnknown",
+    "attempts_from_history",
     "check_store_uri",
+    "failures_since_reset",
+    "job_error",
+    "poison_error",
     "open_store",
     "server_id_for",
 ]
 
 #: Every state a job can be in; see protocols/PROTOCOL.md, "Job lifecycle".
-JOB_STATES = ("queued", "running", "paused", "done", "failed", "cancelled")
+JOB_STATES = ("queued", "running", "paused", "done", "failed", "cancelled", "poison")
 ACTIVE_STATES = ("queued", "running", "paused")
-TERMINAL_STATES = ("done", "failed", "cancelled")
+#: ``poison``: failed on several different workers (``gridd.scheduler.poison``);
+#: terminal like ``failed``, and told apart from it.
+TERMINAL_STATES = ("done", "failed", "cancelled", "poison")
 #: The states ``release`` and ``set_state`` may move a job to: a job becomes
 #: running only through ``grant`` and done only through ``complete``.
-SETTABLE_STATES = ("queued", "paused", "failed", "cancelled")
+SETTABLE_STATES = ("queued", "paused", "failed", "cancelled", "poison")
 #: The states ``end_lease`` may move a running job to: an operator's
 #: requeue, pause or cancel.
 END_LEASE_STATES = ("queued", "paused", "cancelled")
@@ -185,6 +192,9 @@ class ActiveJob:
     pending: dict[int, Any]
     #: When a running job's current lease was granted (its run-time limit counts from then).
     leased_at: float | None = None
+    #: (worker, error) of each of its failed attempts since it was last
+    #: requeued, oldest first (``failures_since_reset``).
+    failures: list[tuple[str | None, str | None]] = field(default_factory=list)
 
 
 class IStore(Protocol):
@@ -331,6 +341,12 @@ class IStore(Protocol):
         lease and worker; a release's detail is ``{"to", "reason", "error"}``);
         ``state`` for ``set_state`` (detail ``{"from", "to", "reason"}``).
         Results are not events. ``detail`` is None where not given here.
+
+        Two more keys are read from the history (``attempts_from_history``,
+        ``job_error``): ``attempt_history``, one dict per lease granted,
+        oldest first, with attempt, lease, worker, start, end, outcome and
+        error (``attempts`` stays the count, as in ``list_jobs``); and
+        ``error``, why a failed or poison job ended (None otherwise).
         """
 
     def list_jobs(self, state: str | None = None, type: str | None = None, after: int = 0, limit: int = 100):
@@ -452,6 +468,90 @@ class IStore(Protocol):
 
         Raises ``UnknownCredential`` if there is no such credential.
         """
+
+
+#: Why a lease ended, when the job itself is to blame: its handler failed
+#: (FAIL) or it passed its run-time limit. Only these count towards poison.
+FAILURE_REASONS = ("failed", "timeout")
+
+#: An attempt's outcome by the reason its lease was released; a reason not
+#: named here is its own outcome.
+_OUTCOMES = {"disconnected": "expired", "server lost": "expired"}
+
+
+def attempts_from_history(history: list[dict]) -> list[dict]:
+    """The job's attempts, one per ``leased`` event, oldest first, as ``get_job`` gives them.
+
+    Each is ``{"attempt", "lease", "worker", "start", "end", "outcome",
+    "error"}``: ``outcome`` is ``running`` until the lease ends, then
+    ``done``, ``failed``, ``timeout``, ``returned``, ``expired`` (the worker
+    or its server was lost), or the operator's ``requeued``, ``paused``,
+    ``cancelled``; ``error`` is the release's. ``worker`` is the one that
+    last held the lease (a reattach moves it). ``history`` is decoded, as
+    ``get_job`` gives it.
+    """
+    attempts, open_ = [], {}
+    for event in history:
+        kind, lease = event["event"], event["lease"]
+        if kind == "leased":
+            attempt = {
+                "attempt": event["attempt"],
+                "lease": lease,
+                "worker": event["worker"],
+                "start": event["at"],
+                "end": None,
+                "outcome": "running",
+                "error": None,
+            }
+            attempts.append(attempt)
+            open_[lease] = attempt
+        elif lease in open_ and kind == "reattached":
+            open_[lease]["worker"] = event["worker"]
+        elif lease in open_ and kind in ("completed", "released"):
+            attempt = open_.pop(lease)
+            detail = event["detail"] or {}
+            reason = detail.get("reason")
+            attempt["end"] = event["at"]
+            attempt["outcome"] = "done" if kind == "completed" else _OUTCOMES.get(reason, reason)
+            attempt["error"] = detail.get("error")
+    return attempts
+
+
+def failures_since_reset(history: list[dict]) -> list[tuple[str | None, str | None]]:
+    """(worker, error) of each attempt that failed (``FAILURE_REASONS``) since the job was last requeued.
+
+    An operator's requeue (a ``requeued`` release or state change) starts
+    the count afresh: it is what takes a job out of poison.
+    """
+    failures = []
+    for event in history:
+        detail = event["detail"] or {}
+        if detail.get("reason") == "requeued":
+            failures = []
+        elif event["event"] == "released" and detail.get("reason") in FAILURE_REASONS:
+            failures.append((event["worker"], detail.get("error")))
+    return failures
+
+
+def poison_error(failures: list[tuple[str | None, str | None]]) -> str:
+    """``poison: failed on N workers: W1: ERROR, W2: ERROR, ...``: each worker once, with its latest error."""
+    last = {}
+    for worker, error in failures:
+        last.pop(worker, None)
+        last[worker] = error
+    named = ", ".join(f"{worker}: {error}" for worker, error in last.items())
+    return f"poison: failed on {len(last)} workers: {named}"
+
+
+def job_error(state: str, history: list[dict]) -> str | None:
+    """Why a job ended failed (its last release's error) or poison (``poison_error``); else None."""
+    if state == "poison":
+        return poison_error(failures_since_reset(history))
+    if state == "failed":
+        for event in reversed(history):
+            if event["event"] == "released":
+                return (event["detail"] or {}).get("error")
+    return None
 
 
 #: The longest server id a store keeps (MySQL's ``VARCHAR(255)``).

@@ -43,8 +43,11 @@ from gridd.store.base import (
     JOB_STATES,
     SETTABLE_STATES,
     ActiveJob,
+    attempts_from_history,
     dump_json,
     encode_results,
+    failures_since_reset,
+    job_error,
     server_id_for,
 )
 
@@ -415,6 +418,7 @@ class MemoryStore:
     @_answer
     def get_job(self, job_id):
         job = self._job(job_id)
+        history = self._history(job)
         return {
             **self._summary(job),
             "requires": _load(job.requires),
@@ -425,7 +429,9 @@ class MemoryStore:
             "lease": job.lease,
             "not_before": job.not_before,
             "submitter": job.submitter,
-            "history": [{**event, "detail": _load(event["detail"])} for event in job.history],
+            "history": history,
+            "attempt_history": attempts_from_history(history),
+            "error": job_error(job.state, history),
         }
 
     @_answer
@@ -483,7 +489,13 @@ class MemoryStore:
             created=job.created,
             pending={i: _load(r.data) for i, r in enumerate(job.records) if r.accepted_at is None},
             leased_at=_leased_at(job),
+            failures=failures_since_reset(self._history(job)),
         )
+
+    @staticmethod
+    def _history(job) -> list[dict]:
+        """The job's events as ``get_job`` gives them (details decoded)."""
+        return [{**event, "detail": _load(event["detail"])} for event in job.history]
 
     def _owns(self, job, lease) -> bool:
         """Is ``lease`` the job's current lease, owned by this server?"""

@@ -66,8 +66,11 @@ from gridd.store.base import (
     CommitOutcomeUnknown,
     SchemaTooNew,
     StoreUnavailable,
+    attempts_from_history,
     dump_json,
     encode_results,
+    failures_since_reset,
+    job_error,
     server_id_for,
 )
 from gridd.store.groupcommit import GroupCommitter
@@ -507,7 +510,8 @@ def _thd_one_active(txn, job_id, leased_at=None) -> ActiveJob:
     [row] = _thd_dicts(txn)
     txn.execute("SELECT idx, data FROM records WHERE job_id = ? AND accepted_at IS NULL ORDER BY idx", (job_id,))
     pending = {index: json.loads(data) for index, data in txn.fetchall()}
-    return _active_job(row, pending=pending, leased_at=leased_at)
+    failures = _thd_failures(txn, "jobs.id = ?", (job_id,)).get(job_id, [])
+    return _active_job(row, pending=pending, leased_at=leased_at, failures=failures)
 
 
 def thd_add_results(txn, server, job_id, lease, results, now) -> int:
@@ -859,7 +863,33 @@ def thd_load_active(txn, job_ids) -> list[ActiveJob]:
         )
         for job_id, at in txn.fetchall():
             jobs[job_id].leased_at = at
+    for job_id, failures in _thd_failures(txn, where, args).items():
+        jobs[job_id].failures = failures
     return list(jobs.values())
+
+
+#: The events ``failures_since_reset`` looks at: the compact JSON of their
+#: details (``dump_json``) names one of these reasons. A pre-filter only; the
+#: function decides.
+_FAILURE_EVENTS = (
+    '(job_events.detail LIKE \'%"reason":"failed"%\' OR job_events.detail LIKE \'%"reason":"timeout"%\''
+    ' OR job_events.detail LIKE \'%"reason":"requeued"%\')'
+)
+
+
+def _thd_failures(txn, where, args) -> dict[int, list[tuple[str | None, str | None]]]:
+    """``failures_since_reset`` of each job matching ``where`` (on ``jobs``) that has any: job id -> list."""
+    txn.execute(
+        "SELECT job_events.job_id, job_events.event, job_events.worker, job_events.detail FROM job_events"
+        f" JOIN jobs ON jobs.id = job_events.job_id WHERE {where} AND {_FAILURE_EVENTS}"
+        " ORDER BY job_events.job_id, job_events.id",
+        args,
+    )
+    events: dict[int, list[dict]] = {}
+    for job_id, event, worker, detail in txn.fetchall():
+        events.setdefault(job_id, []).append({"event": event, "worker": worker, "detail": json.loads(detail)})
+    found = {job_id: failures_since_reset(history) for job_id, history in events.items()}
+    return {job_id: failures for job_id, failures in found.items() if failures}
 
 
 def thd_get_job(txn, job_id) -> dict:
@@ -882,6 +912,8 @@ def thd_get_job(txn, job_id) -> dict:
     for event in job["history"]:
         if event["detail"] is not None:
             event["detail"] = json.loads(event["detail"])
+    job["attempt_history"] = attempts_from_history(job["history"])
+    job["error"] = job_error(job["state"], job["history"])
     return job
 
 

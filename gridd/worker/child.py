@@ -4,23 +4,31 @@ Started by ``gridd.worker.pool`` as ``python -m gridd.worker.child SPEC``,
 where SPEC is a JSON object::
 
     {"type": "module:Class", "limits": {...}, "cgroups": [PROCS_FILE, ...],
-     "explain": {...}, "parent": PID}
+     "explain": {...}, "parent": PID, "confine": {"work": DIR, "network": BOOL}}
 
 (``limits``: the rlimits to set; ``explain``: every limit of the process,
-to name the one a failure passed; ``parent``: the worker's pid). The
-process first joins its control groups (by writing its pid to each
-``cgroup.procs`` file), leaves the worker's process group (``setsid``), so
-that the worker can kill it with everything it started, asks to be killed
-when the worker dies, then applies its limits, loads the job type and says
-``{"ready": {"pid": PID}}``.
+to name the one a failure passed; ``parent``: the worker's pid; ``confine``,
+only in the sandbox: see below). The process first joins its control groups
+(by writing its pid to each ``cgroup.procs`` file), leaves the worker's
+process group (``setsid``), so that the worker can kill it with everything
+it started, asks to be killed when the worker dies, then applies its
+limits, loads the job type and says ``{"ready": {"pid": PID, ...}}``.
 
-It then serves attempts, one at a time, as JSON lines on standard input:
+In the sandbox (``gridd.worker.sandbox``) the control groups were joined and
+the session made before bubblewrap started, and the worker is not this
+process's parent: the process skips those steps, and confines itself
+(``gridd.worker.confine``: seccomp, Landlock) after its limits and before it
+imports the job type's module, and its ready message says how
+(``"confined": "seccomp filter, Landlock ABI 7"``). Each attempt then runs in the work
+directory its ``job`` message names (``cwd``).
 
-- ``{"job": {"job": ID, "lease": L, "attempt": N, "total": T, "params": {...}, "cpu": S}}``
-  starts an attempt (``cpu``, optional: the attempt may use S more seconds
-  of CPU time from now on, whatever earlier attempts used);
-- ``{"record": {"i": INDEX, "data": VALUE}}`` is one record of it, in order;
-- ``{"end": true}`` ends its records.
+It then serves attempts, one at a time, one JSON line on standard input each:
+
+- ``{"job": {"job": ID, "lease": L, "attempt": N, "total": T, "params": {...}, "cpu": S, "cwd": DIR},
+  "records": [{"i": INDEX, "data": VALUE}, ...]}`` runs an attempt on its
+  records, in order (``cpu``, optional: the attempt may use S more seconds
+  of CPU time from now on, whatever earlier attempts used; ``cwd``,
+  optional: the attempt's work directory);
 
 and answers on standard output, one JSON line each:
 
@@ -34,7 +42,9 @@ and answers on standard output, one JSON line each:
 
 Standard error is the handler's own log; the worker keeps its last lines.
 Whatever the handler prints to standard output itself is sent to standard
-error instead, so that it cannot break the protocol.
+error instead, so that it cannot break the protocol. A result is written
+before the next record starts (so that it survives a handler that then
+crashes), and the last one together with ``done``.
 """
 
 from __future__ import annotations
@@ -106,6 +116,25 @@ def join_cgroups(procs_files: list[str]) -> None:
             f.write(str(os.getpid()))
 
 
+class Answers:
+    """The protocol's side of standard output: lines kept until :meth:`flush` writes them in one go."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._lines: list[str] = []
+
+    def write(self, line: str) -> None:
+        self._lines.append(line)
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        view = memoryview("".join(self._lines).encode("utf-8"))
+        self._lines.clear()
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+
 def load_type(path: str):
     module, _, name = path.partition(":")
     factory = importlib.import_module(module)
@@ -117,11 +146,18 @@ def load_type(path: str):
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[1])
     join_cgroups(spec.get("cgroups") or [])
-    os.setsid()
+    confined = spec.get("confine")
+    if not confined:
+        os.setsid()
     die_with_parent(spec.get("parent"))
     limits = spec.get("limits") or {}
     apply_limits(limits)
-    out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    ready = {"pid": os.getpid()}
+    if confined:
+        from gridd.worker.confine import confine
+
+        ready["confined"] = confine(confined["work"], network=bool(confined.get("network")))
+    out = Answers(os.dup(1))
     os.dup2(2, 1)  # the handler's own prints go to the log, not into the protocol
     sys.stdout = sys.stderr
 
@@ -131,8 +167,10 @@ def main(argv: list[str]) -> int:
 
     job_type = load_type(spec["type"])
 
-    def say(**message):
+    def say(now=False, **message):
         out.write(json.dumps(message, separators=(",", ":"), allow_nan=False) + "\n")
+        if now:
+            out.flush()
 
     named = spec.get("explain") or limits
 
@@ -151,9 +189,10 @@ def main(argv: list[str]) -> int:
             lease=job["lease"],
             attempt=job["attempt"],
             total=job["total"],
-            report_progress=lambda note: say(progress=str(note)),
+            report_progress=lambda note: say(progress=str(note), now=True),
         )
         for record in records:
+            out.flush()  # the results so far leave before this record can crash the process
             context.index = record["i"]
             try:
                 output = await defer.maybeDeferred(job_type.process, record["data"], job["params"], context)
@@ -165,27 +204,24 @@ def main(argv: list[str]) -> int:
             except (TypeError, ValueError) as e:
                 raise TypeError(f"the job type's output is not a JSON value: {e}") from None
             out.write(line + "\n")
-        say(done=True)
+        say(done=True, now=True)
 
     def failed(failure):
         failure.printTraceback(file=sys.stderr)
-        say(failed=explain(failure))
+        say(failed=explain(failure), now=True)
 
     def serve(done):
-        job, records = None, []
         for raw in sys.stdin:
             message = json.loads(raw)
-            if "job" in message:
-                job, records = message["job"], []
-            elif "record" in message:
-                records.append(message["record"])
-            elif "end" in message:
-                if job.get("cpu"):
-                    allow_cpu(int(job["cpu"]))
-                yield defer.Deferred.fromCoroutine(attempt(job, records)).addErrback(failed)
+            job = message["job"]
+            if job.get("cpu"):
+                allow_cpu(int(job["cpu"]))
+            if job.get("cwd"):
+                os.chdir(job["cwd"])
+            yield defer.Deferred.fromCoroutine(attempt(job, message["records"])).addErrback(failed)
         done.callback(None)
 
-    say(ready={"pid": os.getpid(), "type": job_type.name, "version": job_type.version})
+    say(ready={**ready, "type": job_type.name, "version": job_type.version}, now=True)
 
     def run(_reactor):
         done = defer.Deferred()

@@ -33,6 +33,14 @@ Rules this module owns:
 - Standard error is the attempt's log: its last ``STDERR_KEPT`` bytes are
   kept, their last lines end the message of a failure, and all of them are
   logged with the attempt's end.
+- With a sandbox (``gridd.worker.sandbox``, ``twistd gridworker --sandbox``)
+  the program runs under bubblewrap, confined (``gridd.worker.confine``)
+  before it starts, in a work directory of its own (its current directory,
+  the one place it may write, removed when it ends), seeing only its own
+  file of the worker's; its environment is not the worker's but ``PATH``,
+  ``HOME``, ``TMPDIR``, ``LANG`` and the three above. It has the network
+  only when its name is among those the operator allows it
+  (``--command-network NAME``).
 """
 
 from __future__ import annotations
@@ -41,14 +49,16 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from gridd.worker.processes import KeptOutput, end_of, kill, pause, resume
 from gridd.worker.runner import Assignment, AttemptFailed
+from gridd.worker.sandbox import Sandbox
 
 __all__ = ["CommandType", "CommandRunner", "STDERR_KEPT", "parse_command"]
 
@@ -90,17 +100,22 @@ class CommandType:
     """The ``command`` job type: runs the operator's programs, by name.
 
     ``reactor`` spawns the processes; ``group=False`` (or no ``setsid``
-    installed) runs each program in the worker's process group.
+    installed) runs each program in the worker's process group. ``sandbox``
+    runs each in it (and in a group of its own), with the network for the
+    commands named in ``network``.
     """
 
     name = "command"
     version = "1.0"
     threaded = False
 
-    def __init__(self, commands: Mapping[str, str], *, reactor, group: bool = True):
+    def __init__(self, commands: Mapping[str, str], *, reactor, group: bool = True, sandbox: Sandbox | None = None,
+                 network: Iterable[str] = ()):  # fmt: skip
         self.commands = dict(commands)
         self.reactor = reactor
-        self.setsid = shutil.which("setsid") if group else None
+        self.sandbox = sandbox
+        self.network = frozenset(network)
+        self.setsid = sandbox.setsid if sandbox is not None else shutil.which("setsid") if group else None
 
     def runner(self, assignment: Assignment, *, clock, on_result: Callable[[dict], None], on_progress=None):
         return CommandRunner(self, assignment, clock=clock, on_result=on_result)
@@ -125,6 +140,7 @@ class CommandRunner(protocol.ProcessProtocol):
         self._exited = False
         self._cancelled = False
         self._limit = None
+        self._work_dir: str | None = None
         #: Fires with the end of the process in words ("exited with code 0") once it is gone.
         self.ended = defer.Deferred()
 
@@ -143,14 +159,30 @@ class CommandRunner(protocol.ProcessProtocol):
         if len(params) > MAX_PARAMS:
             return defer.fail(AttemptFailed(f"the job's params take {len(params)} bytes as JSON, over {MAX_PARAMS}"))
         self._name, path = name, commands[name]
-        env = dict(os.environ, GRIDD_PARAMS=params, GRIDD_JOB=str(a.job), GRIDD_ATTEMPT=str(a.attempt))
-        # setsid execs the program in place (a freshly forked child leads no group), so its pid is the program's.
-        setsid = self._type.setsid
-        executable, argv = (setsid, [setsid, path]) if setsid else (path, [path])
+        given = {"GRIDD_PARAMS": params, "GRIDD_JOB": str(a.job), "GRIDD_ATTEMPT": str(a.attempt)}
+        sandbox = self._type.sandbox
+        if sandbox is None:
+            env = dict(os.environ, **given)
+            # setsid execs the program in place (a freshly forked child leads no group), so its pid is the program's.
+            setsid = self._type.setsid
+            argv = [setsid, path] if setsid else [path]
+        else:
+            try:
+                self._work_dir = sandbox.make_work_dir(f"command-{a.job}.{a.attempt}-")
+            except OSError as e:
+                return defer.fail(AttemptFailed(f"command {name}: no work directory: {e}"))
+            network = name in self._type.network
+            confine = json.dumps({"work": self._work_dir, "network": network})
+            inside = [sys.executable, "-m", "gridd.worker.confine", confine, "--", path]
+            argv = sandbox.argv(inside, work_dir=self._work_dir, network=network, read_only=[path])
+            env = sandbox.environment(
+                self._work_dir, {**given, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            )
         self._stdin = b"".join(json.dumps(r["data"], separators=(",", ":")).encode() + b"\n" for r in a.records)
         try:
-            self._type.reactor.spawnProcess(self, executable, argv, env=env)
+            self._type.reactor.spawnProcess(self, argv[0], argv, env=env)
         except OSError as e:
+            self._remove_work_dir()
             return defer.fail(AttemptFailed(f"command {name} cannot be started: {e}"))
         limit = f"command {name} passed the run-time limit of {a.timeout:g} s"
         self._limit = self._clock.callLater(a.timeout, self._fail, limit)
@@ -212,10 +244,11 @@ class CommandRunner(protocol.ProcessProtocol):
 
     def processEnded(self, reason):
         self._exited = True
+        self._remove_work_dir()
         if self._stdout.strip():
             self._line(bytes(self._stdout))
         self._stdout.clear()
-        cause, failed = _cause(reason)
+        cause, failed = _cause(reason, sandboxed=self._type.sandbox is not None)
         tail = self._stderr.tail(TAIL_LINES)
         tail = f": {tail}" if tail else ""
         given, total = len(self._assignment.records) - len(self._pending), len(self._assignment.records)
@@ -253,6 +286,11 @@ class CommandRunner(protocol.ProcessProtocol):
 
     def _fail(self, message: str) -> None:
         self._settle(AttemptFailed(message))
+
+    def _remove_work_dir(self) -> None:
+        if self._work_dir is not None:
+            Sandbox.remove_work_dir(self._work_dir)
+            self._work_dir = None
 
     def _settle(self, outcome: bool | AttemptFailed) -> None:
         """The first outcome wins; any other than completion kills the program."""
@@ -295,9 +333,9 @@ def _result_body(line: bytes) -> dict | None:
     return None
 
 
-def _cause(reason) -> tuple[str, bool]:
+def _cause(reason, sandboxed: bool = False) -> tuple[str, bool]:
     """How the process ended, in words, and whether that fails the attempt."""
-    code, killed_by = end_of(reason)
+    code, killed_by = end_of(reason, sandboxed=sandboxed)
     if killed_by is not None:
         return f"was killed by {killed_by}", True
     return f"exited with code {code}", code != 0

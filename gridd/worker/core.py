@@ -17,6 +17,7 @@ are sent, and leases it lists in ``lost`` are stopped and dropped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -33,7 +34,10 @@ from gridd.worker.runner import Assignment, AttemptFailed, InlineThreads, JobRun
 __all__ = ["ServerConnection", "WorkerCore"]
 
 #: RESULT requests one lease may have awaiting a reply; later results wait
-#: and go out together, so a slow store means fewer, larger messages.
+#: and go out together, so a slow store means fewer, larger messages. Past
+#: the first, a request goes only with a full share of the line's budget
+#: (budget / RESULT_WINDOW): results that trickle in (a handler process's,
+#: one pipe read at a time) wait for the reply in flight and go together.
 RESULT_WINDOW = 4
 #: Room for the verb, rid, job id and lease around a message's results.
 ENVELOPE_BYTES = 512
@@ -133,6 +137,8 @@ class WorkerCore:
         self._pauses: set[str] = set()
         #: After a suspend, until the server has said which leases are still ours: nothing is reported.
         self.checking = False
+        #: The heartbeat deadline the server last said (its HELLO reply): silent longer, the worker loses its leases.
+        self.server_deadline = math.inf
         #: Called with (busy, reason) when the server relays the host-side signal (HOST).
         self.on_host_signal: Callable[[bool, str], None] | None = None
 
@@ -160,6 +166,7 @@ class WorkerCore:
         """A handshake succeeded: settle held leases by the reply, then report."""
         self._connection = connection
         self._max_line = connection.max_line
+        self.server_deadline = float(welcome.get("deadline") or math.inf)
         self._settle(welcome, set(self._holdings))
         if self.host_state == "vacating":  # the HELLO could only say busy
             self._send_state(connection)
@@ -451,6 +458,8 @@ class WorkerCore:
         while holding.unsent and holding.in_flight < RESULT_WINDOW:
             if done and holding.unsent_fit(budget):
                 break  # the last results ride in DONE
+            if holding.in_flight and holding.unsent_fit(budget // RESULT_WINDOW):
+                break  # a few small results: they wait for the reply in flight
             self._send_results(connection, holding, holding.pop_batch(budget))
         if holding.outcome is None or holding.in_flight or (holding.unsent and not done):
             return

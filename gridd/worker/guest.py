@@ -21,15 +21,46 @@ Rules this module owns (the worker's side of PROTOCOL.md's ``STATE``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from twisted.application.service import MultiService
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from gridd.worker.core import WorkerCore
+from gridd.worker.idle import HostWatch, OtherProcessesCPU, Signal, SignalFile, UserIdleTime
+from gridd.worker.suspend import SuspendWatch
 
-__all__ = ["GRACE", "Guest"]
+__all__ = ["GRACE", "Guest", "GuestOptions", "GuestService"]
 
 #: Seconds running jobs stay paused on a busy host before they are vacated.
 GRACE = 600.0
+
+
+@dataclass(frozen=True)
+class GuestOptions:
+    """How the worker watches its host (``twistd gridworker --when-idle`` and the options after it).
+
+    Without ``when_idle`` the host counts as idle, but for the operator's
+    signal (``gridctl worker busy|idle``), which always works.
+    """
+
+    when_idle: bool = False
+    #: The host is busy while other processes use more than this share of its CPU; 1.0 or more: not measured.
+    cpu_threshold: float = 0.25
+    #: ... or while a person used the desk within this many seconds; 0: not measured.
+    user_idle: float = 300.0
+    #: ... or while this file says busy (a worker inside a VM).
+    signal_file: str | None = None
+    #: Every measured source must read idle this long, without a break, before the host is idle.
+    idle_after: float = 60.0
+    #: Seconds between two readings of the sources.
+    poll: float = 5.0
+    #: Seconds running jobs stay paused on a busy host before they are vacated.
+    grace: float = GRACE
+    #: A turn of the reactor this many seconds late, or a clock gap as large, is a suspend
+    #: (or half the server's heartbeat deadline, when that is less: ``SuspendWatch``).
+    suspend_threshold: float = 3.0
 
 
 class Guest:
@@ -111,3 +142,65 @@ class Guest:
         if self._grace_call is not None and self._grace_call.active():
             self._grace_call.cancel()
         self._grace_call = None
+
+
+class GuestService(MultiService):
+    """The worker's eyes on its host: a :class:`HostWatch` and a :class:`SuspendWatch` feeding one :class:`Guest`.
+
+    ::
+
+        GuestService "guest"
+         ├── HostWatch "host"        the sources of ``options``, and the operator's signal (HOST)
+         └── SuspendWatch "suspend"  suspends, stops and clock steps
+
+    Started before the connection, so that a ``--when-idle`` worker's first
+    HELLO already says it is busy: its host has not been watched yet.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock, core: WorkerCore, options: GuestOptions = GuestOptions()):
+        super().__init__()
+        self.setName("guest")
+        self.options = options
+        self.core = core
+        self.guest = Guest(clock, core, grace=options.grace)
+        self.signal = Signal()
+        core.on_host_signal = self.signal.set
+        sources = []
+        if options.when_idle:
+            if options.cpu_threshold < 1.0:
+                sources.append(OtherProcessesCPU(options.cpu_threshold))
+            if options.user_idle > 0:
+                sources.append(UserIdleTime(clock, options.user_idle))
+            if options.signal_file:
+                sources.append(SignalFile(options.signal_file))
+        sources.append(self.signal)
+        self.host = HostWatch(
+            clock, sources, self.guest.host_changed, interval=options.poll, idle_after=options.idle_after,
+            busy=options.when_idle,
+        )  # fmt: skip
+        self.host.setName("host")
+        self.host.setServiceParent(self)
+        # A worker away for its server's deadline has lost its leases: notice well before that.
+        self.suspend = SuspendWatch(
+            clock, self.guest.resumed, threshold=options.suspend_threshold, deadline=lambda: core.server_deadline
+        )
+        self.suspend.setName("suspend")
+        self.suspend.setServiceParent(self)
+
+    def startService(self):
+        if self.host.busy:
+            self.guest.host_changed(True, self.host.reason)
+        super().startService()
+        if self.options.when_idle:
+            self.log.info(
+                "working only while the host is idle: {sources}; idle after {after:g} s; vacating after {grace:g} s",
+                sources=", ".join(str(source) for source in self.host.sources),
+                after=self.options.idle_after,
+                grace=self.options.grace,
+            )
+
+    def stopService(self):
+        self.guest.stop()
+        return super().stopService()

@@ -13,6 +13,7 @@ Rules this module owns:
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterable
 
 from gridd.worker.runner import Assignment, JobRunner
@@ -25,7 +26,7 @@ class Holding:
 
     Results wait in ``unacked`` (index to result and encoded size) until the
     server acknowledges them; ``unsent`` lists, in index order, those not yet
-    sent on the current connection.
+    sent on the current connection, and ``unsent_bytes`` their size.
     """
 
     def __init__(self, assignment: Assignment):
@@ -38,7 +39,8 @@ class Holding:
         #: A RETURN because the host became busy (RETURN vacate).
         self.vacate = False
         self.unacked: dict[int, tuple[dict, int]] = {}
-        self.unsent: list[int] = []
+        self.unsent: deque[int] = deque()
+        self.unsent_bytes = 0
         #: After a reconnect: the records the server still wants.
         self.todo: set[int] | None = None
         self.in_flight = 0
@@ -72,11 +74,18 @@ class Holding:
         if size > limit:
             result = {"i": index, "error": f"output of {size} bytes exceeds the server's line limit"}
             size = _size(result)
+        if index in self.unacked:
+            return  # a runner gives each record one result
         self.unacked[index] = (result, size)
         self.unsent.append(index)
+        self.unsent_bytes += size
 
     def unsent_fit(self, budget: int) -> bool:
-        return sum(self.unacked[i][1] for i in self.unsent) <= budget
+        return self.unsent_bytes <= budget
+
+    def _set_unsent(self, indices: Iterable[int]) -> None:
+        self.unsent = deque(sorted(i for i in indices if i in self.unacked))
+        self.unsent_bytes = sum(self.unacked[i][1] for i in self.unsent)
 
     def pop_batch(self, budget: int) -> list[dict]:
         """Take unsent results, in index order, up to ``budget`` bytes (at least one)."""
@@ -87,13 +96,13 @@ class Holding:
                 break
             batch.append(result)
             used += size
-            self.unsent.pop(0)
+            self.unsent.popleft()
+        self.unsent_bytes -= used
         return batch
 
     def unsend(self, results: Iterable[dict]) -> None:
         """Results whose sending came to nothing: send them again."""
-        indices = {r["i"] for r in results if r["i"] in self.unacked}
-        self.unsent = sorted(indices.union(self.unsent))
+        self._set_unsent({r["i"] for r in results}.union(self.unsent))
 
     def acknowledge(self, results: Iterable[dict]) -> None:
         for result in results:
@@ -103,13 +112,13 @@ class Holding:
         """The server already has (or never had) these records: stop offering them."""
         for index in indices:
             self.unacked.pop(index, None)
-        self.unsent = [i for i in self.unsent if i in self.unacked]
+        self._set_unsent(self.unsent)
 
     def reattach(self, todo: Iterable[int]) -> None:
         """A new connection kept this lease: offer again what the server lacks."""
         self.todo = set(todo)
         self.forget([i for i in self.unacked if i not in self.todo])
-        self.unsent = sorted(self.unacked)
+        self._set_unsent(self.unacked)
         self.in_flight = 0
         self.final_in_flight = False
         self.progress_in_flight = False

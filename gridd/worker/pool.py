@@ -15,6 +15,12 @@ Rules this module owns:
 - An attempt fails with a message naming its cause: the exit code or the
   signal, the memory or CPU limit passed, or the run-time limit.
 - Cancel and revoke kill at once; results already streamed stay streamed.
+- With a sandbox (``gridd.worker.sandbox``, ``twistd gridworker --sandbox``)
+  each process starts under bubblewrap and confines itself before it loads
+  its job type; it has the network only when its type says ``needs_network
+  = True``. Its work directory, the one place it may write, is made when it
+  starts and removed when it ends; each attempt runs in a new directory in
+  it, and everything the attempt left there is removed when it is over.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from twisted.logger import Logger
 from gridd.worker.cgroups import Cgroups, Group
 from gridd.worker.processes import KeptOutput, end_of, kill, pause, resume
 from gridd.worker.runner import Assignment, AttemptFailed
+from gridd.worker.sandbox import Sandbox
 
 __all__ = ["HandlerPool", "HandlerProcess", "ProcessRunner"]
 
@@ -51,9 +58,9 @@ def type_path(job_type: Any) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _describe_end(reason, limits: dict, group: Group | None = None) -> str:
+def _describe_end(reason, limits: dict, group: Group | None = None, sandboxed: bool = False) -> str:
     """What ended a process, in words: "exit code 3", "killed by SIGSEGV", "CPU limit 10 s"."""
-    code, killed_by = end_of(reason)
+    code, killed_by = end_of(reason, sandboxed=sandboxed)
     if killed_by == "SIGXCPU" and limits.get("cpu"):
         return f"CPU limit {limits['cpu']} s"
     if killed_by == "SIGKILL" and group is not None and group.killed_for_memory():
@@ -66,14 +73,17 @@ def _describe_end(reason, limits: dict, group: Group | None = None) -> str:
 class HandlerProcess(protocol.ProcessProtocol):
     """One handler process and the attempt it is serving, if any."""
 
-    def __init__(self, key: tuple, limits: dict, group: Group | None = None):
+    def __init__(self, key: tuple, limits: dict, group: Group | None = None, work_dir: str | None = None):
         self.key = key
         self.limits = limits
         self.group = group
+        #: In the sandbox: the directory the process may write in.
+        self.work_dir = work_dir
         self.ready = defer.Deferred()
         self.ended = defer.Deferred()
         self.pid: int | None = None
         self.alive = True
+        self.paused = False
         self.grouped = False  # it has left our process group (setsid): kill its group
         self._buffer = b""
         self._stderr = KeptOutput(STDERR_KEPT)
@@ -96,6 +106,9 @@ class HandlerProcess(protocol.ProcessProtocol):
                 return
             if "ready" in message and not self.ready.called:
                 self.grouped = True
+                if "confined" in message["ready"]:
+                    log.info("handler process {pid} for {type} confined: {how}", pid=self.pid, type=self.key[0],
+                             how=message["ready"]["confined"])  # fmt: skip
                 self.ready.callback(self)
             elif self.on_line is not None:
                 self.on_line(message)
@@ -105,7 +118,7 @@ class HandlerProcess(protocol.ProcessProtocol):
 
     def processEnded(self, reason):
         self.alive = False
-        cause = _describe_end(reason, self.limits, self.group)
+        cause = _describe_end(reason, self.limits, self.group, sandboxed=self.work_dir is not None)
         if not self.ready.called:
             self.ready.errback(AttemptFailed(f"the handler process did not start ({cause}): {self.stderr_tail()}"))
         if self.on_end is not None:
@@ -129,10 +142,12 @@ class HandlerProcess(protocol.ProcessProtocol):
     def pause(self) -> None:
         """Stop the process and everything it started (SIGSTOP to its group); nothing runs until resumed."""
         if self.alive and self.pid is not None:
+            self.paused = True
             pause(self.pid, group=self.grouped)
 
     def resume(self) -> None:
         if self.alive and self.pid is not None:
+            self.paused = False
             resume(self.pid, group=self.grouped)
 
 
@@ -141,14 +156,16 @@ class HandlerPool:
 
     ``limits`` are those of an attempt that names none; ``cgroups``, where
     given, puts each process with a memory or process limit in control
-    groups of its own.
+    groups of its own; ``sandbox``, where given, starts every process in it.
     """
 
-    def __init__(self, reactor, *, size: int = 4, limits: dict | None = None, cgroups: Cgroups | None = None):
+    def __init__(self, reactor, *, size: int = 4, limits: dict | None = None, cgroups: Cgroups | None = None,
+                 sandbox: Sandbox | None = None):  # fmt: skip
         self.reactor = reactor
         self.size = size
         self.limits = dict(limits or {})
         self.cgroups = cgroups
+        self.sandbox = sandbox
         self._idle: dict[tuple, deque[HandlerProcess]] = defaultdict(deque)
         self._all: set[HandlerProcess] = set()
         #: Control groups of ended processes that still held killed processes when last tried.
@@ -165,7 +182,7 @@ class HandlerPool:
             process = idle.popleft()
             if process.alive:
                 return defer.succeed(process)
-        return self._start(key, limits)
+        return self._start(key, limits, network=bool(getattr(job_type, "needs_network", False)))
 
     @property
     def processes(self) -> int:
@@ -175,6 +192,8 @@ class HandlerPool:
     def release(self, process: HandlerProcess) -> None:
         """The attempt is over and went well: keep the process for the next one, if there is room."""
         process.on_line = process.on_end = None
+        if process.paused:  # the attempt ended while paused (its last results were already read): not the next one's
+            process.resume()
         idle = self._idle[process.key]
         if process.alive and len(idle) < self.size:
             idle.append(process)
@@ -209,28 +228,38 @@ class HandlerPool:
 
     def _ended(self, process: HandlerProcess) -> None:
         self._all.discard(process)
+        if process.work_dir is not None:
+            Sandbox.remove_work_dir(process.work_dir)
         if process.group is not None:
             if process.grouped:
                 kill(process.transport, process.pid, group=True)  # what it started, if anything is left
             self._unremoved.append(process.group)
         self._remove_groups()
 
-    def _start(self, key: tuple, limits: dict) -> defer.Deferred:
+    def _start(self, key: tuple, limits: dict, *, network: bool = False) -> defer.Deferred:
         self._remove_groups()
         group = None
         if self.cgroups is not None and ("memory" in limits or "processes" in limits):
             group = self.cgroups.make(memory=limits.get("memory"), processes=limits.get("processes"))
-        process = HandlerProcess(key, limits, group)
+        work_dir = self.sandbox.make_work_dir("handler-") if self.sandbox is not None else None
+        process = HandlerProcess(key, limits, group, work_dir)
         joins = group.procs_files() if group is not None else []
         # A control group measures memory and processes better than rlimits can (address space
         # is not memory; RLIMIT_NPROC counts all the user's processes and binds root not at all).
         kept_by_group = {"memory": "memory", "processes": "pids"}
         rlimits = {k: v for k, v in limits.items() if group is None or kept_by_group.get(k) not in group.paths}
-        spec = json.dumps(
-            {"type": key[0], "limits": rlimits, "cgroups": joins, "explain": limits, "parent": os.getpid()}
-        )
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.reactor.spawnProcess(process, sys.executable, [sys.executable, "-m", "gridd.worker.child", spec], env=env)
+        spec = {"type": key[0], "limits": rlimits, "cgroups": joins, "explain": limits, "parent": os.getpid()}
+        python_path = os.pathsep.join(p for p in sys.path if p)
+        if work_dir is None:
+            argv = [sys.executable, "-m", "gridd.worker.child", json.dumps(spec)]
+            env = dict(os.environ, PYTHONPATH=python_path)
+        else:
+            # Outside the sandbox: join the groups, then bubblewrap; the worker is not the child's parent.
+            spec.update(cgroups=[], parent=None, confine={"work": work_dir, "network": network})
+            argv = self.sandbox.argv([sys.executable, "-m", "gridd.worker.child", json.dumps(spec)],
+                                     work_dir=work_dir, network=network, join=joins)  # fmt: skip
+            env = self.sandbox.environment(work_dir, {"PYTHONPATH": python_path})
+        self.reactor.spawnProcess(process, argv[0], argv, env=env)
         self._all.add(process)
         process.ended.addBoth(lambda r: self._ended(process) or r)
         return process.ready
@@ -288,6 +317,9 @@ class ProcessRunner:
             self._pool.release(process)
             return False
         self._process = process
+        log.info(
+            "job {job} attempt {attempt} runs in handler process {pid}", job=a.job, attempt=a.attempt, pid=process.pid
+        )
         if self._paused:
             process.pause()
         pending = deque(record["i"] for record in a.records)
@@ -323,10 +355,10 @@ class ProcessRunner:
         job = {"job": a.job, "lease": a.lease, "attempt": a.attempt, "total": a.total, "params": a.params}
         if "cpu" in process.limits:
             job["cpu"] = process.limits["cpu"]
-        process.send(job=job)
-        for record in a.records:
-            process.send(record=record)
-        process.send(end=True)
+        if process.work_dir is not None and process.alive:
+            job["cwd"] = os.path.join(process.work_dir, f"job-{a.job}.{a.attempt}")
+            os.makedirs(job["cwd"], 0o700, exist_ok=True)
+        process.send(job=job, records=list(a.records))
         self.started.callback(process)
         try:
             completed = await outcome
@@ -339,6 +371,8 @@ class ProcessRunner:
             self._process = None
             if self._limit_call.active():
                 self._limit_call.cancel()
+            if process.work_dir is not None:
+                Sandbox.empty_work_dir(process.work_dir)  # the next attempt starts with nothing of this one's
         if completed:
             self._pool.release(process)
         return completed

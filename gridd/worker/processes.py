@@ -16,16 +16,23 @@ from twisted.internet import error
 __all__ = ["KeptOutput", "end_of", "kill", "pause", "resume"]
 
 
-def end_of(reason) -> tuple[int | None, str | None]:
-    """How a process ended (a ``processEnded`` reason): (exit code, or None; signal name, or None)."""
+def end_of(reason, *, sandboxed: bool = False) -> tuple[int | None, str | None]:
+    """How a process ended (a ``processEnded`` reason): (exit code, or None; signal name, or None).
+
+    ``sandboxed``: the process was bubblewrap, which exits with 128 + N
+    when what it ran was killed by signal N; that is read as the signal.
+    """
     value = reason.value
     number = getattr(value, "signal", None)
+    code = getattr(value, "exitCode", None) or 0
+    if not number and sandboxed and 128 < code < 128 + 65:
+        number = code - 128
     if number:
         try:
             return None, signal.Signals(number).name
         except ValueError:
             return None, f"signal {number}"
-    return getattr(value, "exitCode", None) or 0, None
+    return code, None
 
 
 def kill(transport, pid: int, *, group: bool) -> bool:

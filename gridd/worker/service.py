@@ -5,6 +5,7 @@
     WorkerService "gridworker"      returns running jobs on stop, then stops its children
      ├── HandlerPoolService "handlers"  handler processes (the default); started first, stopped last
      │   or ThreadPoolService "threads" runs threaded job types in threads (``handlers="threads"``)
+     ├── GuestService "guest"           watches the host (idle or busy) and notices suspends
      └── ClientService "connection"     connects, waits for the handshake, reconnects with backoff
 
 :func:`make_worker_service` builds the tree without starting it; starting it
@@ -36,10 +37,12 @@ from gridd import tls
 from gridd.worker.cgroups import Cgroups
 from gridd.worker.command import CommandType
 from gridd.worker.core import WorkerCore
+from gridd.worker.guest import GuestOptions, GuestService
 from gridd.worker.limits import AttemptLimits
 from gridd.worker.pool import HandlerPool, ProcessRunner
 from gridd.worker.protocol import WorkerFactory
 from gridd.worker.runner import InlineThreads, PoolThreads
+from gridd.worker.sandbox import Sandbox
 
 __all__ = [
     "HANDLER_MODES",
@@ -113,9 +116,10 @@ class HandlerPoolService(Service):
     def startService(self):
         super().startService()
         log.info(
-            "handlers run in child processes; limits: {limits}; {cgroups}",
+            "handlers run in child processes; limits: {limits}; {cgroups}; {sandbox}",
             limits=self.limits.describe(),
             cgroups=self.pool.cgroups.describe() if self.pool.cgroups else "no control groups",
+            sandbox=self.pool.sandbox.describe() if self.pool.sandbox else "no sandbox",
         )
 
     def stopService(self):
@@ -197,7 +201,10 @@ def make_worker_service(
     exit_when_drained: bool = False,
     handlers: str = "processes",
     limits: AttemptLimits | None = None,
+    sandbox: Sandbox | None = None,
+    command_network: Iterable[str] = (),
     threads: PoolThreads | InlineThreads | None = None,
+    guest: GuestOptions | None = GuestOptions(),
     stop_timeout: float = STOP_TIMEOUT,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> WorkerService:
@@ -211,12 +218,19 @@ def make_worker_service(
     ``handlers`` is where records are processed: ``"processes"`` (a pool of
     handler processes, each attempt under ``limits``, the operator's
     ``--limits`` and the job's memory) or ``"threads"`` (in this process, for
-    tests and embedding; limits do not apply).
+    tests and embedding; limits do not apply). ``guest`` says how the worker
+    watches its host (``--when-idle`` and its options); None leaves the host
+    unwatched and suspends unnoticed (tests on a fake clock). ``sandbox``
+    (processes only) starts handler processes and command programs in it,
+    the commands named in ``command_network`` with the network.
     """
     if handlers not in HANDLER_MODES:
         raise ValueError(f"handlers must be one of {', '.join(HANDLER_MODES)}, not {handlers!r}")
+    if sandbox is not None and handlers != "processes":
+        raise ValueError("a sandbox needs handlers in processes")
     if commands:
-        job_types = {**job_types, "command": CommandType(commands, reactor=reactor)}
+        command_type = CommandType(commands, reactor=reactor, sandbox=sandbox, network=command_network)
+        job_types = {**job_types, "command": command_type}
     endpoints = []
     for server in servers:
         if isinstance(server, str):
@@ -229,7 +243,7 @@ def make_worker_service(
     if handlers == "processes":
         limits = limits or AttemptLimits(offered_memory=memory)
         cgroups = Cgroups()
-        handler_pool = HandlerPool(reactor, size=max(1, slots), cgroups=cgroups)
+        handler_pool = HandlerPool(reactor, size=max(1, slots), cgroups=cgroups, sandbox=sandbox)
         pool_service = HandlerPoolService(handler_pool, limits)
         pool_service.setName("handlers")
 
@@ -266,9 +280,12 @@ def make_worker_service(
 
     worker = WorkerService(reactor, core, connection, stop_timeout)
     # Children start in this order and stop in the reverse one: the pool
-    # outlives the connection, so no running record loses its process or thread.
+    # outlives the connection, so no running record loses its process or
+    # thread; the host is watched before the first HELLO says its state.
     if pool_service is not None:
         pool_service.setServiceParent(worker)
+    if guest is not None:
+        GuestService(reactor, core, guest).setServiceParent(worker)
     connection.setServiceParent(worker)
     return worker
 

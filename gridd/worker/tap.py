@@ -14,7 +14,9 @@ from twisted.python import usage
 from gridd import config, tls
 from gridd.jobtypes import load_job_types
 from gridd.worker.command import parse_command
+from gridd.worker.guest import GuestOptions
 from gridd.worker.limits import LIMIT_NAMES, AttemptLimits
+from gridd.worker.sandbox import SandboxUnavailable, find_sandbox
 from gridd.worker.service import HANDLER_MODES, make_worker_service
 
 __all__ = ["Options", "makeService"]
@@ -74,12 +76,74 @@ class Options(usage.Options):
             "so that a handler that crashes, hangs or eats memory fails only its attempt) or 'threads' "
             "(in the worker's own process: for trusted types and debugging; --limits do not apply).",
         ],
+        [
+            "cpu-threshold",
+            None,
+            25.0,
+            "With --when-idle: the host is busy while processes other than this worker's own use more "
+            "than this percentage of its CPU; 100 does not measure it.",
+            float,
+        ],
+        [
+            "user-idle",
+            None,
+            300.0,
+            "With --when-idle: the host is busy while a person used the desk within this many seconds "
+            "(logind, the X screensaver, the terminals); 0 does not measure it.",
+            float,
+        ],
+        [
+            "host-signal-file",
+            None,
+            None,
+            "With --when-idle: a file the host writes for a worker in a VM, its first word 'busy' or "
+            "'idle' (a missing file is idle) [default: none].",
+        ],
+        [
+            "idle-after",
+            None,
+            60.0,
+            "With --when-idle: seconds every measured source must read idle, without a break, before "
+            "the host counts as idle again.",
+            float,
+        ],
+        ["idle-poll", None, 5.0, "Seconds between two readings of the host's state.", float],
+        [
+            "grace",
+            None,
+            600.0,
+            "Seconds running jobs stay paused (SIGSTOP) on a busy host before they are vacated: given back "
+            "to the server, which re-queues them for another worker at once. Idle again within it, they resume.",
+            float,
+        ],
+        [
+            "data-dir",
+            None,
+            "~/.gridd",
+            "The worker's own directory: with --sandbox, each attempt's work directory is made in DATADIR/work "
+            "and removed after it; sandboxed code never sees the rest of it.",
+        ],
     ]
     optFlags = [
+        [
+            "when-idle",
+            None,
+            "Work only while the host is idle (no person at the desk, little CPU used by others, or the "
+            "host's signal file says idle); the worker starts busy until its host has been watched.",
+        ],
         [
             "exit-when-drained",
             None,
             "Exit once an operator has drained this worker and its running jobs are finished.",
+        ],
+        [
+            "sandbox",
+            None,
+            "Run handler processes and command programs under bubblewrap (bwrap must be installed): a "
+            "read-only system, a private /tmp, only the attempt's work directory writable, no network unless "
+            "the job type needs it (needs_network = True; for commands --command-network), the secret file and "
+            "DATADIR invisible, a seccomp filter and Landlock where the kernel has it (docs/security.md). "
+            "Needs --handlers processes.",
         ],
     ]
 
@@ -88,6 +152,7 @@ class Options(usage.Options):
         self["servers"] = []
         self["commands"] = []
         self["limits"] = []
+        self["command-network"] = []
 
     def opt_server(self, spec):
         """Endpoint of a gridd server, e.g. tls:gridd.example:7701:trustRoots=certs
@@ -116,6 +181,10 @@ class Options(usage.Options):
         '{"out": VALUE} or {"error": TEXT} line per record from its standard output. Repeatable; '
         "giving it offers the job type 'command'. Jobs name programs, never paths."
     )
+
+    def opt_command_network(self, name):
+        """With --sandbox, let the command NAME (of a --command) use the network; others have none. Repeatable."""
+        self["command-network"].append(name)
 
     def postOptions(self):
         if not self["servers"]:
@@ -150,6 +219,7 @@ class Options(usage.Options):
             self["limits"] = AttemptLimits.from_specs(self["limits"], offered_memory=self["memory"])
         except ValueError as e:
             raise usage.UsageError(f"--limits: {e}") from None
+        self["guest"] = self._guest_options()
         types = None if self["types"] is None else _comma_list(self["types"])
         if types is not None and "command" in types:
             if not commands:
@@ -165,6 +235,42 @@ class Options(usage.Options):
             self["token"] = config.read_secret(self["secret-file"])
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"cannot read the shared secret: {e}") from None
+        unknown = sorted(set(self["command-network"]) - set(commands))
+        if unknown:
+            raise usage.UsageError(f"--command-network {', '.join(unknown)}: no such --command")
+        self["sandbox"] = self._sandbox() if self["sandbox"] else None
+
+    def _sandbox(self):
+        if self["handlers"] != "processes":
+            raise usage.UsageError("--sandbox needs --handlers processes: a thread cannot be sandboxed")
+        data_dir = os.path.expanduser(self["data-dir"])
+        hidden = [self["secret-file"], os.path.expanduser("~/.gridd"), str(config.default_data_dir())]
+        try:
+            return find_sandbox(data_dir, hidden)
+        except SandboxUnavailable as e:
+            raise usage.UsageError(f"--sandbox: {e}") from None
+
+    def _guest_options(self) -> GuestOptions:
+        if not 0 < self["cpu-threshold"] <= 100:
+            raise usage.UsageError("--cpu-threshold must be a percentage above 0 and at most 100")
+        for name in ("user-idle", "idle-after", "grace"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must be 0 or more")
+        if self["idle-poll"] <= 0:
+            raise usage.UsageError("--idle-poll must be above 0")
+        if not self["when-idle"]:
+            given = [f"--{name}" for name in ("host-signal-file",) if self[name] is not None]
+            if given:
+                raise usage.UsageError(f"{', '.join(given)} needs --when-idle")
+        return GuestOptions(
+            when_idle=bool(self["when-idle"]),
+            cpu_threshold=self["cpu-threshold"] / 100,
+            user_idle=self["user-idle"],
+            signal_file=self["host-signal-file"],
+            idle_after=self["idle-after"],
+            poll=self["idle-poll"],
+            grace=self["grace"],
+        )
 
 
 def makeService(options, reactor=None):
@@ -182,5 +288,8 @@ def makeService(options, reactor=None):
         commands=options["commands"],
         handlers=options["handlers"],
         limits=options["limits"],
+        sandbox=options["sandbox"],
+        command_network=options["command-network"],
+        guest=options["guest"],
         exit_when_drained=bool(options["exit-when-drained"]),
     )
