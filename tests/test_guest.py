@@ -109,6 +109,24 @@ def test_guest_vacates_jobs_when_the_host_stays_busy_past_grace():
     assert verbs(w.sent()) == ["DONE"]  # a job taken after the vacate runs, not paused
 
 
+def test_guest_vacates_before_a_paused_jobs_run_time_limit_would_pass():
+    """A job 3,300 s into its 3,600 s limit is vacated 290 s after the host turns busy, not after the 600 s grace."""
+    w, guest = guest_worker(grace=600)
+    w.receive(job_line(records=["a", "b"], params={"seconds": 3300}))
+    w.clock.advance(3300)
+    w.clock.advance(0)
+    (result,) = w.sent()
+    w.receive(f'OK {{"rid":{body(result)["rid"]},"accepted":1}}')
+    guest.host_changed(True, "a person at the desk")
+    w.sent()
+    w.clock.advance(289)
+    assert w.sent() == []
+    w.clock.advance(1)
+    (returned, state) = w.sent()
+    assert body(returned)["vacate"] is True, returned
+    assert "busy for 290 s" in body(returned)["reason"]
+
+
 def test_guest_busy_twice_only_updates_the_reason():
     w, guest = guest_worker()
     guest.host_changed(True, "first")
@@ -200,8 +218,8 @@ def test_check_without_a_connection_is_answered_by_the_next_handshake():
     assert w.sent() == ['DONE {"job":1,"lease":"L1","results":[{"i":1,"out":null}],"rid":3}']
 
 
-def test_check_refused_by_the_server_goes_on_with_every_lease():
-    """A server that does not know CHECK (or refuses it) leaves the leases as they were: the jobs go on."""
+def test_check_refused_by_the_server_reconnects_and_the_handshake_settles_the_leases():
+    """A server that refuses CHECK: the worker sends nothing, drops the connection, and the next HELLO settles."""
     w = Worker().welcome()
     w.receive(job_line(records=["a", "b"], params={"seconds": 1}))
     w.core.check_leases("the host was suspended for 5 min")
@@ -210,11 +228,50 @@ def test_check_refused_by_the_server_goes_on_with_every_lease():
     w.clock.advance(0)
     assert w.sent() == []
     w.receive('ERR {"rid":2,"code":"unknown_verb","message":"unknown verb CHECK"}')
-    assert w.sent() == ['RESULT {"job":1,"lease":"L1","results":[{"i":0,"out":null}],"rid":3}']
-    w.receive('OK {"rid":3,"accepted":1}')
+    assert w.sent() == [] and w.transport.disconnecting, "nothing sent under a lease that may be gone"
+    w.disconnect()
+    w.connect()
+    (hello,) = w.sent()
+    assert [h["lease"] for h in body(hello)["holding"]] == ["L1"]
+    w.receive(
+        'OK {"rid":1,"proto":1,"server":"gridd/0.1.0","beat":30.0,"deadline":90.0,"max_line":1048576,'
+        '"kept":[],"lost":[{"job":1,"lease":"L1","reason":"expired"}]}'
+    )
+    assert w.sent() == [] and not w.core.holdings and not w.core.checking
+
+
+def test_a_check_answered_before_a_result_in_flight_leaves_that_result_counted():
+    """CHECK's answer may overtake an earlier RESULT's: the RESULT is not sent again and the job still ends."""
+    w = Worker().welcome()
+    w.receive(job_line(records=["a", "b", "c"], params={"seconds": 1}))
     w.clock.advance(1)
     w.clock.advance(0)
-    assert verbs(w.sent()) == ["DONE"]
+    assert verbs(w.sent()) == ["RESULT"]  # rid 2, record 0, in flight
+    w.core.check_leases("the wall clock jumped forward by 5 min")
+    assert verbs(w.sent()) == ["CHECK"]  # rid 3
+    w.receive('OK {"rid":3,"kept":[{"job":1,"lease":"L1","todo":[0,1,2]}],"lost":[]}')
+    assert w.sent() == [], "record 0 is still in flight: not sent again"
+    w.receive('OK {"rid":2,"accepted":1}')
+    assert run_to_the_end(w) == ["RESULT", "DONE"]
+
+
+def test_an_earlier_checks_answer_drops_what_it_says_is_lost_but_the_latest_ends_the_check():
+    """Two suspends, two CHECKs: the first answer does not end the check; its lost leases go at once."""
+    w = Worker().welcome()
+    w.receive(job_line(records=["a", "b", "c"], params={"seconds": 1}))
+    w.receive(job_line(job=2, lease="L2", records=["a"], params={"seconds": 1}))
+    w.core.check_leases("first stop")
+    w.core.check_leases("second stop")
+    assert verbs(w.sent()) == ["CHECK", "CHECK"]  # rids 2 and 3
+    w.receive(
+        'OK {"rid":2,"kept":[{"job":1,"lease":"L1","todo":[0,1,2]}],"lost":[{"job":2,"lease":"L2","reason":"expired"}]}'
+    )
+    assert w.core.checking and set(w.core.holdings) == {"L1"}
+    w.clock.advance(1)
+    w.clock.advance(0)
+    assert w.sent() == [], "the later CHECK is unanswered: nothing is sent"
+    w.receive('OK {"rid":3,"kept":[],"lost":[{"job":1,"lease":"L1","reason":"expired"}]}')
+    assert not w.core.holdings and not w.core.checking and w.sent() == []
 
 
 def test_check_with_no_jobs_asks_nothing():
@@ -358,12 +415,12 @@ def test_guest_options_refuse_bad_values(tmp_path):
             worker_options(tmp_path, *argv)
 
 
-def test_the_suspend_threshold_stays_below_half_the_servers_heartbeat_deadline():
-    """With a 2 s deadline, a turn 1.5 s late is a suspend (the default 3 s would let the leases go unchecked)."""
+def test_the_suspend_threshold_stays_below_half_the_silence_the_server_allows():
+    """Beat 0.5 s, deadline 2 s: leases may end after 1.5 s unheard, so a turn 0.75 s late is already a suspend."""
     w = Worker().welcome(beat=0.5, deadline=2.0)
     service = guest_service(w)
     service.startService()
-    assert service.suspend.threshold == 1.0
+    assert (service.suspend.threshold, service.suspend.turn_interval) == (0.75, 0.375)
     w.receive(job_line(records=["a", "b"], params={"seconds": 100}))
     w.clock.advance(1)
     w.sent()

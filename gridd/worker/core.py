@@ -72,6 +72,9 @@ class ServerConnection(Protocol):
 
     def send_check(self, holding: list[dict]) -> defer.Deferred: ...
 
+    def drop(self) -> None:
+        """Close the connection at once; the worker reconnects, and the next HELLO settles its leases."""
+
 
 def _pause(runner) -> None:
     """Pause a runner that can be paused (a job type's own runner may not)."""
@@ -137,8 +140,11 @@ class WorkerCore:
         self._pauses: set[str] = set()
         #: After a suspend, until the server has said which leases are still ours: nothing is reported.
         self.checking = False
-        #: The heartbeat deadline the server last said (its HELLO reply): silent longer, the worker loses its leases.
+        #: The heartbeat deadline and beat the server last said (its HELLO reply).
         self.server_deadline = math.inf
+        self.server_beat = 0.0
+        #: Counts lease checks: only the answer to the latest ends one.
+        self._check_number = 0
         #: Called with (busy, reason) when the server relays the host-side signal (HOST).
         self.on_host_signal: Callable[[bool, str], None] | None = None
 
@@ -167,22 +173,37 @@ class WorkerCore:
         self._connection = connection
         self._max_line = connection.max_line
         self.server_deadline = float(welcome.get("deadline") or math.inf)
-        self._settle(welcome, set(self._holdings))
+        self.server_beat = float(welcome.get("beat") or 0.0)
+        self._settle(welcome, set(self._holdings), reconnected=True)
         if self.host_state == "vacating":  # the HELLO could only say busy
             self._send_state(connection)
         self._end_check()
         for holding in list(self._holdings.values()):
             self._flush(holding)
 
-    def _settle(self, reply: dict, listed: set[str]) -> None:
-        """Keep the ``listed`` leases the reply (HELLO's or CHECK's) lists in ``kept``; drop the other listed ones."""
+    @property
+    def silence_allowed(self) -> float:
+        """Seconds this worker may go unheard before its server may end its leases: a stop shorter loses nothing.
+
+        The server's deadline counts from the last line it heard, which can be
+        up to a beat before the stop began.
+        """
+        return self.server_deadline - self.server_beat
+
+    def _settle(self, reply: dict, listed: set[str], reconnected: bool) -> None:
+        """Keep the ``listed`` leases the reply (HELLO's or CHECK's) lists in ``kept``; drop the other listed ones.
+
+        After a reconnect nothing is in flight any more; after a CHECK on the
+        same connection, requests still in flight are answered later.
+        """
         kept = {k["lease"]: k for k in reply.get("kept") or ()}
         lost = {k["lease"]: k for k in reply.get("lost") or ()}
         for holding in list(self._holdings.values()):
             if holding.lease not in listed:
                 continue
             if holding.lease in kept:
-                holding.reattach(kept[holding.lease].get("todo") or ())
+                todo = kept[holding.lease].get("todo") or ()
+                holding.reattach(todo) if reconnected else holding.recheck(todo)
                 self.log.info(
                     "lease {lease} of job {job} kept: {n} records to report",
                     lease=holding.lease,
@@ -216,7 +237,7 @@ class WorkerCore:
         for old in [h for h in self._holdings.values() if h.job == assignment.job]:
             self.log.info("lease {lease} of job {job} superseded", lease=old.lease, job=old.job)
             self._drop(old)
-        holding = self._holdings[assignment.lease] = Holding(assignment)
+        holding = self._holdings[assignment.lease] = Holding(assignment, started=self.clock.seconds())
         if self.returning:
             self._conclude(holding, "RETURN", "worker is shutting down")
             return
@@ -336,24 +357,41 @@ class WorkerCore:
         )
         self.pause("check")
         self.checking = True
+        self._check_number += 1
         if self._connection is not None:
-            connection, listed = self._connection, set(self._holdings)
+            connection, listed, number = self._connection, set(self._holdings), self._check_number
             d = connection.send_check(self.holding())
             d.addCallbacks(
-                self._checked, self._check_failed, callbackArgs=(connection, listed), errbackArgs=(connection,)
+                self._checked,
+                self._check_failed,
+                callbackArgs=(connection, listed, number),
+                errbackArgs=(connection, number),
             )
 
-    def _checked(self, reply: dict, connection: ServerConnection, listed: set[str]) -> None:
-        if connection is not self._connection or not self.checking:
+    def _checked(self, reply: dict, connection: ServerConnection, listed: set[str], number: int) -> None:
+        if connection is not self._connection:
             return  # a reconnect's handshake settled the leases
-        self._settle(reply, listed)
+        if number != self._check_number or not self.checking:
+            # An earlier check's answer: a later suspend asked again. What it
+            # says is lost is lost; what it keeps waits for the latest answer.
+            self._settle({"lost": reply.get("lost") or ()}, {k["lease"] for k in reply.get("lost") or ()}, False)
+            return
+        self._settle(reply, listed, reconnected=False)
         self._end_check()
 
-    def _check_failed(self, failure: Failure, connection: ServerConnection) -> None:
-        if failure.check(ConnectionDropped) or connection is not self._connection or not self.checking:
-            return  # the next handshake answers
-        self.log.warn("the server did not answer the lease check ({f.value}): going on with every lease", f=failure)
-        self._end_check()
+    def _check_failed(self, failure: Failure, connection: ServerConnection, number: int) -> None:
+        if failure.check(ConnectionDropped) or connection is not self._connection or number != self._check_number:
+            return  # the next handshake, or the latest check, answers
+        if not self.checking:
+            return
+        # Going on could spend CPU on work no longer ours: reconnect instead,
+        # and let the HELLO's reply (kept, lost) settle every lease.
+        self.log.warn(
+            "the server did not answer the lease check ({f.value}): reconnecting so that the handshake settles "
+            "the leases",
+            f=failure,
+        )
+        connection.drop()
 
     def _end_check(self) -> None:
         """The leases are settled: the kept ones run and report again."""
@@ -587,7 +625,12 @@ class WorkerCore:
                 return
             if not result.check(ConnectionDropped):
                 self.log.info("job {job}: PROGRESS refused: {f.value}", job=holding.job, f=result)
-        if holding.progress_note is not None and holding.outcome is None and self._connection is not None:
+        if (
+            holding.progress_note is not None
+            and holding.outcome is None
+            and self._connection is not None
+            and not self.checking
+        ):
             self._send_progress(holding)
 
     # -- bookkeeping ---------------------------------------------------------

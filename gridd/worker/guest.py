@@ -12,7 +12,10 @@ Rules this module owns (the worker's side of PROTOCOL.md's ``STATE``):
 - The host stays busy for ``grace`` seconds: the jobs are **vacated**, given
   back with ``RETURN`` and ``"vacate": true``; the server re-queues each at
   once for another worker, which resumes at the first record without an
-  accepted result. The worker stays ``busy`` until the host is idle.
+  accepted result. The worker stays ``busy`` until the host is idle. A
+  paused job's run-time limit keeps counting (the server's too), so the
+  jobs are vacated sooner when one of them would pass its limit within the
+  grace: a pause never turns into a failure that counts against the job.
 - After a suspend of the worker or its host, the worker pauses its jobs,
   sends nothing, and asks the server which leases are still its own
   (``CHECK``); it drops the others and resumes the rest
@@ -35,6 +38,8 @@ __all__ = ["GRACE", "Guest", "GuestOptions", "GuestService"]
 
 #: Seconds running jobs stay paused on a busy host before they are vacated.
 GRACE = 600.0
+#: A paused job is vacated this long (at most a tenth of its run-time limit) before its limit would pass.
+VACATE_MARGIN = 10.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class GuestOptions:
     #: Seconds running jobs stay paused on a busy host before they are vacated.
     grace: float = GRACE
     #: A turn of the reactor this many seconds late, or a clock gap as large, is a suspend
-    #: (or half the server's heartbeat deadline, when that is less: ``SuspendWatch``).
+    #: (or half the silence the server allows, its deadline less a beat, when that is less: ``SuspendWatch``).
     suspend_threshold: float = 3.0
 
 
@@ -73,6 +78,7 @@ class Guest:
         self.core = core
         self.grace = grace
         self._grace_call = None
+        self._busy_since = 0.0
 
     @property
     def state(self) -> str:
@@ -95,15 +101,27 @@ class Guest:
             self.log.info("host busy ({reason}): taking no work until it is idle", reason=reason)
             self.core.set_host_state("busy", reason)
             return
+        wait = self._vacate_in()
         self.log.info(
-            "host busy ({reason}): {n} jobs paused; vacated in {grace:g} s unless the host is idle again",
+            "host busy ({reason}): {n} jobs paused; vacated in {wait:g} s{why} unless the host is idle again",
             reason=reason,
             n=len(self.core.holdings),
-            grace=self.grace,
+            wait=round(wait, 1),
+            why="" if wait == self.grace else ", before a run-time limit passes",
         )
         self.core.pause("host")
         self.core.set_host_state("vacating", reason)
-        self._grace_call = self.clock.callLater(self.grace, self._vacate)
+        self._busy_since = self.clock.seconds()
+        self._grace_call = self.clock.callLater(wait, self._vacate)
+
+    def _vacate_in(self) -> float:
+        """Seconds until the paused jobs are vacated: the grace, or less if a run-time limit would pass first."""
+        now = self.clock.seconds()
+        soonest = min(
+            holding.limit_left(now) - min(VACATE_MARGIN, holding.assignment.timeout / 10)
+            for holding in self.core.holdings.values()
+        )
+        return max(0.0, min(self.grace, soonest))
 
     def _idle(self) -> None:
         if self.state == "idle":
@@ -119,11 +137,12 @@ class Guest:
     def _vacate(self) -> None:
         self._grace_call = None
         reason = self.core.host_reason
+        waited = self.clock.seconds() - self._busy_since
         self.log.info(
-            "host busy for {grace:g} s ({reason}): vacating {n} jobs", grace=self.grace, reason=reason,
+            "host busy for {waited:g} s ({reason}): vacating {n} jobs", waited=round(waited, 1), reason=reason,
             n=len(self.core.holdings),
         )  # fmt: skip
-        self.core.vacate(f"vacated: the host was busy for {self.grace:g} s ({reason})")
+        self.core.vacate(f"vacated: the host was busy for {round(waited, 1):g} s ({reason})")
         self.core.resume("host")  # nothing is left to pause; a job taken later must not start stopped
         self.core.set_host_state("busy", reason)
 
@@ -182,9 +201,9 @@ class GuestService(MultiService):
         )  # fmt: skip
         self.host.setName("host")
         self.host.setServiceParent(self)
-        # A worker away for its server's deadline has lost its leases: notice well before that.
+        # A worker unheard for its server's deadline (from its last beat) has lost its leases: notice before that.
         self.suspend = SuspendWatch(
-            clock, self.guest.resumed, threshold=options.suspend_threshold, deadline=lambda: core.server_deadline
+            clock, self.guest.resumed, threshold=options.suspend_threshold, deadline=lambda: core.silence_allowed
         )
         self.suspend.setName("suspend")
         self.suspend.setServiceParent(self)

@@ -29,8 +29,10 @@ class Holding:
     sent on the current connection, and ``unsent_bytes`` their size.
     """
 
-    def __init__(self, assignment: Assignment):
+    def __init__(self, assignment: Assignment, started: float = 0.0):
         self.assignment = assignment
+        #: When the worker got the lease (its clock): the run-time limit counts from about then.
+        self.started = started
         self.runner: JobRunner | None = None
         #: None while running, then "DONE", "FAIL" or "RETURN".
         self.outcome: str | None = None
@@ -57,6 +59,10 @@ class Holding:
     @property
     def lease(self) -> str:
         return self.assignment.lease
+
+    def limit_left(self, now: float) -> float:
+        """Seconds before the attempt's run-time limit passes."""
+        return self.started + self.assignment.timeout - now
 
     def finish(self, outcome: str, detail: str = "") -> bool:
         """Record the attempt's outcome; the first one wins."""
@@ -122,6 +128,14 @@ class Holding:
         self.in_flight = 0
         self.final_in_flight = False
         self.progress_in_flight = False
+
+    def recheck(self, todo: Iterable[int]) -> None:
+        """A lease check on the same connection kept this lease: offer only what the server lacks.
+
+        Requests still in flight stay counted: their answers come later.
+        """
+        self.todo = set(todo)
+        self.forget([i for i in self.unacked if i not in self.todo])
 
     def stop(self) -> None:
         """Stop the runner and every timer: the holding is being dropped."""

@@ -9,7 +9,8 @@ Deferred of one, ``words`` saying why in a sentence fragment. The sources:
 - :class:`UserIdleTime`: how long ago a person used the desk, from logind
   and from the X screensaver (``xprintidle``); busy within ``min_idle``
   (default 5 min). Where neither answers, it says so once and counts idle.
-- :class:`SignalFile`: a file the host writes, for workers inside VMs.
+- :class:`SignalFile`: a file the host writes, for workers inside VMs; a
+  missing file is busy.
 - :class:`Signal`: set from outside (the server's word, an operator's).
 
 :class:`HostWatch` polls them every ``interval`` seconds. Its rules:
@@ -108,11 +109,17 @@ class _Process:
 def _read_process(proc: Path, pid: int) -> _Process | None:
     """``/proc/PID/stat``, or None if that process is gone."""
     try:
-        text = (proc / str(pid) / "stat").read_text()
+        fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
+    try:
+        text = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # "PID (COMM) STATE PPID ..." where COMM may hold spaces and parentheses.
-    fields = text[text.rindex(")") + 2 :].split()
+    fields = text[text.rindex(b")") + 2 :].split()
     utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
     return _Process(pid, int(fields[1]), int(fields[19]), utime + stime + cutime + cstime)
 
@@ -229,11 +236,16 @@ class _Output(protocol.ProcessProtocol):
         self.argv = argv
         self.limit = limit
         self.out = bytearray()
+        self.err = bytearray()
         self.done = defer.Deferred(self._cancel)
 
     def outReceived(self, data: bytes) -> None:
         if len(self.out) < self.limit:
             self.out += data[: self.limit - len(self.out)]
+
+    def errReceived(self, data: bytes) -> None:
+        if len(self.err) < 4096:
+            self.err += data[: 4096 - len(self.err)]
 
     def processEnded(self, reason) -> None:
         if self.done.called:
@@ -243,7 +255,8 @@ class _Output(protocol.ProcessProtocol):
             self.done.callback(bytes(self.out))
         else:
             how = f"signal {signal_name}" if signal_name else f"exit code {code}"
-            self.done.errback(RuntimeError(f"{self.argv[0]} ended with {how}"))
+            said = bytes(self.err).decode("utf-8", "replace").strip().splitlines()
+            self.done.errback(RuntimeError(f"{self.argv[0]} ended with {how}" + (f": {said[-1]}" if said else "")))
 
     def _cancel(self, d: defer.Deferred) -> None:
         if self.transport is not None and self.transport.pid is not None:
@@ -253,14 +266,16 @@ class _Output(protocol.ProcessProtocol):
 def run_command(reactor, argv: Sequence[str], env: Mapping[str, str] | None = None) -> defer.Deferred:
     """Run ``argv`` (found on ``PATH``); a Deferred of its standard output. Cancelling it kills the command.
 
-    The Deferred's ``pid`` attribute is the command's process id.
+    A command that fails says so in the error, with the last line of its
+    standard error (kept, never passed on to the worker's own). The
+    Deferred's ``pid`` attribute is the command's process id.
     """
     path = shutil.which(argv[0])
     if path is None:
         return defer.fail(FileNotFoundError(f"{argv[0]} not found on PATH"))
     out = _Output(argv)
     transport = reactor.spawnProcess(
-        out, path, list(argv), env=dict(os.environ if env is None else env), childFDs={1: "r", 2: 2}
+        out, path, list(argv), env=dict(os.environ if env is None else env), childFDs={1: "r", 2: "r"}
     )
     out.done.pid = transport.pid  # for logs and tests
     return out.done
@@ -286,7 +301,9 @@ def parse_logind(text: str, now: Callable[[], float] = time.time) -> float | Non
     """The shortest idle time of the sessions in ``loginctl show-session -p Class -p IdleHint -p IdleSinceHint`` output.
 
     Sessions are separated by blank lines; only ``user`` sessions count. A
-    session not idle counts as used now; None when no user session is listed.
+    session not idle since a known time counts as used now. One whose hint
+    never changed (``IdleHint=no``, ``IdleSinceHint=0``: a desktop that does
+    not tell logind) cannot tell. None when no session can.
     """
     idle = []
     for block in text.strip().split("\n\n"):
@@ -294,7 +311,8 @@ def parse_logind(text: str, now: Callable[[], float] = time.time) -> float | Non
         if fields.get("Class", "user") != "user" or "IdleHint" not in fields:
             continue
         if fields["IdleHint"] != "yes":
-            idle.append(0.0)
+            if int(fields.get("IdleSinceHint") or 0):
+                idle.append(0.0)
             continue
         since = int(fields.get("IdleSinceHint") or 0) / 1e6
         idle.append(max(0.0, now() - since) if since else 0.0)
@@ -323,6 +341,10 @@ def xprintidle_idle(reactor):
     return int(out.decode().strip()) / 1000
 
 
+#: Seconds a user idle probe that failed rests before it is asked again.
+PROBE_REST = 600.0
+
+
 class UserIdleTime(Source):
     """Busy when a person used the desk within ``min_idle`` seconds (default 300).
 
@@ -330,24 +352,48 @@ class UserIdleTime(Source):
     None when they cannot tell, or a Deferred of either) and takes the
     shortest answer. By default: logind (``loginctl``), the X screensaver
     (``xprintidle``) and the terminals' last input. A probe that fails is
-    left out of that poll; when none can tell, the source says so in the
-    log once and reads idle (the CPU source still guards the desk).
+    logged once and rests for ``rest`` seconds (default 600) before it is
+    asked again; when none can tell, the source says so in the log once and
+    reads idle (the CPU source still guards the desk).
     """
 
     name = "user idle time"
 
-    def __init__(self, reactor, min_idle: float = 300.0, probes: Iterable[Callable[[], object]] | None = None):
+    def __init__(
+        self,
+        reactor,
+        min_idle: float = 300.0,
+        probes: Iterable[Callable[[], object]] | None = None,
+        *,
+        rest: float = PROBE_REST,
+    ):
         self.reactor = reactor
         self.min_idle = min_idle
         if probes is None:
             probes = (lambda: logind_idle(reactor), lambda: xprintidle_idle(reactor), terminal_idle)
         self.probes = list(probes)
+        self.rest = rest
         self.idle: float | None = None
         self._told_unknown = False
+        #: A probe that failed is not asked again until then (the reactor's clock); each failure is logged once.
+        self._resting: dict[int, float] = {}
 
     @defer.inlineCallbacks
     def check(self):
-        answers = yield defer.DeferredList([defer.maybeDeferred(probe) for probe in self.probes], consumeErrors=True)
+        now = self.reactor.seconds()
+        asked = [n for n in range(len(self.probes)) if self._resting.get(n, 0.0) <= now]
+        answers = yield defer.DeferredList([defer.maybeDeferred(self.probes[n]) for n in asked], consumeErrors=True)
+        for n, (ok, value) in zip(asked, answers, strict=True):
+            if ok:
+                self._resting.pop(n, None)
+                continue
+            if n not in self._resting:
+                log.info(
+                    "a user idle probe failed, asked again every {rest:g} s: {error}",
+                    rest=self.rest,
+                    error=value.getErrorMessage(),
+                )
+            self._resting[n] = now + self.rest
         known = [value for ok, value in answers if ok and value is not None]
         if not known:
             self.idle = None
@@ -367,8 +413,10 @@ class UserIdleTime(Source):
 class SignalFile(Source):
     """A file the host writes for a worker inside a VM: its first word ``busy`` or ``idle``, then a reason.
 
-    A missing file reads idle. Anything else is an error, logged, and read
-    as idle by the watch until the file is right.
+    A missing file reads busy: the host has not said idle (its shared folder
+    may be unmounted, its script gone), and a guest takes no work on a desk
+    it cannot see. Anything else is an error, logged, and read as idle by
+    the watch until the file is right.
     """
 
     settles = False
@@ -381,7 +429,7 @@ class SignalFile(Source):
         try:
             text = self.path.read_text(errors="replace")
         except FileNotFoundError:
-            return False, f"{self.path} is missing"
+            return True, f"{self.path} is missing: the host has not said idle"
         word, _, rest = text.strip().partition(" ")
         said = f" ({rest.strip()[:200]})" if rest.strip() else ""
         if word.lower() == "busy":

@@ -139,6 +139,9 @@ class WorkerProtocol(PeerProtocol):
     def send_check(self, holding: list[dict]) -> defer.Deferred:
         return self.request("CHECK", {"holding": holding})
 
+    def drop(self) -> None:
+        self._abort()
+
     def send_progress(self, job: int, lease: str, note: str) -> defer.Deferred:
         return self.request("PROGRESS", {"job": job, "lease": lease, "note": note})
 
