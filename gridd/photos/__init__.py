@@ -1,0 +1,1 @@
+"""The photos pipeline: resizing and metadata (images), the ``photos`` job type, its object store and catalog."""
