@@ -26,6 +26,8 @@ RULES = [
     ("gridd.store", ["gridd.scheduler", "gridd.server", "gridd.wire", "gridd.worker"], []),
     ("gridd.worker", ["gridd.scheduler", "gridd.store", "gridd.server"], []),
     ("twisted.plugins.gridd_plugins", ["gridd"], ["gridd.server.tap", "gridd.worker.tap"]),
+    # the photos job type's code: a handler like any other, it knows the job type API only
+    ("gridd.photos", ["gridd.scheduler", "gridd.store", "gridd.server", "gridd.worker", "gridd.wire", "gridd.cli"], []),
 ]
 
 
