@@ -1,0 +1,1 @@
+"""The photos job type: resizing, metadata, the object store and the SQL catalog of photos."""
