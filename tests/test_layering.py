@@ -26,6 +26,9 @@ RULES = [
     ("gridd.store", ["gridd.scheduler", "gridd.server", "gridd.wire", "gridd.worker"], []),
     ("gridd.worker", ["gridd.scheduler", "gridd.store", "gridd.server"], []),
     ("twisted.plugins.gridd_plugins", ["gridd"], ["gridd.server.tap", "gridd.worker.tap"]),
+    # The photos job type runs in workers and gridctl: the MySQL URI and connection settings are
+    # shared with gridd's store, nothing of the server side is.
+    ("gridd.photos", ["gridd.scheduler", "gridd.server", "gridd.wire", "gridd.worker", "gridd.cli"], []),
 ]
 
 
