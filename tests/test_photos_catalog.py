@@ -301,6 +301,7 @@ def test_verify_finds_a_missing_row_a_differing_one_and_more(catalog, store):
     else:
         store.client.delete_object(Bucket=store.bucket, Key=store.prefix + rendition_key(sha(2), 640, "JPEG"))
     store.put(rendition_key(sha(6), 320, "JPEG"), b"jpeg", "image/jpeg")
+    store.put("photos/not/a-photo/x.txt", b"stray", "text/plain")  # neither a photo nor a finding
     report = verify(catalog, store)
     assert not report.ok
     assert report.missing_rows == [sha(3)]

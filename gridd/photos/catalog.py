@@ -418,7 +418,11 @@ def verify(catalog: Catalog, store: ObjectStore) -> VerifyReport:
     present = set(keys)
     documents = dict(_documents(store, keys, report.unreadable))
     rows = {row["sha256"]: row for row in catalog.rows()}
-    with_objects = {key.split("/")[2] for key in keys if key.count("/") == 3}
+    with_objects = {
+        parts[2]
+        for parts in (key.split("/") for key in keys)
+        if len(parts) == 4 and _SHA256.fullmatch(parts[2]) and parts[1] == parts[2][:2]
+    }
     report.incomplete = sorted(with_objects - set(documents) - {sha_of_meta_key(key) for key, _ in report.unreadable})
     for sha in sorted(set(documents) | set(rows)):
         report.checked += 1
