@@ -45,6 +45,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "expected_log_errors: the test logs errors on purpose")
     config.addinivalue_line("markers", "e2e: end-to-end test with real processes")
     config.addinivalue_line("markers", "mysql: needs a MariaDB server")
+    config.addinivalue_line("markers", "s3: needs moto's S3 server")
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +60,18 @@ def mariadb(tmp_path_factory):
         pytest.fail(str(missing), pytrace=False)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory):
+    """moto's S3 server for the whole session (tests/motoserver.py), with boto3's fake credentials set."""
+    from tests.motoserver import CREDENTIALS, MotoServer
+
+    patch = pytest.MonkeyPatch()
+    for name, value in CREDENTIALS.items():
+        patch.setenv(name, value)
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server
+    server.stop()
+    patch.undo()

@@ -26,8 +26,9 @@ RULES = [
     ("gridd.store", ["gridd.scheduler", "gridd.server", "gridd.wire", "gridd.worker"], []),
     ("gridd.worker", ["gridd.scheduler", "gridd.store", "gridd.server"], []),
     ("twisted.plugins.gridd_plugins", ["gridd"], ["gridd.server.tap", "gridd.worker.tap"]),
-    # the photos job type's code: a handler like any other, it knows the job type API only
-    ("gridd.photos", ["gridd.scheduler", "gridd.store", "gridd.server", "gridd.worker", "gridd.wire", "gridd.cli"], []),
+    # The photos job type runs in workers and gridctl: the MySQL URI and connection settings are
+    # shared with gridd's store, nothing of the server side is.
+    ("gridd.photos", ["gridd.scheduler", "gridd.server", "gridd.wire", "gridd.worker", "gridd.cli"], []),
 ]
 
 

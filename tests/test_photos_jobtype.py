@@ -237,9 +237,10 @@ def test_photos_job_reads_an_s3_key_through_the_store_with_its_endpoint(photos_d
 def test_photos_default_store_and_catalog(tmp_path, photos_dir, monkeypatch):
     """Without params the store is ./gridd-photos under the worker's directory and the catalog is in it."""
     monkeypatch.chdir(tmp_path)
-    assert default_catalog("file://./gridd-photos") == "sqlite://" + str(tmp_path / "gridd-photos" / "catalog.db")
-    assert default_catalog("file:///srv/p") == "sqlite:///srv/p/catalog.db"
-    assert default_catalog("s3://b/p") == "sqlite://" + str(tmp_path / "gridd-photos" / "catalog.db")
+    # Beside the store, not in it: each copy is the other's backup (and gridctl photos verify finds it).
+    assert default_catalog("file://./gridd-photos") == "sqlite://" + str(tmp_path / "gridd-photos.db")
+    assert default_catalog("file:///srv/p") == "sqlite:///srv/p.db"
+    assert default_catalog("s3://b/p") == "sqlite://" + str(tmp_path / "gridd-photos.db")
     opened = Opened()
     w = harness(opened)
     w.receive(job_line(type="photos", records=[{"path": str(photos_dir / "b.png")}]))

@@ -1,8 +1,7 @@
 """gridctl photos submit (gridd.cli.photos_submit): listing the source, the jobs it builds, --wait's summary.
 
 The command runs the real client against tests/test_gridctl.py's fake server
-(iosim pairs, no reactor). gridctl's parser is given a ``photos`` command
-here the way gridctl wires it: ``add_submit`` on its subcommands.
+(iosim pairs, no reactor), parsed by gridctl's own parser.
 """
 
 from __future__ import annotations
@@ -14,16 +13,12 @@ import pytest
 from twisted.internet import defer
 
 from gridd.cli import gridctl
-from gridd.cli.photos_submit import add_submit, list_source
+from gridd.cli.photos_submit import list_source
 from tests.test_gridctl import Grid, Outcome, submitted_ids
 
 
 def photos_parser() -> argparse.ArgumentParser:
-    parser = gridctl.build_parser()
-    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
-    photos = commands.add_parser("photos")
-    add_submit(photos.add_subparsers(dest="photos_command", required=True))
-    return parser
+    return gridctl.build_parser()
 
 
 class PhotosOutcome(Outcome):

@@ -33,6 +33,7 @@ from twisted.logger import (
 )
 
 from gridd import client, config, errors, tls, wire
+from gridd.cli.photos import add_photos_commands
 from gridd.peer import ConnectionDropped
 
 __all__ = ["main", "build_parser", "prepare", "run", "read_records", "InputError"]
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--days", type=_positive_int, default=tls.SERVER_DAYS, help=f"validity (default {tls.SERVER_DAYS})"
     )
     server.set_defaults(offline=cmd_certs_server)
+    add_photos_commands(commands)
     return parser
 
 

@@ -17,9 +17,9 @@ an ``s3://`` store too). Params, all optional:
     worker's directory) or ``s3://bucket/prefix?endpoint=URL``; default
     ``file://./gridd-photos``;
 ``catalog``
-    the SQL copy: ``sqlite:///path.db`` or ``mysql://user:pass@host:port/db``;
-    default ``catalog.db`` in a ``file://`` store's directory, else
-    ``./gridd-photos/catalog.db``.
+    the SQL copy: ``sqlite:///path.db`` or ``mysql://USER@HOST:PORT/DB?password_file=PATH``
+    (never a password in the URL); default ``DIR.db`` next to a ``file://``
+    store's directory, else ``./gridd-photos.db``.
 
 Per record, in this order: read the source, process it, put each rendition,
 put the metadata document LAST (its presence marks the photo complete), then
@@ -66,12 +66,10 @@ def meta_key(sha256: str) -> str:
 
 
 def default_catalog(store_url: str) -> str:
-    """``catalog.db`` in a local store's directory; for any other store, in ``./gridd-photos``."""
-    parts = urlsplit(store_url)
-    directory = "./gridd-photos"
-    if parts.scheme == "file":
-        directory = parts.netloc + parts.path if parts.netloc in ("", ".", "..") else parts.path
-    return "sqlite://" + os.path.abspath(os.path.join(directory or ".", "catalog.db"))
+    """The catalog beside the store (``gridd.photos.catalog.default_catalog_url``): the same one gridctl reads."""
+    from gridd.photos.catalog import default_catalog_url
+
+    return default_catalog_url(store_url)
 
 
 def _open_store(url: str):
