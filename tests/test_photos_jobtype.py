@@ -1,8 +1,9 @@
 """The photos job type (gridd.photos.jobtype), run through a worker core as tests/test_worker.py does.
 
-Until gridd.photos.storage and gridd.photos.catalog are merged, the store and
-the catalog here are the in-test doubles DoubleStore and DoubleCatalog, coded
-to their documented interface (put/get/exists/list/url; upsert/get/rows/close).
+The store and the catalog are the real ones: a local directory (or moto's
+S3 server) and a SQLite file. ``Written`` wraps each store opened to note
+the order of its writes, and records the store's retry pauses instead of
+waiting them.
 """
 
 from __future__ import annotations
@@ -13,87 +14,41 @@ import os
 import pytest
 
 from gridd.jobtypes import load_job_types
+from gridd.photos.catalog import open_catalog
 from gridd.photos.jobtype import Photos, default_catalog, meta_key, rendition_key
+from gridd.photos.storage import open_store
 from tests.photos import exif_block, make_photo
 from tests.test_worker import Harness, job_line
 
 
-class DoubleStoreError(Exception):
-    """What DoubleStore raises for a write it refuses (the real store raises StorageError after retries)."""
+class Written:
+    """The real stores and catalogs a Photos instance opens, by URL, with the order of each store's writes."""
 
-
-class DoubleStore:
-    """An in-test double of gridd.photos.storage's ObjectStore: objects in a dict, writes in order."""
-
-    def __init__(self, url, refuse=None):
-        self.base = url
-        self.objects: dict[str, tuple[bytes, str]] = {}
-        self.writes: list[str] = []
-        self.refuse = refuse  # a predicate on keys whose writes fail
-
-    def put(self, key, data, content_type):
-        if self.refuse is not None and self.refuse(key):
-            raise DoubleStoreError(f"write of {key} refused")
-        self.objects[key] = (data, content_type)
-        self.writes.append(key)
-        return self.url(key)
-
-    def get(self, key):
-        if key not in self.objects:
-            raise KeyError(key)
-        return self.objects[key][0]
-
-    def exists(self, key):
-        return key in self.objects
-
-    def list(self, prefix=""):
-        return iter(sorted(k for k in self.objects if k.startswith(prefix)))
-
-    def url(self, key):
-        return f"{self.base}/{key}"
-
-
-class DoubleCatalog:
-    """An in-test double of gridd.photos.catalog's Catalog: rows by SHA-256."""
-
-    def __init__(self, url):
-        self.url = url
-        self.photos: dict[str, dict] = {}
-        self.upserts = 0
-
-    def upsert(self, document):
-        self.photos[document["sha256"]] = json.loads(json.dumps(document))
-        self.upserts += 1
-
-    def get(self, sha256):
-        return self.photos.get(sha256)
-
-    def rows(self):
-        return iter(self.photos.values())
-
-    def close(self):
-        pass
-
-
-class Opened:
-    """The stores and catalogs a Photos instance opened, by URL."""
-
-    def __init__(self, refuse=None):
-        self.stores: dict[str, DoubleStore] = {}
-        self.catalogs: dict[str, DoubleCatalog] = {}
-        self.refuse = refuse
+    def __init__(self):
+        self.stores: dict[str, object] = {}
+        self.writes: dict[str, list[str]] = {}
+        self.pauses: list[float] = []
 
     def store(self, url):
-        if url.startswith("bogus:"):
-            raise ValueError("no such store scheme")
-        return self.stores.setdefault(url, DoubleStore(url, self.refuse))
+        store = open_store(url, sleep=self.pauses.append)
+        writes = self.writes.setdefault(url, [])
+        put = store.put
+
+        def noting(key, data, content_type):
+            url_of = put(key, data, content_type)
+            writes.append(key)
+            return url_of
+
+        store.put = noting
+        self.stores[url] = store
+        return store
 
     def catalog(self, url):
-        return self.catalogs.setdefault(url, DoubleCatalog(url))
+        return open_catalog(url)
 
 
-def harness(opened: Opened) -> Harness:
-    return Harness(types={"photos": Photos(open_store=opened.store, open_catalog=opened.catalog)}).welcome()
+def harness(written: Written) -> Harness:
+    return Harness(types={"photos": Photos(open_store=written.store, open_catalog=written.catalog)}).welcome()
 
 
 def results(lines: list[str]) -> list[dict]:
@@ -101,6 +56,22 @@ def results(lines: list[str]) -> list[dict]:
     (line,) = [line for line in lines if not line.startswith(("BEAT", "PROGRESS "))]
     assert line.startswith("DONE "), line
     return json.loads(line.split(" ", 1)[1])["results"]
+
+
+def all_results(w: Harness) -> list[dict]:
+    """Every result sent until DONE, each RESULT acknowledged (records slow enough to go out apart)."""
+    got = []
+    for _ in range(100):
+        for line in [line for line in w.sent() if not line.startswith(("BEAT", "PROGRESS "))]:
+            verb, body = line.split(" ", 1)
+            body = json.loads(body)
+            got += body.get("results") or []
+            if verb == "DONE":
+                return got
+            assert verb == "RESULT", line
+            w.receive(f'OK {{"rid":{body["rid"]},"accepted":{len(body["results"])}}}')
+        w.clock.advance(0)
+    raise AssertionError(f"no DONE: {got}")
 
 
 @pytest.fixture
@@ -113,33 +84,42 @@ def photos_dir(tmp_path):
     return tmp_path
 
 
-PARAMS = {"store": "file:///srv/photos", "catalog": "sqlite:///srv/photos/catalog.db"}
+@pytest.fixture
+def site(tmp_path):
+    """Where the photos go: a local store and the catalog beside it."""
+    return {"store": f"file://{tmp_path}/site", "catalog": f"sqlite://{tmp_path}/site.db"}
 
 
-def test_photos_job_stores_outputs_then_the_document_and_upserts_the_row(photos_dir):
+def rows(site) -> dict[str, dict]:
+    catalog = open_catalog(site["catalog"])
+    try:
+        return {row["sha256"]: row for row in catalog.rows()}
+    finally:
+        catalog.close()
+
+
+def test_photos_job_stores_outputs_then_the_document_and_upserts_the_row(photos_dir, site, tmp_path):
     """Renditions go to the store, then the photo's meta.json, then its catalog row; the result is the document."""
-    opened = Opened()
-    w = harness(opened)
-    w.receive(job_line(type="photos", records=[{"path": str(photos_dir / "a.jpg"), "tags": ["beach"]}], params=PARAMS))
+    written = Written()
+    w = harness(written)
+    w.receive(job_line(type="photos", records=[{"path": str(photos_dir / "a.jpg"), "tags": ["beach"]}], params=site))
     (result,) = results(w.sent())
     document = result["out"]
-    store = opened.stores["file:///srv/photos"]
     sha = document["sha256"]
     assert [(o["width"], o["height"]) for o in document["outputs"]] == [(320, 480), (640, 960)]  # upright: 1000x1500
     assert [o["key"] for o in document["outputs"]] == [rendition_key(sha, 320, "jpg"), rendition_key(sha, 640, "jpg")]
-    assert document["outputs"][0]["url"] == f"file:///srv/photos/photos/{sha[:2]}/{sha}/320.jpg"
-    assert store.writes == [o["key"] for o in document["outputs"]] + [meta_key(sha)]
-    assert json.loads(store.objects[meta_key(sha)][0]) == document
-    assert store.objects[meta_key(sha)][1] == "application/json"
-    assert store.objects[rendition_key(sha, 320, "jpg")][1] == "image/jpeg"
+    on_disk = tmp_path / "site" / "photos" / sha[:2] / sha
+    assert document["outputs"][0]["url"] == (on_disk / "320.jpg").as_uri()
+    assert written.writes[site["store"]] == [o["key"] for o in document["outputs"]] + [meta_key(sha)]
+    assert json.loads((on_disk / "meta.json").read_bytes()) == document
+    assert (on_disk / "320.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # a JPEG
     assert (document["tags"], document["source"], document["make"]) == (["beach"], str(photos_dir / "a.jpg"), "Canon")
-    assert opened.catalogs["sqlite:///srv/photos/catalog.db"].get(sha) == document
+    assert rows(site)[sha]["document"] == document
 
 
-def test_photos_job_bad_records_are_errors_and_the_job_goes_on(photos_dir):
+def test_photos_job_bad_records_are_errors_and_the_job_goes_on(photos_dir, site):
     """Missing, empty, corrupt and non-image files and malformed records get error results; good photos are stored."""
-    opened = Opened()
-    w = harness(opened)
+    w = harness(Written())
     records = [
         {"path": str(photos_dir / "missing.jpg")},
         {"path": str(photos_dir / "empty.jpg")},
@@ -152,7 +132,7 @@ def test_photos_job_bad_records_are_errors_and_the_job_goes_on(photos_dir):
         {"key": "/not/s3"},
         {"path": str(photos_dir / "b.png")},
     ]
-    w.receive(job_line(type="photos", records=records, params=PARAMS))
+    w.receive(job_line(type="photos", records=records, params=site))
     got = results(w.sent())
     errors = [r.get("error") for r in got]
     assert errors[0] == f"missing file: {photos_dir / 'missing.jpg'}"
@@ -165,88 +145,93 @@ def test_photos_job_bad_records_are_errors_and_the_job_goes_on(photos_dir):
     assert errors[7].startswith("a photos record is")
     assert errors[8] == "bad key '/not/s3': expected s3://bucket/key"
     assert errors[9] is None and got[9]["out"]["outputs"][0]["width"] == 300
-    assert list(opened.catalogs["sqlite:///srv/photos/catalog.db"].photos) == [got[9]["out"]["sha256"]]
+    assert list(rows(site)) == [got[9]["out"]["sha256"]]
 
 
-def test_photos_job_run_again_writes_the_same_keys_and_one_row(photos_dir):
+def test_photos_job_run_again_writes_the_same_keys_and_one_row(photos_dir, site):
     """A re-dispatched job puts the same objects under the same keys and upserts the same single row."""
-    opened = Opened()
-    w = harness(opened)
+    written = Written()
+    w = harness(written)
     record = {"path": str(photos_dir / "a.jpg"), "tags": ["t"]}
-    w.receive(job_line(type="photos", records=[record], params=PARAMS))
+    w.receive(job_line(type="photos", records=[record], params=site))
     first = results(w.sent())[0]["out"]
-    store = opened.stores["file:///srv/photos"]
-    keys = sorted(store.objects)
-    w.receive(job_line(job=2, lease="L2", type="photos", records=[record], params=PARAMS, attempt=2))
+    keys = sorted(written.stores[site["store"]].list())
+    w.receive(job_line(job=2, lease="L2", type="photos", records=[record], params=site, attempt=2))
     second = [line for line in w.sent() if line.startswith("DONE")]
     assert json.loads(second[0].split(" ", 1)[1])["results"][0]["out"] == first
-    assert sorted(store.objects) == keys
-    catalog = opened.catalogs["sqlite:///srv/photos/catalog.db"]
-    assert (len(catalog.photos), catalog.upserts) == (1, 2)
+    assert sorted(written.stores[site["store"]].list()) == keys, "no second copy, no orphan"
+    assert len(written.writes[site["store"]]) == 2 * len(keys), "written twice, under the same keys"
+    assert list(rows(site)) == [first["sha256"]]
 
 
-def test_photos_job_refused_write_fails_the_attempt_and_records_nothing_half(photos_dir):
-    """A store that refuses a rendition fails the attempt (retried); no meta.json, no row for that photo."""
-    opened = Opened(refuse=lambda key: key.endswith("/640.jpg"))
-    w = harness(opened)
-    w.receive(job_line(type="photos", records=[{"path": str(photos_dir / "a.jpg")}], params=PARAMS))
+def test_photos_job_refused_write_fails_the_attempt_and_records_nothing_half(photos_dir, site, tmp_path):
+    """A store that keeps refusing a rendition fails the attempt after its retries; no meta.json, no row."""
+    import hashlib
+
+    sha = hashlib.sha256((photos_dir / "a.jpg").read_bytes()).hexdigest()
+    (tmp_path / "site" / rendition_key(sha, 640, "jpg")).mkdir(parents=True)  # a directory where 640.jpg must go
+    written = Written()
+    w = harness(written)
+    w.receive(job_line(type="photos", records=[{"path": str(photos_dir / "a.jpg")}], params=site))
     (line,) = [line for line in w.sent() if not line.startswith(("BEAT", "PROGRESS "))]
-    assert line.startswith('FAIL {"job":1,"lease":"L1","error":"DoubleStoreError: write of photos/')
+    assert line.startswith('FAIL {"job":1,"lease":"L1","error":"StorageError: ')
     assert '"retry":true' in line
-    store = opened.stores["file:///srv/photos"]
-    assert not any(key.endswith("meta.json") for key in store.objects)
-    assert opened.catalogs == {}
+    assert written.pauses, "the store retried before giving up"
+    assert not (tmp_path / "site" / meta_key(sha)).exists()
+    assert rows(site) == {}
 
 
-def test_photos_job_params_choose_widths_format_and_quality(photos_dir):
+def test_photos_job_params_choose_widths_format_and_quality(photos_dir, site):
     """params.widths, format and quality reach the renditions; bad ones are the record's error."""
-    opened = Opened()
-    w = harness(opened)
-    params = {**PARAMS, "widths": [100, 5000], "format": "webp", "quality": 50}
+    w = harness(Written())
+    params = {**site, "widths": [100, 5000], "format": "webp", "quality": 50}
     w.receive(job_line(type="photos", records=[{"path": str(photos_dir / "b.png")}], params=params))
     (result,) = results(w.sent())
     assert [(o["width"], o["format"]) for o in result["out"]["outputs"]] == [(100, "WEBP")]
     assert result["out"]["outputs"][0]["key"].endswith("/100.webp")
     w.receive(job_line(job=2, lease="L2", type="photos", records=[{"path": str(photos_dir / "b.png")}],
-                       params={**PARAMS, "quality": 101}))  # fmt: skip
+                       params={**site, "quality": 101}))  # fmt: skip
     assert results(w.sent())[0]["error"] == "quality must be a whole number from 1 to 100, not 101"
 
 
 def test_photos_job_bad_store_url_is_the_records_error(photos_dir):
     """A store URL the store cannot open gives each record an error that names it."""
-    w = harness(Opened())
+    w = harness(Written())
     w.receive(job_line(type="photos", records=[{"path": str(photos_dir / "b.png")}], params={"store": "bogus://x"}))
-    assert results(w.sent())[0]["error"] == "bad params.store 'bogus://x': no such store scheme"
+    assert results(w.sent())[0]["error"].startswith("bad params.store 'bogus://x': ")
 
 
-def test_photos_job_reads_an_s3_key_through_the_store_with_its_endpoint(photos_dir):
-    """A record's s3:// key is read from that bucket, at the endpoint of an s3:// params.store."""
-    opened = Opened()
-    source = opened.store("s3://uploads?endpoint=http://127.0.0.1:9000")
-    source.put("in/b.png", (photos_dir / "b.png").read_bytes(), "image/png")
-    w = harness(opened)
-    params = {"store": "s3://site/photos?endpoint=http://127.0.0.1:9000", "catalog": "sqlite:///c.db"}
-    records = [{"key": "s3://uploads/in/b.png"}, {"key": "s3://uploads/in/gone.png"}]
+def test_photos_job_reads_an_s3_key_through_the_store_with_its_endpoint(photos_dir, moto_s3, tmp_path):
+    """A record's s3:// key is read from that bucket (a real S3 server), at the endpoint of an s3:// params.store."""
+    uploads, site_bucket = moto_s3.bucket(), moto_s3.bucket()
+    moto_s3.client().put_object(Bucket=uploads, Key="in/b.png", Body=(photos_dir / "b.png").read_bytes())
+    w = harness(Written())
+    params = {"store": f"s3://{site_bucket}/photos?endpoint={moto_s3.endpoint}", "catalog": f"sqlite://{tmp_path}/c.db"}
+    records = [{"key": f"s3://{uploads}/in/b.png"}, {"key": f"s3://{uploads}/in/gone.png"}]
     w.receive(job_line(type="photos", records=records, params=params))
-    got = results(w.sent())
-    assert got[0]["out"]["source"] == "s3://uploads/in/b.png"
-    assert got[1]["error"] == "missing object: s3://uploads/in/gone.png"
-    assert any(k.endswith("meta.json") for k in opened.stores[params["store"]].objects)
+    got = all_results(w)
+    assert got[0]["out"]["source"] == f"s3://{uploads}/in/b.png"
+    assert got[1]["error"] == f"missing object: s3://{uploads}/in/gone.png"
+    listed = moto_s3.client().list_objects_v2(Bucket=site_bucket)["Contents"]
+    assert any(item["Key"].endswith("meta.json") for item in listed)
 
 
 def test_photos_default_store_and_catalog(tmp_path, photos_dir, monkeypatch):
-    """Without params the store is ./gridd-photos under the worker's directory and the catalog is in it."""
+    """Without params the store is ./gridd-photos under the worker's directory and the catalog beside it."""
     monkeypatch.chdir(tmp_path)
     # Beside the store, not in it: each copy is the other's backup (and gridctl photos verify finds it).
     assert default_catalog("file://./gridd-photos") == "sqlite://" + str(tmp_path / "gridd-photos.db")
     assert default_catalog("file:///srv/p") == "sqlite:///srv/p.db"
     assert default_catalog("s3://b/p") == "sqlite://" + str(tmp_path / "gridd-photos.db")
-    opened = Opened()
-    w = harness(opened)
+    written = Written()
+    w = harness(written)
     w.receive(job_line(type="photos", records=[{"path": str(photos_dir / "b.png")}]))
-    assert "out" in results(w.sent())[0]
-    assert list(opened.stores) == ["file://./gridd-photos"]
-    assert list(opened.catalogs) == ["sqlite://" + os.path.join(str(tmp_path), "gridd-photos", "catalog.db")]
+    (result,) = results(w.sent())
+    assert list(written.stores) == ["file://./gridd-photos"]
+    assert (tmp_path / "gridd-photos" / meta_key(result["out"]["sha256"])).exists()
+    assert list(rows({"catalog": "sqlite://" + os.path.join(str(tmp_path), "gridd-photos.db")})) == [
+        result["out"]["sha256"]
+    ]
 
 
 def test_photos_is_an_installed_threaded_job_type():

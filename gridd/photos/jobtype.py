@@ -187,9 +187,12 @@ class Photos(JobType):
         endpoint = parse_qs(store.query).get("endpoint") if store.scheme == "s3" else None
         if endpoint:
             bucket_url += "?endpoint=" + endpoint[0]
+        from gridd.photos.storage import ObjectMissing
+
         try:
             return self.store(bucket_url).get(parts.path.lstrip("/"))
-        except (KeyError, FileNotFoundError):
+        except (ObjectMissing, KeyError, FileNotFoundError):
+            # The photo is not there: that record's error. A store that cannot be reached fails the attempt.
             raise PhotoError(f"missing object: {source}") from None
 
 
