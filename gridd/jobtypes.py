@@ -219,6 +219,9 @@ def load_job_types(names: Iterable[str] | None = None) -> dict[str, Any]:
     for point in entry_points(group=ENTRY_POINT_GROUP):
         try:
             factories[point.name] = point.load()
+        except ModuleNotFoundError as e:
+            # An optional extra not installed (Pillow for photos): not offered, and no traceback.
+            log.info("job type {name} is not offered: {error} (install the extra it needs)", name=point.name, error=e)
         except Exception:
             log.failure("cannot load job type {name} ({value})", name=point.name, value=point.value)
     wanted = None if names is None else list(dict.fromkeys(names))

@@ -200,3 +200,27 @@ def test_load_job_types_skips_broken_types(monkeypatch):
     )
     types = load_job_types()
     assert "broken" not in types and "resize" not in types and "noop" in types
+
+
+def test_a_job_type_whose_extra_is_not_installed_is_left_out_without_a_traceback(monkeypatch):
+    """An entry point that needs a missing module (Pillow for photos) is not offered, and says so at info level."""
+    from twisted.logger import globalLogPublisher
+
+    import gridd.jobtypes as jobtypes
+
+    class Missing:
+        name, value = "photos", "gridd.photos.jobtype:Photos"
+
+        def load(self):
+            raise ModuleNotFoundError("No module named 'PIL'")
+
+    monkeypatch.setattr(jobtypes, "entry_points", lambda group: [Missing()])
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        found = jobtypes.load_job_types()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert "photos" not in found and "noop" in found
+    [said] = [e for e in events if "not offered" in e.get("log_format", "")]
+    assert said["log_level"].name == "info" and "PIL" in str(said["error"])

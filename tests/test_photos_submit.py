@@ -144,6 +144,6 @@ def test_submit_wait_counts_photos_and_errors_and_lists_the_errors(tmp_path, upl
     grid.flush()
     assert outcome.code == 0
     text = outcome.err.getvalue()
-    assert "4/4 photos in" in text and "3 stored, 1 errors" in text
+    assert "4/4 photos in" in text and "3 stored, 1 error" in text
     assert f"  {uploads / '2024/d.webp'}: truncated image: image file is truncated" in text
     assert "photos/s" in text

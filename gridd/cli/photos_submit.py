@@ -25,7 +25,7 @@ from gridd import client, errors
 from gridd.cli import gridctl
 from gridd.peer import ConnectionDropped
 
-__all__ = ["add_submit", "list_source", "build_photo_jobs", "PHOTO_SUFFIXES", "cmd_photos_submit"]
+__all__ = ["add_submit", "list_source", "build_photo_jobs", "PHOTO_SUFFIXES", "cmd_photos_submit", "wait_and_summarise"]
 
 #: File names taken from a folder or a glob (case-insensitive); a glob naming other files takes them too.
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".gif", ".bmp")
@@ -169,10 +169,10 @@ async def cmd_photos_submit(grid: client.Client, args, out: TextIO, err: TextIO)
     if not args.wait:
         return gridctl.EXIT_OK
     out.flush()
-    return await _wait_and_summarise(grid, dict(zip(ids, args.jobs, strict=True)), err)
+    return await wait_and_summarise(grid, dict(zip(ids, args.jobs, strict=True)), err)
 
 
-async def _wait_and_summarise(grid: client.Client, jobs: dict[int, dict], err: TextIO) -> int:
+async def wait_and_summarise(grid: client.Client, jobs: dict[int, dict], err: TextIO) -> int:
     """Follow the jobs with a bar (photos, photos/s, errors), then print the summary and the first errors."""
     total = sum(len(spec["records"]) for spec in jobs.values())
     accepted: dict[int, int] = {}
@@ -217,7 +217,7 @@ async def _wait_and_summarise(grid: client.Client, jobs: dict[int, dict], err: T
     error_count = sum(failed.values())
     print(
         f"{done}/{total} photos in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f} photos/s):"
-        f" {done - error_count} stored, {error_count} errors",
+        f" {done - error_count} stored, {error_count} error{'' if error_count == 1 else 's'}",
         file=err,
     )
     shown = 0
