@@ -56,7 +56,7 @@ def add_submit(subparsers) -> argparse.ArgumentParser:
     submit.add_argument("--tag", dest="photo_tags", action="append", default=[], metavar="TAG",
                         help="a tag for every photo (repeatable)")  # fmt: skip
     submit.add_argument("--store", metavar="URL", help="object store URL (the workers' default: file://./gridd-photos)")
-    submit.add_argument("--catalog", metavar="URL", help="catalog URL (default: catalog.db next to a file:// store)")
+    submit.add_argument("--catalog", metavar="URL", help="catalog URL (default: DIR.db next to a file:// store)")
     submit.add_argument("--priority", type=int, metavar="N", help="higher runs first (default 0)")
     submit.add_argument("--name", dest="job_name", metavar="NAME", help="job name (default: the source)")
     submit.add_argument("--wait", action="store_true", help="show progress until every photo is done, then a summary")
