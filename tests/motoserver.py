@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from gridd.launch import free_port
+
 __all__ = ["MotoServer", "CREDENTIALS"]
 
 #: Seconds a start may take before the tests give up on it.
@@ -30,19 +32,13 @@ CREDENTIALS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MotoServer:
     """``python -m moto.server`` on 127.0.0.1: ``start()``, ``stop()``, ``client()``, ``bucket()``."""
 
     def __init__(self, base: Path):
         self.base = Path(base)
         self.log = self.base / "moto.log"
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
         self._names = itertools.count(1)

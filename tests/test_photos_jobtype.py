@@ -15,8 +15,8 @@ import pytest
 
 from gridd.jobtypes import load_job_types
 from gridd.photos.catalog import open_catalog
-from gridd.photos.jobtype import Photos, default_catalog, meta_key, rendition_key
-from gridd.photos.storage import open_store
+from gridd.photos.jobtype import Photos, default_catalog
+from gridd.photos.storage import meta_key, open_store, rendition_key
 from tests.photos import exif_block, make_photo
 from tests.test_worker import Harness, job_line
 
@@ -107,7 +107,7 @@ def test_photos_job_stores_outputs_then_the_document_and_upserts_the_row(photos_
     document = result["out"]
     sha = document["sha256"]
     assert [(o["width"], o["height"]) for o in document["outputs"]] == [(320, 480), (640, 960)]  # upright: 1000x1500
-    assert [o["key"] for o in document["outputs"]] == [rendition_key(sha, 320, "jpg"), rendition_key(sha, 640, "jpg")]
+    assert [o["key"] for o in document["outputs"]] == [rendition_key(sha, 320, "JPEG"), rendition_key(sha, 640, "JPEG")]
     on_disk = tmp_path / "site" / "photos" / sha[:2] / sha
     assert document["outputs"][0]["url"] == (on_disk / "320.jpg").as_uri()
     assert written.writes[site["store"]] == [o["key"] for o in document["outputs"]] + [meta_key(sha)]
@@ -169,7 +169,7 @@ def test_photos_job_refused_write_fails_the_attempt_and_records_nothing_half(pho
     import hashlib
 
     sha = hashlib.sha256((photos_dir / "a.jpg").read_bytes()).hexdigest()
-    (tmp_path / "site" / rendition_key(sha, 640, "jpg")).mkdir(parents=True)  # a directory where 640.jpg must go
+    (tmp_path / "site" / rendition_key(sha, 640, "JPEG")).mkdir(parents=True)  # a directory where 640.jpg must go
     written = Written()
     w = harness(written)
     w.receive(job_line(type="photos", records=[{"path": str(photos_dir / "a.jpg")}], params=site))

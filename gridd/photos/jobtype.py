@@ -46,23 +46,14 @@ from urllib.parse import parse_qs, urlsplit
 
 from gridd.jobtypes import JobContext, JobType, RecordError
 from gridd.photos.images import DEFAULT_WIDTHS, PhotoError, process_photo
+from gridd.photos.storage import meta_key, rendition_key
 
-__all__ = ["Photos", "DEFAULT_STORE", "rendition_key", "meta_key", "default_catalog"]
+__all__ = ["Photos", "DEFAULT_STORE", "default_catalog"]
 
 DEFAULT_STORE = "file://./gridd-photos"
 
 #: A source larger than this is refused before it is read (bytes).
 MAX_SOURCE_BYTES = 512 * 1024 * 1024
-
-
-def rendition_key(sha256: str, width: int, extension: str) -> str:
-    """The object key of a photo's rendition: ``photos/{sha[:2]}/{sha}/{width}.{ext}``."""
-    return f"photos/{sha256[:2]}/{sha256}/{width}.{extension}"
-
-
-def meta_key(sha256: str) -> str:
-    """The object key of a photo's metadata document: ``photos/{sha[:2]}/{sha}/meta.json``."""
-    return f"photos/{sha256[:2]}/{sha256}/meta.json"
 
 
 def default_catalog(store_url: str) -> str:
@@ -125,7 +116,7 @@ class Photos(JobType):
         sha = processed.metadata["sha256"]
         outputs = []
         for rendition in processed.outputs:
-            key = rendition_key(sha, rendition.width, rendition.extension)
+            key = rendition_key(sha, rendition.width, rendition.format)
             url = store.put(key, rendition.data, rendition.content_type)
             outputs.append(
                 {
